@@ -1,0 +1,3 @@
+from flux_infer.cli import main
+
+raise SystemExit(main())

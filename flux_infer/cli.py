@@ -1,0 +1,156 @@
+"""The `flux-infer` command: `serve`, `generate` and `make-tiny`.
+
+Each subcommand reads its flags, then calls the library with explicit keyword arguments.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from pathlib import Path
+
+from flux_infer import settings
+
+log = logging.getLogger("flux_infer")
+
+
+def _add_model_flags(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--model",
+        default=None,
+        help=f"a diffusers folder, a hub repo id, a .safetensors transformer, or 'tiny' "
+        f"(default: ${settings.MODEL_ENV}, else {settings.DEFAULT_LOCAL_MODEL} if it exists, "
+        f"else {settings.DEFAULT_REPO_ID})",
+    )
+    parser.add_argument(
+        "--base-model",
+        default=None,
+        help="with a .safetensors transformer: the folder or repo id of the other components",
+    )
+    parser.add_argument("--device", default=None, help="cuda, mps or cpu (default: cuda when available)")
+    parser.add_argument(
+        "--dtype", default=None, help="bfloat16, float16 or float32 (default: bfloat16 on a GPU, float32 on CPU)"
+    )
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="flux-infer", description="FLUX.1-dev, served locally.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    serve = sub.add_parser("serve", help="serve the Space's web page and /infer API")
+    _add_model_flags(serve)
+    serve.add_argument(
+        "--host",
+        default=os.environ.get("GRADIO_SERVER_NAME", settings.DEFAULT_HOST),
+        help="address to bind (default: $GRADIO_SERVER_NAME, else 127.0.0.1: this machine only)",
+    )
+    serve.add_argument(
+        "--port",
+        type=int,
+        default=int(os.environ.get("GRADIO_SERVER_PORT", settings.DEFAULT_PORT)),
+        help="port (default: $GRADIO_SERVER_PORT, else 7860)",
+    )
+    serve.add_argument(
+        "--max-queue",
+        type=int,
+        default=settings.DEFAULT_MAX_QUEUE,
+        help="requests allowed to wait; more are refused as busy (default: %(default)s)",
+    )
+    serve.add_argument(
+        "--image-format",
+        choices=settings.IMAGE_FORMATS,
+        default=settings.DEFAULT_IMAGE_FORMAT,
+        help="png (lossless, settings in a text chunk) or webp (the Space's) (default: %(default)s)",
+    )
+
+    generate = sub.add_parser("generate", help="generate one image from the shell")
+    generate.add_argument("prompt")
+    _add_model_flags(generate)
+    generate.add_argument("--seed", type=int, default=None, help="fixed seed (default: a random one)")
+    generate.add_argument("--width", type=int, default=int(settings.WIDTH.default))
+    generate.add_argument("--height", type=int, default=int(settings.HEIGHT.default))
+    generate.add_argument("--steps", type=int, default=int(settings.NUM_INFERENCE_STEPS.default))
+    generate.add_argument("--guidance", type=float, default=settings.GUIDANCE_SCALE.default)
+    generate.add_argument("-o", "--output", type=Path, default=Path("flux.png"), help="PNG or WebP path")
+
+    tiny = sub.add_parser("make-tiny", help="write a tiny random FLUX.1-dev-shaped pipeline")
+    tiny.add_argument("directory", type=Path)
+    tiny.add_argument("--seed", type=int, default=0, help="weights seed (default: %(default)s)")
+    return parser
+
+
+def _load(args):
+    from flux_infer.inference import FluxInference
+    from flux_infer.loading import load_pipeline
+
+    pipeline, _, _ = load_pipeline(args.model, base_model=args.base_model, device=args.device, dtype=args.dtype)
+    return FluxInference(pipeline, progress_bar=args.command == "generate")
+
+
+def _serve(args) -> int:
+    if not 1 <= args.max_queue:
+        raise ValueError(f"--max-queue must be at least 1, got {args.max_queue}")
+    from flux_infer.web import build_demo, launch
+
+    inference = _load(args)
+    demo = build_demo(inference, image_format=args.image_format)
+    log.info("serving on http://%s:%d", args.host, args.port)
+    launch(demo, host=args.host, port=args.port, max_queue=args.max_queue)
+    return 0
+
+
+def _generate(args) -> int:
+    from flux_infer.inference import build_request
+
+    # Checked before the (slow) load, so a typo costs nothing.
+    build_request(
+        args.prompt,
+        seed=args.seed or 0,
+        randomize_seed=args.seed is None,
+        width=args.width,
+        height=args.height,
+        guidance_scale=args.guidance,
+        num_inference_steps=args.steps,
+    )
+    inference = _load(args)
+    result = inference.infer(
+        args.prompt,
+        seed=args.seed or 0,
+        randomize_seed=args.seed is None,
+        width=args.width,
+        height=args.height,
+        guidance_scale=args.guidance,
+        num_inference_steps=args.steps,
+    )
+    from flux_infer.images import save_image
+
+    save_image(result.image, args.output)
+    print(f"seed {result.seed}")
+    print(f"saved {args.output}")
+    return 0
+
+
+def _make_tiny(args) -> int:
+    from flux_infer.tiny import make_tiny
+
+    path = make_tiny(args.directory, seed=args.seed)
+    print(f"wrote a tiny random FLUX.1-dev-shaped pipeline to {path}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    from flux_infer.inference import InvalidRequest
+    from flux_infer.loading import DeviceError, ModelLoadError
+
+    commands = {"serve": _serve, "generate": _generate, "make-tiny": _make_tiny}
+    try:
+        return commands[args.command](args)
+    except (ModelLoadError, DeviceError, InvalidRequest, ValueError) as err:
+        print(f"flux-infer: error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130

@@ -1,0 +1,188 @@
+"""The one generation path: validate -> seed -> generate -> result.
+
+Every front end (Gradio app, CLI) turns its inputs into a call of `FluxInference.infer()` with the
+Space's arguments and gets back the image and the seed it used. Nothing here knows about Gradio.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import secrets
+import threading
+import time
+from dataclasses import asdict, dataclass, replace
+from typing import Any
+
+from flux_infer import settings
+from flux_infer.settings import Range
+
+log = logging.getLogger(__name__)
+
+
+class InvalidRequest(ValueError):
+    """A request argument is wrong; the message names it, its allowed range and the value sent."""
+
+
+class GenerationFailed(RuntimeError):
+    """The pipeline failed on a valid request; the message says what to try."""
+
+
+@dataclass(frozen=True)
+class GenerationRequest:
+    """A validated request. `seed` is the seed that will be used (already drawn if randomized)."""
+
+    prompt: str
+    seed: int
+    width: int
+    height: int
+    guidance_scale: float
+    num_inference_steps: int
+
+    def parameters_text(self) -> str:
+        """The generation settings in the common `parameters` PNG-chunk layout."""
+        return (
+            f"{self.prompt}\nSteps: {self.num_inference_steps}, Sampler: FlowMatchEuler, "
+            f"Guidance: {self.guidance_scale}, Seed: {self.seed}, Size: {self.width}x{self.height}, "
+            "Model: FLUX.1-dev"
+        )
+
+
+@dataclass(frozen=True)
+class GenerationResult:
+    image: Any  # PIL.Image.Image, with the settings in image.info
+    seed: int
+    request: GenerationRequest
+    seconds: float
+
+
+def _number(name: str, value: Any, limits: Range, *, whole: bool) -> float:
+    kind = "a whole number" if whole else "a number"
+    expected = f"{name} must be {kind} {limits.describe()}"
+    if isinstance(value, str):
+        try:
+            value = float(value.strip())
+        except ValueError:
+            raise InvalidRequest(f"{expected}, got the text {value!r}") from None
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise InvalidRequest(f"{expected}, got {value!r}")
+    if not math.isfinite(value):
+        raise InvalidRequest(f"{expected}, got {value}")
+    if whole and not float(value).is_integer():
+        raise InvalidRequest(f"{expected}, got {value}")
+    if not limits.minimum <= value <= limits.maximum:
+        raise InvalidRequest(f"{expected}, got {int(value) if float(value).is_integer() else value}")
+    return value
+
+
+def _flag(name: str, value: Any) -> bool:
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, (int, float)) and value in (0, 1):
+        return bool(value)
+    if isinstance(value, str) and value.strip().lower() in ("true", "false"):
+        return value.strip().lower() == "true"
+    raise InvalidRequest(f"{name} must be true or false, got {value!r}")
+
+
+def _prompt(value: Any) -> str:
+    if value is None or (isinstance(value, str) and not value.strip()):
+        raise InvalidRequest("prompt is empty: describe the image to generate")
+    if not isinstance(value, str):
+        raise InvalidRequest(f"prompt must be text, got {type(value).__name__}")
+    if len(value) > settings.MAX_PROMPT_CHARS:
+        raise InvalidRequest(
+            f"prompt is {len(value)} characters long; the limit is {settings.MAX_PROMPT_CHARS} "
+            "(the text encoders read at most 512 tokens)"
+        )
+    return value
+
+
+def _size(name: str, value: Any, limits: Range) -> int:
+    # Floored to the multiple FluxPipeline itself would floor to, so the reported size is exact.
+    pixels = int(_number(name, value, limits, whole=False))
+    return pixels - pixels % settings.SIZE_MULTIPLE
+
+
+def draw_seed() -> int:
+    """A random seed in the Space's range [0, MAX_SEED]."""
+    return secrets.randbelow(settings.MAX_SEED + 1)
+
+
+def build_request(
+    prompt: Any,
+    seed: Any = settings.SEED.default,
+    randomize_seed: Any = settings.RANDOMIZE_SEED_DEFAULT,
+    width: Any = settings.WIDTH.default,
+    height: Any = settings.HEIGHT.default,
+    guidance_scale: Any = settings.GUIDANCE_SCALE.default,
+    num_inference_steps: Any = settings.NUM_INFERENCE_STEPS.default,
+) -> GenerationRequest:
+    """Validate the Space's seven arguments (numbers may arrive as floats or text) into a request.
+
+    Every value is checked, the seed included when it is about to be replaced, so a wrong value is
+    reported the same way whatever the other arguments are.
+    """
+    fixed_seed = int(_number("seed", seed, settings.SEED, whole=True))
+    request = GenerationRequest(
+        prompt=_prompt(prompt),
+        seed=fixed_seed,
+        width=_size("width", width, settings.WIDTH),
+        height=_size("height", height, settings.HEIGHT),
+        guidance_scale=float(_number("guidance_scale", guidance_scale, settings.GUIDANCE_SCALE, whole=False)),
+        num_inference_steps=int(
+            _number("num_inference_steps", num_inference_steps, settings.NUM_INFERENCE_STEPS, whole=True)
+        ),
+    )
+    if _flag("randomize_seed", randomize_seed):
+        request = replace(request, seed=draw_seed())
+    return request
+
+
+class FluxInference:
+    """A loaded FluxPipeline and the lock that lets one generation run on it at a time."""
+
+    def __init__(self, pipeline, *, progress_bar: bool = False):
+        self.pipeline = pipeline
+        self.pipeline.set_progress_bar_config(disable=not progress_bar)
+        self._lock = threading.Lock()
+
+    def generate(self, request: GenerationRequest):
+        """Run the pipeline for a validated request and return the PIL image.
+
+        The noise comes from a CPU generator seeded with `request.seed`, as in the Space, so a seed
+        gives the same pixels as `FluxPipeline(...)(..., generator=torch.Generator().manual_seed(seed))`
+        on the same device and dtype.
+        """
+        import torch
+
+        generator = torch.Generator().manual_seed(request.seed)
+        with self._lock:
+            try:
+                output = self.pipeline(
+                    prompt=request.prompt,
+                    width=request.width,
+                    height=request.height,
+                    guidance_scale=request.guidance_scale,
+                    num_inference_steps=request.num_inference_steps,
+                    generator=generator,
+                    output_type="pil",
+                )
+            except torch.OutOfMemoryError:
+                raise GenerationFailed(
+                    f"out of GPU memory at {request.width}x{request.height}: try a smaller size"
+                ) from None
+        return output.images[0]
+
+    def infer(self, prompt: Any, **arguments: Any) -> GenerationResult:
+        """The Space's infer(): validate, pick the seed, generate; the image carries its settings."""
+        request = build_request(prompt, **arguments)
+        started = time.perf_counter()
+        image = self.generate(request)
+        seconds = time.perf_counter() - started
+        image.info["parameters"] = request.parameters_text()
+        image.info["flux_infer"] = json.dumps(asdict(request))
+        log.info("generated %dx%d, %d steps, seed %d in %.2f s",
+                 request.width, request.height, request.num_inference_steps, request.seed, seconds)
+        return GenerationResult(image=image, seed=request.seed, request=request, seconds=seconds)

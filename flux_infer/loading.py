@@ -1,0 +1,241 @@
+"""Where the weights come from, which device and dtype they run in, and loading the pipeline.
+
+Sources, in the order `--model` is read:
+- `tiny`: the random FLUX.1-dev-shaped pipeline of `flux_infer.tiny`, made once in a cache folder;
+- a path ending in `.safetensors`: a single-file transformer checkpoint (e.g. `flux1-dev.safetensors`),
+  with the other components taken from `base_model`;
+- an existing folder: a diffusers-format pipeline (`model_index.json` at its root);
+- anything else shaped like `owner/name`: a Hugging Face repo id, fetched through huggingface_hub,
+  which owns the cache, `HF_TOKEN` and `HF_HUB_OFFLINE`.
+Only safetensors are read and no remote code is ever run.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+from flux_infer import settings
+
+log = logging.getLogger(__name__)
+
+SourceKind = Literal["tiny", "folder", "repo", "single_file"]
+
+# A repo's files that a diffusers FluxPipeline reads. FLUX.1-dev's repo also holds BFL-format
+# single files at its root (flux1-dev.safetensors, ae.safetensors: 34 GB) that it does not need.
+PIPELINE_PATTERNS = ("model_index.json", "*/*.json", "*/*.safetensors", "*/*.txt", "*/*.model")
+_REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+
+
+class ModelLoadError(RuntimeError):
+    """The weights could not be found or fetched; the message says what to do."""
+
+
+class DeviceError(RuntimeError):
+    """The requested device or dtype cannot be used here; the message says what to use."""
+
+
+@dataclass(frozen=True)
+class ModelSource:
+    kind: SourceKind
+    location: str
+    # For a single-file transformer: the folder or repo id of the other components.
+    base: ModelSource | None = None
+
+    def describe(self) -> str:
+        text = f"{self.kind} {self.location}"
+        return f"{text} (other components from {self.base.describe()})" if self.base else text
+
+
+@dataclass(frozen=True)
+class Placement:
+    device: str
+    dtype_name: str
+    reason: str
+
+    @property
+    def dtype(self):
+        import torch
+
+        return getattr(torch, self.dtype_name)
+
+
+DTYPES = ("bfloat16", "float16", "float32")
+DEVICES = ("cuda", "mps", "cpu")
+
+
+def default_model() -> str:
+    """`FLUX_MODEL`, else `weights/FLUX.1-dev` when it exists, else the hub repo id."""
+    env = os.environ.get(settings.MODEL_ENV)
+    if env:
+        return env
+    if settings.DEFAULT_LOCAL_MODEL.is_dir():
+        return str(settings.DEFAULT_LOCAL_MODEL)
+    return settings.DEFAULT_REPO_ID
+
+
+def tiny_model_dir() -> Path:
+    """The cache folder of the `--model tiny` pipeline (under `XDG_CACHE_HOME`)."""
+    cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
+    return cache / "flux-infer" / "tiny-seed0"
+
+
+def resolve_source(model: str | None = None, *, base_model: str | None = None) -> ModelSource:
+    """Say what `model` names, without loading or downloading anything."""
+    model = model or default_model()
+    if model == settings.TINY_MODEL_NAME:
+        return ModelSource("tiny", str(tiny_model_dir()))
+    path = Path(model).expanduser()
+    if model.endswith(".safetensors"):
+        if not path.is_file():
+            raise ModelLoadError(f"transformer checkpoint {model} does not exist. {settings.DOWNLOAD_HINT}")
+        base = resolve_source(base_model or _default_base())
+        if base.kind == "single_file":
+            raise ModelLoadError("--base-model must be a diffusers folder or repo id, not another .safetensors file")
+        return ModelSource("single_file", str(path), base=base)
+    if path.is_dir():
+        if not (path / "model_index.json").is_file():
+            raise ModelLoadError(
+                f"{path} is not a diffusers pipeline folder (no model_index.json). {settings.DOWNLOAD_HINT}"
+            )
+        return ModelSource("folder", str(path))
+    if _REPO_ID.match(model) and not model.startswith((".", "/", "~")):
+        return ModelSource("repo", model)
+    raise ModelLoadError(f"model folder {model} does not exist. {settings.DOWNLOAD_HINT}")
+
+
+def _default_base() -> str:
+    if settings.DEFAULT_LOCAL_MODEL.is_dir():
+        return str(settings.DEFAULT_LOCAL_MODEL)
+    return settings.DEFAULT_REPO_ID
+
+
+def resolve_placement(device: str | None = None, dtype: str | None = None) -> Placement:
+    """Choose the device and dtype, and say why. CUDA -> bfloat16, otherwise CPU -> float32."""
+    import torch
+
+    if device is None:
+        if torch.cuda.is_available():
+            device, why = "cuda", f"CUDA device found ({torch.cuda.get_device_name(0)})"
+        else:
+            device, why = "cpu", "no CUDA device found"
+    else:
+        device = device.lower()
+        if device.split(":")[0] not in DEVICES:
+            raise DeviceError(f"--device must be one of {', '.join(DEVICES)}, got {device!r}")
+        if device.startswith("cuda") and not torch.cuda.is_available():
+            build = f"CUDA {torch.version.cuda}" if torch.version.cuda else "a CPU-only build"
+            raise DeviceError(
+                f"--device {device} was asked for, but torch {torch.__version__} ({build}) sees no CUDA GPU: "
+                "check `nvidia-smi` and install a CUDA build of torch, or use --device cpu"
+            )
+        if device == "mps" and not torch.backends.mps.is_available():
+            raise DeviceError("--device mps was asked for, but this machine has no MPS device: use --device cpu")
+        why = "asked for with --device"
+    if dtype is None:
+        if device == "cpu":
+            # bfloat16 matmuls are slow on most CPUs and float16 lacks CPU kernels.
+            dtype, dtype_why = "float32", "float32 on CPU"
+        else:
+            dtype, dtype_why = "bfloat16", "bfloat16, FLUX.1-dev's native precision"
+    else:
+        if dtype not in DTYPES:
+            raise DeviceError(f"--dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
+        dtype_why = "asked for with --dtype"
+    return Placement(device=device, dtype_name=dtype, reason=f"{why}; {dtype_why}")
+
+
+def ensure_tiny(directory: Path | None = None) -> Path:
+    """Make the tiny pipeline in `directory` unless it is already there; return the folder."""
+    from flux_infer.tiny import make_tiny
+
+    directory = directory or tiny_model_dir()
+    if (directory / "model_index.json").is_file():
+        return directory
+    directory.parent.mkdir(parents=True, exist_ok=True)
+    # Written beside the target and renamed, so a concurrent or interrupted run never sees half.
+    staging = Path(tempfile.mkdtemp(prefix=".tiny-", dir=directory.parent))
+    try:
+        make_tiny(staging, seed=0)
+        try:
+            staging.rename(directory)
+        except OSError:
+            if not (directory / "model_index.json").is_file():
+                raise
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    log.info("made the tiny random pipeline in %s", directory)
+    return directory
+
+
+def _download(repo_id: str, *, transformer_weights: bool) -> str:
+    """Fetch a pipeline repo into huggingface_hub's cache (or find it there) and return the folder."""
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import GatedRepoError, OfflineModeIsEnabled, RepositoryNotFoundError
+
+    patterns = list(PIPELINE_PATTERNS)
+    ignore = None if transformer_weights else ["transformer/*.safetensors"]
+    try:
+        return snapshot_download(repo_id, allow_patterns=patterns, ignore_patterns=ignore)
+    except GatedRepoError:
+        reason = f"{repo_id} is gated and this token may not read it (accept the licence on its page, set HF_TOKEN)"
+    except RepositoryNotFoundError:
+        reason = f"the repo {repo_id} was not found, or is private and HF_TOKEN is not set"
+    except (OfflineModeIsEnabled, FileNotFoundError):
+        reason = f"{repo_id} is not in the local Hugging Face cache and downloading is off (HF_HUB_OFFLINE)"
+    except OSError as err:  # connection refused, DNS, TLS, HTTP errors: huggingface_hub's are OSErrors
+        reason = f"could not download {repo_id} ({type(err).__name__}: {str(err).splitlines()[0][:200]})"
+    raise ModelLoadError(f"{reason}. {settings.DOWNLOAD_HINT}")
+
+
+def _local_folder(source: ModelSource, *, transformer_weights: bool = True) -> str:
+    if source.kind == "tiny":
+        return str(ensure_tiny(Path(source.location)))
+    if source.kind == "repo":
+        return _download(source.location, transformer_weights=transformer_weights)
+    return source.location
+
+
+def load_pipeline(
+    model: str | None = None,
+    *,
+    base_model: str | None = None,
+    device: str | None = None,
+    dtype: str | None = None,
+):
+    """Load a FluxPipeline from `model` (see the module docstring) onto the resolved device.
+
+    Returns `(pipeline, source, placement)`. Raises ModelLoadError or DeviceError with a message
+    that says what to do.
+    """
+    placement = resolve_placement(device, dtype)
+    source = resolve_source(model, base_model=base_model)
+    log.info("device %s, dtype %s: %s", placement.device, placement.dtype_name, placement.reason)
+    log.info("loading %s", source.describe())
+
+    from diffusers import FluxPipeline, FluxTransformer2DModel
+
+    components = {}
+    if source.kind == "single_file":
+        folder = _local_folder(source.base, transformer_weights=False)
+        try:
+            components["transformer"] = FluxTransformer2DModel.from_single_file(
+                source.location, config=folder, subfolder="transformer", dtype=placement.dtype
+            )
+        except (OSError, ValueError, KeyError, RuntimeError) as err:
+            raise ModelLoadError(
+                f"could not read {source.location} as a FLUX transformer checkpoint: {err}"
+            ) from None
+    else:
+        folder = _local_folder(source)
+    try:
+        pipeline = FluxPipeline.from_pretrained(folder, dtype=placement.dtype, use_safetensors=True, **components)
+    except (OSError, ValueError) as err:
+        raise ModelLoadError(f"could not load a FluxPipeline from {folder}: {err}. {settings.DOWNLOAD_HINT}") from None
+    return pipeline.to(placement.device), source, placement

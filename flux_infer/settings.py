@@ -1,0 +1,85 @@
+"""Every default and limit of flux-infer, written once.
+
+The sliders, the CLI flags, the request validation and the tests all read these values. The
+ranges are the ones of the Space `black-forest-labs/FLUX.1-dev` (its app.py), which is the API
+contract: a script written for the Space must work unchanged against a local server.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+
+@dataclass(frozen=True)
+class Range:
+    """An inclusive numeric range with the UI's slider step and the API's default."""
+
+    minimum: float
+    maximum: float
+    step: float
+    default: float
+
+    def describe(self) -> str:
+        return f"between {_fmt(self.minimum)} and {_fmt(self.maximum)}"
+
+
+def _fmt(value: float) -> str:
+    return str(int(value)) if float(value).is_integer() else str(value)
+
+
+# numpy.iinfo(np.int32).max, the Space's MAX_SEED.
+MAX_SEED = 2_147_483_647
+
+SEED = Range(minimum=0, maximum=MAX_SEED, step=1, default=0)
+WIDTH = Range(minimum=256, maximum=2048, step=32, default=1024)
+HEIGHT = Range(minimum=256, maximum=2048, step=32, default=1024)
+GUIDANCE_SCALE = Range(minimum=1, maximum=15, step=0.1, default=3.5)
+NUM_INFERENCE_STEPS = Range(minimum=1, maximum=50, step=1, default=28)
+RANDOMIZE_SEED_DEFAULT = True
+
+# FLUX packs 2x2 latent patches and its VAE downsamples 8x, so pixel sizes must be multiples of 16.
+# FluxPipeline floors other sizes (with a warning); infer() floors them first, so the size it
+# reports is the size it made.
+SIZE_MULTIPLE = 16
+
+# CLIP reads 77 tokens and T5 512; a prompt far longer than that is a mistake, not a prompt.
+MAX_PROMPT_CHARS = 10_000
+
+# The Space's examples, and the fixed seed its lazily cached examples are generated with
+# (the Space's infer() defaults: seed=42, randomize_seed=False).
+EXAMPLES = (
+    "a tiny astronaut hatching from an egg on the moon",
+    "a cat holding a sign that says hello world",
+    "an anime illustration of a wiener schnitzel",
+)
+EXAMPLE_SEED = 42
+
+TITLE = "FLUX.1 [dev]"
+DESCRIPTION = (
+    "12B param rectified flow transformer guidance-distilled from "
+    "[FLUX.1 [pro]](https://blackforestlabs.ai/)  \n"
+    "[[non-commercial license](https://huggingface.co/black-forest-labs/FLUX.1-dev/blob/main/LICENSE.md)] "
+    "[[blog](https://blackforestlabs.ai/announcing-black-forest-labs/)] "
+    "[[model](https://huggingface.co/black-forest-labs/FLUX.1-dev)]"
+)
+
+# Where the weights come from when --model / FLUX_MODEL is not given.
+DEFAULT_LOCAL_MODEL = Path("weights/FLUX.1-dev")
+DEFAULT_REPO_ID = "black-forest-labs/FLUX.1-dev"
+TINY_MODEL_NAME = "tiny"
+MODEL_ENV = "FLUX_MODEL"
+
+# Server.
+DEFAULT_HOST = "127.0.0.1"
+DEFAULT_PORT = 7860
+DEFAULT_MAX_QUEUE = 16
+IMAGE_FORMATS = ("png", "webp")
+DEFAULT_IMAGE_FORMAT = "png"
+
+DOWNLOAD_HINT = (
+    "Get the weights: accept the licence at https://huggingface.co/black-forest-labs/FLUX.1-dev, "
+    "then `export HF_TOKEN=hf_...` and run "
+    "`hf download black-forest-labs/FLUX.1-dev --local-dir weights/FLUX.1-dev`. "
+    "To smoke-test without them, use `--model tiny`."
+)

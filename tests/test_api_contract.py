@@ -1,0 +1,128 @@
+"""The Space's API contract (shared/seed/space-api.txt), checked through gradio_client on a live server."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from conftest import SMALL
+
+CONTRACT = [
+    # name, component, python type, default
+    ("prompt", "Textbox", "str", None),
+    ("seed", "Slider", "float", 0),
+    ("randomize_seed", "Checkbox", "bool", True),
+    ("width", "Slider", "float", 1024),
+    ("height", "Slider", "float", 1024),
+    ("guidance_scale", "Slider", "float", 3.5),
+    ("num_inference_steps", "Slider", "float", 28),
+]
+
+
+def test_view_api_matches_the_contract(client):
+    api = client.view_api(print_info=False, return_format="dict")
+    assert list(api["named_endpoints"]) == ["/infer"]
+    assert api["unnamed_endpoints"] == {}
+    endpoint = api["named_endpoints"]["/infer"]
+    got = [
+        (p["parameter_name"], p["component"], p["python_type"]["type"], p["parameter_default"])
+        for p in endpoint["parameters"]
+    ]
+    assert got == CONTRACT
+    assert endpoint["parameters"][0]["parameter_has_default"] is False
+    assert all(p["parameter_has_default"] for p in endpoint["parameters"][1:])
+    returns = endpoint["returns"]
+    assert [r["component"] for r in returns] == ["Image", "Slider"]
+    assert {"path", "url", "size", "orig_name", "mime_type", "is_stream", "meta"} <= set(
+        returns[0]["type"]["properties"]
+    )
+
+
+def test_the_contract_snippet_runs_against_the_local_url(server):
+    # The contract document's snippet, with only the URL changed (and a small size so it is quick).
+    from gradio_client import Client
+
+    client = Client(server.url)
+    result = client.predict(
+        prompt="Hello!!",
+        seed=0,
+        randomize_seed=True,
+        width=SMALL["width"],
+        height=SMALL["height"],
+        guidance_scale=3.5,
+        num_inference_steps=SMALL["num_inference_steps"],
+        api_name="/infer",
+    )
+    path, seed = result
+    assert isinstance(seed, (int, float)) and 0 <= seed <= 2147483647 and float(seed).is_integer()
+    image = Image.open(path)
+    assert image.format == "PNG"
+    assert image.size == (256, 256)
+    # The PNG carries its settings, the seed used among them.
+    settings = json.loads(image.text["flux_infer"])
+    assert settings["seed"] == seed and settings["prompt"] == "Hello!!"
+    assert f"Seed: {int(seed)}" in image.text["parameters"]
+
+
+def test_randomize_seed_draws_a_new_seed_each_time(client):
+    seeds = {client.predict("a", 7, True, 256, 256, 3.5, 1, api_name="/infer")[1] for _ in range(2)}
+    assert len(seeds) == 2
+    assert 7 not in seeds
+
+
+def test_same_seed_gives_the_pixels_of_a_direct_pipeline_call(client, tiny_dir):
+    from diffusers import FluxPipeline
+
+    prompt, seed = "a cat holding a sign that says hello world", 1234
+    path, used = client.predict(prompt, seed, False, 256, 256, 3.5, 4, api_name="/infer")
+    assert used == seed
+    served = np.asarray(Image.open(path).convert("RGB"))
+
+    pipe = FluxPipeline.from_pretrained(tiny_dir, dtype=torch.float32)
+    direct = pipe(
+        prompt,
+        width=256,
+        height=256,
+        guidance_scale=3.5,
+        num_inference_steps=4,
+        generator=torch.Generator().manual_seed(seed),
+    ).images[0]
+    np.testing.assert_array_equal(served, np.asarray(direct))
+    # And the seed matters: another seed gives other pixels.
+    other, _ = client.predict(prompt, seed + 1, False, 256, 256, 3.5, 4, api_name="/infer")
+    assert not np.array_equal(served, np.asarray(Image.open(other).convert("RGB")))
+
+
+def test_float_sizes_are_floored_to_multiples_of_16(client):
+    path, _ = client.predict("a", 3.0, False, 300.0, 257.9, 2.0, 1.0, api_name="/infer")
+    assert Image.open(path).size == (288, 256)
+
+
+@pytest.mark.parametrize("example", ["a tiny astronaut hatching from an egg on the moon"])
+def test_the_page_serves_the_space_layout(server, example):
+    import httpx
+
+    config = httpx.get(server.url + "config").json()
+    by_label = {c["props"].get("label"): c for c in config["components"] if c["props"].get("label")}
+    for label, limits in {
+        "Seed": (0, 2147483647, 1, 0),
+        "Width": (256, 2048, 32, 1024),
+        "Height": (256, 2048, 32, 1024),
+        "Guidance Scale": (1, 15, 0.1, 3.5),
+        "Number of inference steps": (1, 50, 1, 28),
+    }.items():
+        props = by_label[label]["props"]
+        assert (props["minimum"], props["maximum"], props["step"], props["value"]) == limits
+    assert by_label["Randomize seed"]["props"]["value"] is True
+    assert by_label["Advanced Settings"]["props"]["open"] is False
+    assert by_label["Prompt"]["props"]["placeholder"] == "Enter your prompt"
+    assert any(c["props"].get("value") == "Run" for c in config["components"])
+    assert example in json.dumps(config)
+    # Run and Enter both trigger the one /infer dependency.
+    infer = [d for d in config["dependencies"] if d.get("api_name") == "infer"]
+    assert len(infer) == 1
+    assert {t[1] for t in infer[0]["targets"]} == {"click", "submit"}
