@@ -1,0 +1,133 @@
+"""The `flux-infer` command: make-tiny, generate, and the messages when weights or devices are missing."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+from conftest import TELEMETRY_OFF
+
+
+def run_cli(*args: str, cwd: Path, env: dict | None = None, timeout: float = 300) -> subprocess.CompletedProcess:
+    environment = {**os.environ, **TELEMETRY_OFF, "XDG_CACHE_HOME": str(cwd / "cache"), "HF_HOME": str(cwd / "hf")}
+    environment.pop("FLUX_MODEL", None)
+    environment.update(env or {})
+    return subprocess.run(
+        [sys.executable, "-m", "flux_infer", *args], cwd=cwd, env=environment, capture_output=True, text=True,
+        timeout=timeout,
+    )
+
+
+def _digests(folder: Path) -> dict[str, str]:
+    return {
+        str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(folder.rglob("*.safetensors"))
+    }
+
+
+def test_make_tiny_is_deterministic_for_a_seed(tmp_path, tiny_dir):
+    done = run_cli("make-tiny", str(tmp_path / "a"), "--seed", "0", cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    assert "wrote a tiny" in done.stdout
+    again = _digests(tmp_path / "a")
+    assert set(again) == {
+        "text_encoder/model.safetensors",
+        "text_encoder_2/model.safetensors",
+        "transformer/diffusion_pytorch_model.safetensors",
+        "vae/diffusion_pytorch_model.safetensors",
+    }
+    assert again == _digests(tiny_dir)  # the session's copy was made with seed 0 too
+
+    from flux_infer.tiny import make_tiny
+
+    other = _digests(make_tiny(tmp_path / "b", seed=1))
+    assert other["transformer/diffusion_pytorch_model.safetensors"] != again["transformer/diffusion_pytorch_model.safetensors"]
+
+
+def test_tiny_has_flux_dev_topology(tiny_dir):
+    config = json.loads((tiny_dir / "transformer" / "config.json").read_text())
+    assert config["in_channels"] == 64 and config["guidance_embeds"] is True
+    vae = json.loads((tiny_dir / "vae" / "config.json").read_text())
+    assert vae["latent_channels"] == 16 and len(vae["block_out_channels"]) == 4
+    index = json.loads((tiny_dir / "model_index.json").read_text())
+    assert index["_class_name"] == "FluxPipeline"
+    assert index["text_encoder"][1] == "CLIPTextModel" and index["text_encoder_2"][1] == "T5EncoderModel"
+
+
+def test_generate_writes_the_image_and_prints_the_seed(tmp_path, tiny_dir):
+    out = tmp_path / "out" / "cat.png"
+    done = run_cli(
+        "generate", "a cat", "--model", str(tiny_dir), "--seed", "42", "--width", "256", "--height", "320",
+        "--steps", "3", "--guidance", "4", "-o", str(out), cwd=tmp_path,
+    )
+    assert done.returncode == 0, done.stderr
+    assert "seed 42" in done.stdout
+    assert "3/3" in done.stderr  # the progress bar reached the last step
+    image = Image.open(out)
+    assert image.size == (256, 320)
+    saved = json.loads(image.text["flux_infer"])
+    assert saved == {"prompt": "a cat", "seed": 42, "width": 256, "height": 320, "guidance_scale": 4.0,
+                     "num_inference_steps": 3}
+
+
+def test_generate_without_seed_draws_one(tmp_path, tiny_dir):
+    done = run_cli("generate", "a cat", "--model", str(tiny_dir), "--width", "256", "--height", "256",
+                   "--steps", "1", "-o", str(tmp_path / "x.webp"), cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    seed = int(done.stdout.split("seed ")[1].split()[0])
+    assert 0 <= seed <= 2147483647
+    assert Image.open(tmp_path / "x.webp").format == "WEBP"
+
+
+def test_generate_rejects_bad_values_before_loading(tmp_path):
+    done = run_cli("generate", "a cat", "--model", "/nowhere/FLUX", "--steps", "0", cwd=tmp_path)
+    assert done.returncode == 2
+    assert "num_inference_steps must be a whole number between 1 and 50, got 0" in done.stderr
+    assert "Traceback" not in done.stderr
+
+
+HINT = "hf download black-forest-labs/FLUX.1-dev --local-dir weights/FLUX.1-dev"
+
+
+@pytest.mark.parametrize(
+    "model, expected",
+    [
+        ("/nowhere/FLUX.1-dev", "model folder /nowhere/FLUX.1-dev does not exist"),
+        ("black-forest-labs/FLUX.1-dev", "not in the local Hugging Face cache and downloading is off"),
+        (None, "not in the local Hugging Face cache"),  # the default, with no weights/ folder
+        ("/nowhere/flux1-dev.safetensors", "transformer checkpoint /nowhere/flux1-dev.safetensors does not exist"),
+    ],
+)
+def test_missing_weights_say_what_to_download(tmp_path, model, expected):
+    args = ["generate", "a cat", "--steps", "1"] + (["--model", model] if model else [])
+    done = run_cli(*args, cwd=tmp_path)
+    assert done.returncode == 2
+    assert expected in done.stderr
+    assert HINT in done.stderr and "HF_TOKEN" in done.stderr and "--model tiny" in done.stderr
+    assert "Traceback" not in done.stderr
+
+
+def test_folder_that_is_not_a_pipeline(tmp_path):
+    (tmp_path / "weights" / "FLUX.1-dev").mkdir(parents=True)
+    done = run_cli("serve", cwd=tmp_path)  # default model: the weights/ folder, here empty
+    assert done.returncode == 2
+    assert "weights/FLUX.1-dev is not a diffusers pipeline folder (no model_index.json)" in done.stderr
+    assert "Traceback" not in done.stderr
+
+
+def test_cuda_on_a_cpu_machine_is_a_clear_error(tmp_path, tiny_dir):
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    done = run_cli("serve", "--model", str(tiny_dir), "--device", "cuda", cwd=tmp_path)
+    assert done.returncode == 2
+    assert "--device cuda was asked for" in done.stderr and "--device cpu" in done.stderr
+    assert "Traceback" not in done.stderr

@@ -1,0 +1,55 @@
+"""Request validation and seed handling of the core infer(), without a server."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from flux_infer import settings
+from flux_infer.inference import InvalidRequest, build_request
+
+
+def test_floats_are_converted_and_sizes_floored():
+    request = build_request("a", seed=12.0, randomize_seed=False, width=1000.0, height="1023",
+                            guidance_scale="3", num_inference_steps=28.0)
+    assert (request.seed, request.width, request.height, request.num_inference_steps) == (12, 992, 1008, 28)
+    assert request.guidance_scale == 3.0 and isinstance(request.guidance_scale, float)
+
+
+def test_defaults_are_the_spaces():
+    request = build_request("a", randomize_seed=False)
+    assert (request.seed, request.width, request.height, request.guidance_scale, request.num_inference_steps) == (
+        0, 1024, 1024, 3.5, 28)
+
+
+def test_randomized_seeds_cover_the_range():
+    seeds = [build_request("a", seed=0, randomize_seed=True).seed for _ in range(200)]
+    assert all(0 <= s <= settings.MAX_SEED for s in seeds)
+    assert len(set(seeds)) == 200
+    assert max(seeds) > settings.MAX_SEED // 2  # drawn from the whole range, not a small one
+
+
+def test_extremes_are_accepted():
+    low = build_request("a", seed=0, randomize_seed=False, width=256, height=256, guidance_scale=1,
+                        num_inference_steps=1)
+    high = build_request("a", seed=settings.MAX_SEED, randomize_seed=False, width=2048, height=2048,
+                         guidance_scale=15, num_inference_steps=50)
+    assert (low.width, high.width, high.seed) == (256, 2048, settings.MAX_SEED)
+
+
+@pytest.mark.parametrize("value", [True, float("inf"), float("nan"), [3], {"v": 3}])
+def test_non_numbers_are_refused(value):
+    with pytest.raises(InvalidRequest, match="guidance_scale must be a number between 1 and 15"):
+        build_request("a", guidance_scale=value)
+
+
+def test_importing_loads_no_framework():
+    code = ("import sys; import app, flux_infer, flux_infer.cli, flux_infer.web, flux_infer.loading, "
+            "flux_infer.inference, flux_infer.tiny, flux_infer.images; "
+            "print(sorted(m for m in ('torch', 'gradio', 'diffusers', 'transformers') if m in sys.modules))")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          cwd=Path(__file__).resolve().parents[1], check=True)
+    assert done.stdout.strip() == "[]"

@@ -1,0 +1,87 @@
+"""Weights sources, device and dtype choice, and the loaders, on the tiny pipeline."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from flux_infer import settings
+from flux_infer.inference import FluxInference
+from flux_infer.loading import (
+    DeviceError,
+    ModelLoadError,
+    load_pipeline,
+    resolve_placement,
+    resolve_source,
+)
+
+
+def test_sources_are_told_apart(tmp_path, tiny_dir, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv(settings.MODEL_ENV, raising=False)
+    assert resolve_source(str(tiny_dir)).kind == "folder"
+    assert resolve_source("black-forest-labs/FLUX.1-dev").kind == "repo"
+    assert resolve_source("tiny").kind == "tiny"
+    # Defaults: the hub repo id, then weights/FLUX.1-dev once it exists, and FLUX_MODEL above both.
+    assert resolve_source(None).location == "black-forest-labs/FLUX.1-dev"
+    (tmp_path / "weights" / "FLUX.1-dev").mkdir(parents=True)
+    (tmp_path / "weights" / "FLUX.1-dev" / "model_index.json").write_text("{}")
+    assert resolve_source(None) == resolve_source("weights/FLUX.1-dev")
+    monkeypatch.setenv(settings.MODEL_ENV, str(tiny_dir))
+    assert resolve_source(None).location == str(tiny_dir)
+    checkpoint = tmp_path / "flux1-dev.safetensors"
+    checkpoint.write_bytes(b"")
+    single = resolve_source(str(checkpoint), base_model=str(tiny_dir))
+    assert single.kind == "single_file" and single.base.location == str(tiny_dir)
+    with pytest.raises(ModelLoadError, match="must be a diffusers folder or repo id"):
+        resolve_source(str(checkpoint), base_model=str(checkpoint))
+
+
+def test_placement_on_this_machine():
+    placement = resolve_placement()
+    if torch.cuda.is_available():
+        assert (placement.device, placement.dtype) == ("cuda", torch.bfloat16)
+    else:
+        assert (placement.device, placement.dtype) == ("cpu", torch.float32)
+        assert "no CUDA device found" in placement.reason
+    assert resolve_placement("cpu", "bfloat16").dtype == torch.bfloat16
+    with pytest.raises(DeviceError, match="--dtype must be one of bfloat16, float16, float32, got 'int3'"):
+        resolve_placement("cpu", "int3")
+    with pytest.raises(DeviceError, match="--device must be one of cuda, mps, cpu, got 'tpu'"):
+        resolve_placement("tpu")
+
+
+def _image(pipeline, seed=3):
+    return np.asarray(FluxInference(pipeline).infer("a boat", seed=seed, randomize_seed=False, width=256,
+                                                    height=256, num_inference_steps=2).image)
+
+
+def test_single_file_transformer_with_folder_components(tmp_path, tiny_dir):
+    from safetensors.torch import save_file
+
+    folder_pipeline, _, _ = load_pipeline(str(tiny_dir), device="cpu")
+    checkpoint = tmp_path / "flux1-tiny.safetensors"
+    save_file({k: v.contiguous() for k, v in folder_pipeline.transformer.state_dict().items()}, checkpoint)
+
+    single_pipeline, source, _ = load_pipeline(str(checkpoint), base_model=str(tiny_dir), device="cpu")
+    assert source.kind == "single_file"
+    np.testing.assert_array_equal(_image(single_pipeline), _image(folder_pipeline))
+
+
+def test_single_file_that_is_not_a_transformer(tmp_path, tiny_dir):
+    broken = tmp_path / "broken.safetensors"
+    broken.write_bytes(b"not safetensors at all")
+    with pytest.raises(ModelLoadError, match="could not read .*broken.safetensors as a FLUX transformer"):
+        load_pipeline(str(broken), base_model=str(tiny_dir), device="cpu")
+
+
+def test_tiny_is_made_once_in_the_cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    pipeline, source, placement = load_pipeline("tiny")
+    assert source.location == str(tmp_path / "flux-infer" / "tiny-seed0")
+    made = (tmp_path / "flux-infer" / "tiny-seed0" / "model_index.json").stat().st_mtime_ns
+    load_pipeline("tiny")
+    assert (tmp_path / "flux-infer" / "tiny-seed0" / "model_index.json").stat().st_mtime_ns == made
+    assert pipeline.transformer.config.in_channels == 64
+    assert pipeline.transformer.dtype == placement.dtype
