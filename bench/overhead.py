@@ -5,7 +5,7 @@ guidance 3.5), measured alternately in one run so that machine noise hits both a
 tiny model takes about as long per image as FLUX.1-dev on one H100, so the ratio reads like a GPU
 user's. Prints the medians and their ratio (goal: at most 1.05).
 
-    python bench/overhead.py [--runs 5] [--model DIR]
+    python bench/overhead.py [--runs 9] [--model DIR_OR_REPO] [--size 1024] [--steps 28]
 """
 
 from __future__ import annotations
@@ -22,11 +22,10 @@ from pathlib import Path
 
 os.environ.update(GRADIO_ANALYTICS_ENABLED="False", HF_HUB_DISABLE_TELEMETRY="1", HF_HUB_OFFLINE="1")
 
-SETTINGS = dict(width=1024, height=1024, guidance_scale=3.5, num_inference_steps=int(os.environ.get("BENCH_STEPS", 28)))
 PROMPT = "a tiny astronaut hatching from an egg on the moon"
 
 
-def start_server(model: Path, workdir: Path, extra: list[str]) -> tuple[subprocess.Popen, str]:
+def start_server(model: str | Path, workdir: Path, extra: list[str]) -> tuple[subprocess.Popen, str]:
     import httpx
 
     with socket.socket() as sock:
@@ -51,30 +50,34 @@ def start_server(model: Path, workdir: Path, extra: list[str]) -> tuple[subproce
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--runs", type=int, default=5)
-    parser.add_argument("--model", type=Path, default=None, help="pipeline folder (default: a fresh tiny one)")
+    parser.add_argument("--runs", type=int, default=9)
+    parser.add_argument("--model", default=None, help="pipeline folder or repo id (default: a fresh tiny one)")
+    parser.add_argument("--size", type=int, default=1024)
+    parser.add_argument("--steps", type=int, default=28)
     parser.add_argument("--server-args", default="", help="extra `flux-infer serve` flags, space-separated")
     args = parser.parse_args()
 
     import torch
-    from diffusers import FluxPipeline
     from gradio_client import Client
 
+    from flux_infer.loading import load_pipeline
     from flux_infer.tiny import make_tiny
 
+    settings = dict(width=args.size, height=args.size, guidance_scale=3.5, num_inference_steps=args.steps)
     workdir = Path(tempfile.mkdtemp(prefix="flux-bench-"))
     model = args.model or make_tiny(workdir / "tiny", seed=0)
     server, url = start_server(model, workdir, args.server_args.split())
     try:
         client = Client(url, verbose=False)
-        pipe = FluxPipeline.from_pretrained(model, dtype=torch.float32)
+        # The same loader and device choice as the server: on a GPU both hold the model (2 x 33 GB).
+        pipe, _, placement = load_pipeline(str(model))
         pipe.set_progress_bar_config(disable=True)
 
         def direct(seed: int) -> None:
-            pipe(PROMPT, generator=torch.Generator().manual_seed(seed), **SETTINGS).images[0]
+            pipe(PROMPT, generator=torch.Generator().manual_seed(seed), **settings).images[0]
 
         def served(seed: int) -> None:
-            client.predict(PROMPT, seed, False, api_name="/infer", **SETTINGS)
+            client.predict(PROMPT, seed, False, api_name="/infer", **settings)
 
         direct(0), served(0)  # warm-up: first-call allocations, Gradio's file cache
         times = {"direct": [], "served": []}
@@ -84,7 +87,8 @@ def main() -> None:
                 call(run + 1)
                 times[name].append(time.perf_counter() - started)
         d, s = statistics.median(times["direct"]), statistics.median(times["served"])
-        print(f"1024x1024, 28 steps, tiny model, {args.runs} runs each, torch threads {torch.get_num_threads()}")
+        print(f"{args.size}x{args.size}, {args.steps} steps, {model}, {placement.device} {placement.dtype_name}, "
+              f"{args.runs} runs each, torch threads {torch.get_num_threads()}")
         print(f"direct FluxPipeline call   median {d:.3f} s  {['%.3f' % t for t in times['direct']]}")
         print(f"/infer via gradio_client   median {s:.3f} s  {['%.3f' % t for t in times['served']]}")
         print(f"ratio served/direct: {s / d:.3f} (goal <= 1.05)")
