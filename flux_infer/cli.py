@@ -12,6 +12,7 @@ import sys
 from pathlib import Path
 
 from flux_infer import settings
+from flux_infer.previews import DEFAULT_PREVIEW, DEFAULT_TAEF1_LOCAL, DEFAULT_TAEF1_REPO, PREVIEW_MODES
 
 log = logging.getLogger("flux_infer")
 
@@ -59,6 +60,19 @@ def _parser() -> argparse.ArgumentParser:
         help="requests allowed to wait; more are refused as busy (default: %(default)s)",
     )
     serve.add_argument(
+        "--preview",
+        choices=PREVIEW_MODES,
+        default=DEFAULT_PREVIEW,
+        help="live previews: taef1 (tiny VAE), latent (a colour map of the latents, no weights), none; "
+        "auto uses taef1 when it loads (default: %(default)s)",
+    )
+    serve.add_argument("--preview-every", type=int, default=1, help="a preview every K steps (default: 1)")
+    serve.add_argument(
+        "--taef1",
+        default=None,
+        help=f"TAEF1 folder or repo id (default: {DEFAULT_TAEF1_LOCAL} if it exists, else {DEFAULT_TAEF1_REPO})",
+    )
+    serve.add_argument(
         "--image-format",
         choices=settings.IMAGE_FORMATS,
         default=settings.DEFAULT_IMAGE_FORMAT,
@@ -81,20 +95,27 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _load(args):
+def _load(args, *, preview: str = "none", preview_every: int = 1, taef1: str | None = None):
     from flux_infer.inference import FluxInference
     from flux_infer.loading import load_pipeline
+    from flux_infer.previews import load_preview_decoder
 
-    pipeline, _, _ = load_pipeline(args.model, base_model=args.base_model, device=args.device, dtype=args.dtype)
-    return FluxInference(pipeline, progress_bar=args.command == "generate")
+    pipeline, _, placement = load_pipeline(
+        args.model, base_model=args.base_model, device=args.device, dtype=args.dtype
+    )
+    decoder = load_preview_decoder(preview, taef1=taef1, device=placement.device, dtype=placement.dtype)
+    return FluxInference(pipeline, preview=decoder, preview_every=preview_every,
+                         progress_bar=args.command == "generate")
 
 
 def _serve(args) -> int:
-    if not 1 <= args.max_queue:
+    if args.max_queue < 1:
         raise ValueError(f"--max-queue must be at least 1, got {args.max_queue}")
+    if args.preview_every < 1:
+        raise ValueError(f"--preview-every must be at least 1, got {args.preview_every}")
     from flux_infer.web import build_demo, launch
 
-    inference = _load(args)
+    inference = _load(args, preview=args.preview, preview_every=args.preview_every, taef1=args.taef1)
     demo = build_demo(inference, image_format=args.image_format)
     log.info("serving on http://%s:%d", args.host, args.port)
     launch(demo, host=args.host, port=args.port, max_queue=args.max_queue)

@@ -29,6 +29,10 @@ class GenerationFailed(RuntimeError):
     """The pipeline failed on a valid request; the message says what to try."""
 
 
+class GenerationCancelled(Exception):
+    """The caller asked to stop (a cancelled job, a closed page); raised at the next step's end."""
+
+
 @dataclass(frozen=True)
 class GenerationRequest:
     """A validated request. `seed` is the seed that will be used (already drawn if randomized)."""
@@ -141,24 +145,59 @@ def build_request(
 
 
 class FluxInference:
-    """A loaded FluxPipeline and the lock that lets one generation run on it at a time."""
+    """A loaded FluxPipeline, its preview decoder, and the lock that lets one generation run at a time."""
 
-    def __init__(self, pipeline, *, progress_bar: bool = False):
+    def __init__(self, pipeline, *, preview=None, preview_every: int = 1, progress_bar: bool = False):
+        if preview_every < 1:
+            raise ValueError(f"preview_every must be at least 1, got {preview_every}")
         self.pipeline = pipeline
+        self.preview = preview  # a flux_infer.previews decoder, or None
+        self.preview_every = preview_every
         self.pipeline.set_progress_bar_config(disable=not progress_bar)
         self._lock = threading.Lock()
 
-    def generate(self, request: GenerationRequest):
+    def _step_callback(self, request: GenerationRequest, on_step, cancel):
+        from flux_infer.previews import Step
+
+        total = request.num_inference_steps
+
+        def callback(pipeline, index, timestep, tensors):
+            done = index + 1
+            if cancel is not None and cancel.is_set():
+                raise GenerationCancelled(f"cancelled after step {done} of {total}")
+            if on_step is not None:
+                frame = None
+                if self.preview is not None and (done % self.preview_every == 0 or done == total):
+                    latents = pipeline._unpack_latents(
+                        tensors["latents"], request.height, request.width, pipeline.vae_scale_factor
+                    )
+                    frame = self.preview(latents[0])
+                on_step(Step(index=done, total=total, preview=frame))
+            return {}
+
+        return callback
+
+    def generate(self, request: GenerationRequest, *, on_step=None, cancel: threading.Event | None = None):
         """Run the pipeline for a validated request and return the PIL image.
 
         The noise comes from a CPU generator seeded with `request.seed`, as in the Space, so a seed
         gives the same pixels as `FluxPipeline(...)(..., generator=torch.Generator().manual_seed(seed))`
-        on the same device and dtype.
+        on the same device and dtype. `on_step(Step)` is called from the denoising loop after each
+        step, with a preview every `preview_every` steps and at the last; setting `cancel` stops the
+        loop at the end of the current step with GenerationCancelled.
         """
         import torch
 
         generator = torch.Generator().manual_seed(request.seed)
+        hooks = {}
+        if on_step is not None or cancel is not None:
+            hooks = dict(
+                callback_on_step_end=self._step_callback(request, on_step, cancel),
+                callback_on_step_end_tensor_inputs=["latents"],
+            )
         with self._lock:
+            if cancel is not None and cancel.is_set():
+                raise GenerationCancelled("cancelled before it started")
             try:
                 output = self.pipeline(
                     prompt=request.prompt,
@@ -168,6 +207,7 @@ class FluxInference:
                     num_inference_steps=request.num_inference_steps,
                     generator=generator,
                     output_type="pil",
+                    **hooks,
                 )
             except torch.OutOfMemoryError:
                 raise GenerationFailed(
@@ -175,14 +215,17 @@ class FluxInference:
                 ) from None
         return output.images[0]
 
-    def infer(self, prompt: Any, **arguments: Any) -> GenerationResult:
-        """The Space's infer(): validate, pick the seed, generate; the image carries its settings."""
-        request = build_request(prompt, **arguments)
+    def run(self, request: GenerationRequest, *, on_step=None, cancel: threading.Event | None = None):
+        """Generate for a validated request; the image carries its settings in `image.info`."""
         started = time.perf_counter()
-        image = self.generate(request)
+        image = self.generate(request, on_step=on_step, cancel=cancel)
         seconds = time.perf_counter() - started
         image.info["parameters"] = request.parameters_text()
         image.info["flux_infer"] = json.dumps(asdict(request))
         log.info("generated %dx%d, %d steps, seed %d in %.2f s",
                  request.width, request.height, request.num_inference_steps, request.seed, seconds)
         return GenerationResult(image=image, seed=request.seed, request=request, seconds=seconds)
+
+    def infer(self, prompt: Any, **arguments: Any) -> GenerationResult:
+        """The Space's infer() without previews: validate, pick the seed, generate."""
+        return self.run(build_request(prompt, **arguments))

@@ -7,10 +7,13 @@ raw values in, `FluxInference.infer()`, (image, seed) out, core errors to `gr.Er
 
 from __future__ import annotations
 
+import asyncio
+import functools
 import logging
+import threading
 
 from flux_infer import settings
-from flux_infer.inference import FluxInference, GenerationFailed, InvalidRequest
+from flux_infer.inference import FluxInference, GenerationFailed, InvalidRequest, build_request
 
 log = logging.getLogger(__name__)
 
@@ -30,15 +33,39 @@ def _slider(label: str, limits: settings.Range):
     )
 
 
+def _gradio_error(err: Exception):
+    """A core exception as the one-line gr.Error the caller sees; never a stack trace."""
+    import gradio as gr
+
+    if isinstance(err, InvalidRequest):
+        return gr.Error(str(err), title="Invalid input")
+    if isinstance(err, GenerationFailed):
+        return gr.Error(str(err), title="Generation failed")
+    log.error("generation failed", exc_info=err)
+    return gr.Error(f"generation failed ({type(err).__name__}); the server log has the details",
+                    title="Generation failed")
+
+
+def _log_stopped(worker) -> None:
+    err = worker.exception()
+    if err is not None:
+        log.info("generation stopped: %s", err)
+
+
 def make_handler(inference: FluxInference):
-    """The function behind `/infer`, with the Space's signature and (image, seed) result.
+    """The function behind `/infer`, with the Space's signature, streaming (image, seed).
+
+    Like the Space's, it yields a preview after each denoising step (every `preview_every`), then
+    the full-quality image: `gradio_client`'s predict() gets the last, submit() iterates them all.
+    The pipeline runs in a worker thread; when the caller cancels or goes away, Gradio cancels
+    this generator and the `finally` stops the denoising at the end of the current step.
 
     Its own defaults are the Space's infer() defaults (seed 42, fixed), which the lazily cached
     examples use; API callers get the components' defaults instead (seed 0, randomized).
     """
     import gradio as gr
 
-    def infer(
+    async def infer(
         prompt,
         seed=settings.EXAMPLE_SEED,
         randomize_seed=False,
@@ -46,28 +73,42 @@ def make_handler(inference: FluxInference):
         height=settings.HEIGHT.default,
         guidance_scale=settings.GUIDANCE_SCALE.default,
         num_inference_steps=settings.NUM_INFERENCE_STEPS.default,
+        progress=gr.Progress(),
     ):
         try:
-            result = inference.infer(
-                prompt,
-                seed=seed,
-                randomize_seed=randomize_seed,
-                width=width,
-                height=height,
-                guidance_scale=guidance_scale,
-                num_inference_steps=num_inference_steps,
-            )
+            request = build_request(prompt, seed=seed, randomize_seed=randomize_seed, width=width, height=height,
+                                    guidance_scale=guidance_scale, num_inference_steps=num_inference_steps)
         except InvalidRequest as err:
-            raise gr.Error(str(err), title="Invalid input") from None
-        except GenerationFailed as err:
-            raise gr.Error(str(err), title="Generation failed") from None
-        except Exception as err:
-            # Logged in full here; the caller gets one line, never a stack trace.
-            log.exception("generation failed")
-            raise gr.Error(
-                f"generation failed ({type(err).__name__}); the server log has the details", title="Generation failed"
-            ) from None
-        return result.image, result.seed
+            raise _gradio_error(err) from None
+        loop = asyncio.get_running_loop()
+        steps: asyncio.Queue = asyncio.Queue()
+        cancel = threading.Event()
+
+        def on_step(step):  # called on the denoising thread
+            loop.call_soon_threadsafe(steps.put_nowait, step)
+
+        worker = loop.run_in_executor(None, functools.partial(inference.run, request, on_step=on_step, cancel=cancel))
+        try:
+            while not (worker.done() and steps.empty()):
+                next_step = asyncio.ensure_future(steps.get())
+                await asyncio.wait({next_step, worker}, return_when=asyncio.FIRST_COMPLETED)
+                if not next_step.done():
+                    next_step.cancel()
+                    continue
+                step = next_step.result()
+                progress((step.index, step.total), desc="Denoising", unit="steps")
+                if step.preview is not None:
+                    yield step.preview.image(), request.seed
+            try:
+                result = worker.result()
+            except Exception as err:
+                raise _gradio_error(err) from None
+            yield result.image, result.seed
+        finally:
+            if not worker.done():
+                log.info("client cancelled or went away: stopping at the end of the current step")
+                worker.add_done_callback(_log_stopped)
+            cancel.set()
 
     return infer
 
