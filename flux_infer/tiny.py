@@ -136,3 +136,21 @@ def make_tiny(directory: str | Path, *, seed: int = 0) -> Path:
     pipeline = build_tiny_pipeline(seed=seed)
     pipeline.save_pretrained(directory, safe_serialization=True)
     return directory
+
+
+def make_tiny_taef1(directory: str | Path, *, seed: int = 0) -> Path:
+    """Write a tiny random AutoencoderTiny shaped like TAEF1 (16 latent channels, 8x) to `directory`."""
+    import torch
+    from diffusers import AutoencoderTiny
+
+    torch.manual_seed(seed)
+    vae = AutoencoderTiny(
+        latent_channels=16,
+        encoder_block_out_channels=(8, 8, 8, 8),
+        decoder_block_out_channels=(8, 8, 8, 8),
+        num_encoder_blocks=(1, 1, 1, 1),
+        num_decoder_blocks=(1, 1, 1, 1),
+    )
+    directory = Path(directory)
+    vae.save_pretrained(directory, safe_serialization=True)
+    return directory

@@ -1,0 +1,159 @@
+"""Live previews, progress and cancellation, through a live server and gradio_client."""
+
+from __future__ import annotations
+
+import json
+import re
+import time
+import uuid
+
+import httpx
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from conftest import Server
+
+
+def _pixels(path) -> np.ndarray:
+    return np.asarray(Image.open(path).convert("RGB"))
+
+
+def _stream(client, *args):
+    job = client.submit(*args, api_name="/infer")
+    outputs = list(job)
+    return job, outputs
+
+
+def test_submit_streams_a_preview_per_step_then_the_predict_image(client, server):
+    args = ("a lighthouse at dusk", 77, False, 512, 384, 3.5, 5)
+    job, outputs = _stream(client, *args)
+    assert len(outputs) >= 5 + 1
+    assert all(seed == 77 for _, seed in outputs)
+    previews, final = outputs[:-1], outputs[-1]
+    # The server's default --preview auto falls back to the latent map here (no TAEF1 offline):
+    # one pixel per latent, 1/8 of the image's size.
+    assert {Image.open(p).size for p, _ in previews} == {(64, 48)}
+    frames = [_pixels(p) for p, _ in previews]
+    assert all(not np.array_equal(a, b) for a, b in zip(frames, frames[1:]))
+    assert Image.open(final[0]).size == (512, 384)
+    predicted, seed = client.predict(*args, api_name="/infer")
+    assert seed == 77
+    np.testing.assert_array_equal(_pixels(final[0]), _pixels(predicted))
+    assert "previews: latent (TAEF1 not available" in server.log()
+
+
+def _browser_events(server, data):
+    """What a browser tab does: join the queue, then read the event stream; yields each message."""
+    config = httpx.get(server.url + "config").json()
+    fn_index = next(d["id"] for d in config["dependencies"] if d.get("api_name") == "infer")
+    session = uuid.uuid4().hex[:11]
+    joined = httpx.post(server.url + "gradio_api/queue/join", json={
+        "data": data, "fn_index": fn_index, "session_hash": session, "event_data": None, "trigger_id": None})
+    assert joined.status_code == 200
+    with httpx.stream("GET", server.url + f"gradio_api/queue/data?session_hash={session}", timeout=120) as events:
+        for line in events.iter_lines():
+            if line.startswith("data:"):
+                message = json.loads(line[5:])
+                yield message
+                if message.get("msg") == "process_completed":
+                    return
+
+
+def test_the_page_gets_step_progress(server):
+    seen = []
+    for message in _browser_events(server, ["steps", 1, False, 1024, 1024, 3.5, 6]):
+        if message.get("msg") == "progress":
+            seen += [(p["index"], p["length"], p["unit"]) for p in message["progress_data"]]
+    assert seen, "no progress update reached the page"
+    assert all(length == 6 and unit == "steps" for _, length, unit in seen)
+    assert [index for index, _, _ in seen] == sorted(index for index, _, _ in seen)
+    assert seen[-1][0] >= 5
+
+
+def test_cancel_stops_the_denoising_and_frees_the_queue(server):
+    client = server.client()
+    slow = client.submit("a slow one", 5, False, 1024, 1024, 3.5, 28, api_name="/infer")
+    deadline = time.monotonic() + 120
+    while len(slow.outputs()) < 2 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert len(slow.outputs()) >= 2, "no previews arrived"
+    waiting = client.submit("next in line", 6, False, 256, 256, 3.5, 2, api_name="/infer")
+    cancelled_at = time.monotonic()
+    slow.cancel()
+    path, seed = waiting.result(timeout=120)
+    waited = time.monotonic() - cancelled_at
+    assert seed == 6
+    stopped = re.findall(r"cancelled after step (\d+) of 28", server.log())
+    assert stopped, server.log()[-2000:]
+    # It stopped early (a few steps after the previews we saw), not after all 28 steps.
+    assert int(stopped[-1]) < 20
+    assert waited < 20
+
+
+def test_a_closed_page_stops_the_denoising(server):
+    before = server.log().count("cancelled after step")
+    generating = 0
+    for message in _browser_events(server, ["a closed tab", 3, False, 1024, 1024, 3.5, 28]):
+        if message.get("msg") == "process_generating":
+            generating += 1
+            if generating == 2:
+                break  # closes the stream, as a closed tab does
+    deadline = time.monotonic() + 30
+    while server.log().count("cancelled after step") == before and time.monotonic() < deadline:
+        time.sleep(0.1)
+    stopped = re.findall(r"cancelled after step (\d+) of 28", server.log())
+    assert len(stopped) > before and int(stopped[-1]) < 20
+
+
+@pytest.fixture(scope="module")
+def taef1_server(tiny_dir, tmp_path_factory):
+    from flux_infer.tiny import make_tiny_taef1
+
+    workdir = tmp_path_factory.mktemp("taef1")
+    taef1 = make_tiny_taef1(workdir / "taef1")
+    srv = Server(["--model", str(tiny_dir), "--preview", "taef1", "--taef1", str(taef1), "--preview-every", "2"],
+                 workdir)
+    yield srv
+    srv.stop()
+
+
+def test_taef1_previews_every_other_step(taef1_server):
+    client = taef1_server.client()
+    _, outputs = _stream(client, "a harbour", 11, False, 1024, 768, 3.5, 5)
+    previews = outputs[:-1]
+    # Steps 2 and 4, and the last step (5), then the final image.
+    assert len(previews) == 3
+    # Decoded at full size by TAEF1, then scaled to at most 512 px on the long side.
+    assert {Image.open(p).size for p, _ in previews} == {(512, 384)}
+    assert Image.open(outputs[-1][0]).size == (1024, 768)
+    assert "previews: taef1 from" in taef1_server.log()
+
+
+def test_latent_preview_maps_channels_to_colour():
+    from flux_infer.previews import FLUX_LATENT_RGB_BIAS, FLUX_LATENT_RGB_FACTORS, LatentPreview
+
+    latents = torch.zeros(16, 3, 5)
+    latents[4, 0, 0] = 4.0  # channel 4 pushes all three colours up
+    image = np.asarray(LatentPreview()(latents).image())
+    assert image.shape == (3, 5, 3)
+    expected = (np.array(FLUX_LATENT_RGB_BIAS) + 4.0 * np.array(FLUX_LATENT_RGB_FACTORS[4]) + 1) * 127.5
+    np.testing.assert_allclose(image[0, 0], np.round(expected), atol=1)
+    np.testing.assert_allclose(image[1, 1], np.round((np.array(FLUX_LATENT_RGB_BIAS) + 1) * 127.5), atol=1)
+
+
+def test_decoder_choice(tmp_path):
+    from flux_infer.previews import LatentPreview, Taef1Preview, load_preview_decoder
+    from flux_infer.tiny import make_tiny_taef1
+
+    assert load_preview_decoder("none", device="cpu", dtype=torch.float32) is None
+    assert isinstance(load_preview_decoder("latent", device="cpu", dtype=torch.float32), LatentPreview)
+    missing = str(tmp_path / "no-taef1")
+    assert isinstance(load_preview_decoder("auto", taef1=missing, device="cpu", dtype=torch.float32), LatentPreview)
+    with pytest.raises(ValueError, match="could not load TAEF1 from .*no-taef1.*hf download madebyollin/taef1"):
+        load_preview_decoder("taef1", taef1=missing, device="cpu", dtype=torch.float32)
+    found = make_tiny_taef1(tmp_path / "taef1")
+    assert isinstance(load_preview_decoder("auto", taef1=str(found), device="cpu", dtype=torch.float32), Taef1Preview)
+    with pytest.raises(ValueError, match="--preview must be one of auto, taef1, latent, none"):
+        load_preview_decoder("fast", device="cpu", dtype=torch.float32)
