@@ -4,7 +4,8 @@ Layers, each in its own module:
 - `settings`: every default and limit;
 - `loading`: weights sources, device and dtype, `load_pipeline()`;
 - `tiny`: the random FLUX.1-dev-shaped pipeline for tests and smoke runs;
-- `inference`: request validation and the one generation path, `FluxInference.infer()`;
+- `inference`: request validation and the one generation path, `FluxInference.run()`;
+- `previews`: the latent and TAEF1 preview decoders;
 - `web` and `cli`: front ends that only translate their inputs into a call of `infer()`.
 Importing the package loads nothing: no torch, no weights, no network.
 """

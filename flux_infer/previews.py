@@ -4,7 +4,7 @@
   image's size). Needs no weights and costs a 16x3 matmul.
 - `taef1`: diffusers' AutoencoderTiny with the TAEF1 weights (a local folder or the hub id
   `madebyollin/taef1`, as the Space uses), scaled down to at most PREVIEW_MAX_SIDE.
-- `auto`: taef1 when it can be loaded, otherwise latent. `none`: no previews.
+- `auto`: taef1 when it is on disk (a folder or the hub cache), otherwise latent. `none`: no previews.
 
 Decoding runs on the pipeline's device inside the step callback; the copy to the CPU is
 asynchronous on CUDA, and turning it into a PIL image is left to the consumer's thread, so the
@@ -126,19 +126,24 @@ def _taef1_location(taef1: str | None) -> str:
     return str(DEFAULT_TAEF1_LOCAL) if DEFAULT_TAEF1_LOCAL.is_dir() else DEFAULT_TAEF1_REPO
 
 
-def load_taef1(taef1: str | None = None, *, device: str, dtype):
-    """Load TAEF1 from a local folder or a hub repo id (huggingface_hub's cache, HF_HUB_OFFLINE)."""
+def load_taef1(taef1: str | None = None, *, device: str, dtype, download: bool = True):
+    """Load TAEF1 from a local folder or a hub repo id (huggingface_hub's cache, HF_HUB_OFFLINE).
+
+    With `download=False` only a folder or the hub cache is read: nothing waits on the network.
+    """
     from diffusers import AutoencoderTiny
 
     location = _taef1_location(taef1)
-    vae = AutoencoderTiny.from_pretrained(location, dtype=dtype, use_safetensors=True)
+    vae = AutoencoderTiny.from_pretrained(location, dtype=dtype, use_safetensors=True, local_files_only=not download)
     return Taef1Preview(vae.to(device).eval())
 
 
 def load_preview_decoder(mode: str = DEFAULT_PREVIEW, *, taef1: str | None = None, device: str, dtype):
     """The decoder for `mode` (see the module docstring), or None for `none`.
 
-    `taef1` fails with a message that says where the weights go; `auto` logs why it fell back.
+    `taef1` downloads TAEF1 if needed and fails with a message that says where the weights go;
+    `auto` takes it only from a folder or the hub cache (start-up never waits on the network) and
+    logs how to get it when it falls back.
     """
     if mode not in PREVIEW_MODES:
         raise ValueError(f"--preview must be one of {', '.join(PREVIEW_MODES)}, got {mode!r}")
@@ -147,7 +152,7 @@ def load_preview_decoder(mode: str = DEFAULT_PREVIEW, *, taef1: str | None = Non
     if mode == "latent":
         return LatentPreview()
     try:
-        decoder = load_taef1(taef1, device=device, dtype=dtype)
+        decoder = load_taef1(taef1, device=device, dtype=dtype, download=mode == "taef1")
     except (OSError, ValueError) as err:
         where = _taef1_location(taef1)
         if mode == "taef1":
@@ -155,7 +160,8 @@ def load_preview_decoder(mode: str = DEFAULT_PREVIEW, *, taef1: str | None = Non
                 f"could not load TAEF1 from {where} ({type(err).__name__}): run "
                 f"`hf download {DEFAULT_TAEF1_REPO} --local-dir {DEFAULT_TAEF1_LOCAL}`, or use --preview latent"
             ) from None
-        log.info("previews: latent (TAEF1 not available from %s)", where)
+        log.info("previews: latent (TAEF1 not found at %s; for sharper previews run "
+                 "`hf download %s --local-dir %s`)", where, DEFAULT_TAEF1_REPO, DEFAULT_TAEF1_LOCAL)
         return LatentPreview()
     log.info("previews: taef1 from %s", _taef1_location(taef1))
     return decoder

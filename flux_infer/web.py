@@ -2,7 +2,8 @@
 
 The layout, labels, ranges and defaults are the Space's, so `gradio_client` scripts written for
 `black-forest-labs/FLUX.1-dev` run unchanged against this server. The handler only translates:
-raw values in, `FluxInference.infer()`, (image, seed) out, core errors to `gr.Error`.
+raw values in, `build_request()` and `FluxInference.run()`, previews and the final (image, seed)
+out, core errors to `gr.Error`.
 """
 
 from __future__ import annotations

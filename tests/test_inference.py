@@ -48,7 +48,7 @@ def test_non_numbers_are_refused(value):
 
 def test_importing_loads_no_framework():
     code = ("import sys; import app, flux_infer, flux_infer.cli, flux_infer.web, flux_infer.loading, "
-            "flux_infer.inference, flux_infer.tiny, flux_infer.images; "
+            "flux_infer.inference, flux_infer.tiny, flux_infer.images, flux_infer.previews; "
             "print(sorted(m for m in ('torch', 'gradio', 'diffusers', 'transformers') if m in sys.modules))")
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                           cwd=Path(__file__).resolve().parents[1], check=True)

@@ -41,7 +41,7 @@ def test_submit_streams_a_preview_per_step_then_the_predict_image(client, server
     predicted, seed = client.predict(*args, api_name="/infer")
     assert seed == 77
     np.testing.assert_array_equal(_pixels(final[0]), _pixels(predicted))
-    assert "previews: latent (TAEF1 not available" in server.log()
+    assert "previews: latent (TAEF1 not found at" in server.log()
 
 
 def _browser_events(server, data):
