@@ -1,9 +1,11 @@
 """Server overhead: `/infer` through gradio_client against a direct FluxPipeline call.
 
 Both use the same weights and the Space's defaults (1024x1024, 28 steps, guidance 3.5), measured
-alternately in one run. The server runs with its default previews (`--preview auto`: TAEF1 when
-available, else the latent map). On a CPU the tiny model takes about as long per image as
-FLUX.1-dev on one H100, so the ratio reads like a GPU user's. Goal: at most 1.05.
+alternately in one run: a server with its default previews (`--preview auto`: TAEF1 when on disk,
+else the latent map), whose 28 previews gradio_client's predict() also receives and downloads,
+and one with `--preview none`. On a CPU the tiny model takes about as long per image as
+FLUX.1-dev on one H100, so the ratio reads like a GPU user's; but here the client, the server and
+the "GPU" share two cores. Goal: at most 1.05.
 
     python bench/overhead.py [--runs 9] [--model DIR_OR_REPO] [--size 1024] [--steps 28]
 
@@ -39,9 +41,11 @@ def main() -> None:
     workdir = Path(tempfile.mkdtemp(prefix="flux-bench-"))
     model = args.model or make_tiny(workdir / "tiny", seed=0)
     settings = dict(width=args.size, height=args.size, guidance_scale=3.5, num_inference_steps=args.steps)
-    server = Server(model, workdir, args.server_args.split())
+    server = Server(model, workdir / "default", args.server_args.split())
+    plain = Server(model, workdir / "none", [*args.server_args.split(), "--preview", "none"])
     try:
         client = Client(server.url, verbose=False)
+        plain_client = Client(plain.url, verbose=False)
         # The same loader and device choice as the server.
         pipe, _, placement = load_pipeline(str(model))
         pipe.set_progress_bar_config(disable=True)
@@ -52,15 +56,22 @@ def main() -> None:
         def served(seed: int) -> None:
             client.predict(PROMPT, seed, False, api_name="/infer", **settings)
 
-        # The server is paused while the direct call runs, so its idle polling does not slow it.
-        times = interleaved({"direct FluxPipeline call": direct, "/infer via gradio_client": served}, args.runs,
-                            servers={"/infer via gradio_client": server})
+        def served_plain(seed: int) -> None:
+            plain_client.predict(PROMPT, seed, False, api_name="/infer", **settings)
+
+        # Servers not in use are paused, so their idle polling does not slow what is timed.
+        times = interleaved(
+            {"direct FluxPipeline call": direct, "/infer, default previews": served,
+             "/infer, --preview none": served_plain},
+            args.runs,
+            servers={"/infer, default previews": server, "/infer, --preview none": plain},
+        )
         print(f"{args.size}x{args.size}, {args.steps} steps, {model}, {placement.device} {placement.dtype_name}, "
               f"{args.runs} runs each, torch threads {torch.get_num_threads()}")
-        report(times, "direct FluxPipeline call", {"/infer via gradio_client": 1.05})
+        report(times, "direct FluxPipeline call", {"/infer, default previews": 1.05, "/infer, --preview none": 1.05})
     finally:
         server.stop()
-    print(f"server log: {server.log_path}")
+        plain.stop()
 
 
 if __name__ == "__main__":

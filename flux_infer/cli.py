@@ -123,30 +123,22 @@ def _serve(args) -> int:
 
 
 def _generate(args) -> int:
+    from flux_infer.images import SUFFIX_FORMATS, save_image
     from flux_infer.inference import build_request
 
-    # Checked before the (slow) load, so a typo costs nothing.
-    build_request(
+    # Validated before the (slow) load, so a typo costs nothing.
+    request = build_request(
         args.prompt,
-        seed=args.seed or 0,
+        seed=0 if args.seed is None else args.seed,
         randomize_seed=args.seed is None,
         width=args.width,
         height=args.height,
         guidance_scale=args.guidance,
         num_inference_steps=args.steps,
     )
-    inference = _load(args)
-    result = inference.infer(
-        args.prompt,
-        seed=args.seed or 0,
-        randomize_seed=args.seed is None,
-        width=args.width,
-        height=args.height,
-        guidance_scale=args.guidance,
-        num_inference_steps=args.steps,
-    )
-    from flux_infer.images import save_image
-
+    if args.output.suffix.lower() not in SUFFIX_FORMATS:
+        raise ValueError(f"-o must end in {' or '.join(SUFFIX_FORMATS)}, got {args.output.name}")
+    result = _load(args).run(request)
     save_image(result.image, args.output)
     print(f"seed {result.seed}")
     print(f"saved {args.output}")

@@ -14,7 +14,7 @@ def save_image(image, path: str | Path) -> Path:
     path = Path(path)
     image_format = SUFFIX_FORMATS.get(path.suffix.lower())
     if image_format is None:
-        raise ValueError(f"output must end in .png or .webp, got {path.name}")
+        raise ValueError(f"output must end in {' or '.join(SUFFIX_FORMATS)}, got {path.name}")
     path.parent.mkdir(parents=True, exist_ok=True)
     if image_format == "PNG":
         chunks = PngInfo()

@@ -91,6 +91,9 @@ def test_generate_rejects_bad_values_before_loading(tmp_path):
     assert done.returncode == 2
     assert "num_inference_steps must be a whole number between 1 and 50, got 0" in done.stderr
     assert "Traceback" not in done.stderr
+    done = run_cli("generate", "a cat", "--model", "/nowhere/FLUX", "-o", "cat.jpg", cwd=tmp_path)
+    assert done.returncode == 2
+    assert "-o must end in .png or .webp, got cat.jpg" in done.stderr
 
 
 HINT = "hf download black-forest-labs/FLUX.1-dev --local-dir weights/FLUX.1-dev"
@@ -131,3 +134,18 @@ def test_cuda_on_a_cpu_machine_is_a_clear_error(tmp_path, tiny_dir):
     assert done.returncode == 2
     assert "--device cuda was asked for" in done.stderr and "--device cpu" in done.stderr
     assert "Traceback" not in done.stderr
+
+
+def test_serve_reads_gradio_server_name_and_port(monkeypatch):
+    from flux_infer.cli import _parser
+
+    monkeypatch.delenv("GRADIO_SERVER_NAME", raising=False)
+    monkeypatch.delenv("GRADIO_SERVER_PORT", raising=False)
+    args = _parser().parse_args(["serve"])
+    assert (args.host, args.port, args.max_queue, args.preview, args.image_format) == (
+        "127.0.0.1", 7860, 16, "auto", "png")
+    monkeypatch.setenv("GRADIO_SERVER_NAME", "0.0.0.0")
+    monkeypatch.setenv("GRADIO_SERVER_PORT", "9001")
+    args = _parser().parse_args(["serve"])
+    assert (args.host, args.port) == ("0.0.0.0", 9001)
+    assert _parser().parse_args(["serve", "--port", "9002"]).port == 9002

@@ -113,8 +113,8 @@ def taef1_server(tiny_dir, tmp_path_factory):
 
     workdir = tmp_path_factory.mktemp("taef1")
     taef1 = make_tiny_taef1(workdir / "taef1")
-    srv = Server(["--model", str(tiny_dir), "--preview", "taef1", "--taef1", str(taef1), "--preview-every", "2"],
-                 workdir)
+    srv = Server(["--model", str(tiny_dir), "--preview", "taef1", "--taef1", str(taef1), "--preview-every", "2",
+                  "--image-format", "webp"], workdir)
     yield srv
     srv.stop()
 
@@ -127,7 +127,9 @@ def test_taef1_previews_every_other_step(taef1_server):
     assert len(previews) == 3
     # Decoded at full size by TAEF1, then scaled to at most 512 px on the long side.
     assert {Image.open(p).size for p, _ in previews} == {(512, 384)}
-    assert Image.open(outputs[-1][0]).size == (1024, 768)
+    final = Image.open(outputs[-1][0])
+    assert final.size == (1024, 768)
+    assert final.format == "WEBP"  # --image-format webp: the Space's format
     assert "previews: taef1 from" in taef1_server.log()
 
 
