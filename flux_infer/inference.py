@@ -210,6 +210,8 @@ class FluxInference:
                     **hooks,
                 )
             except torch.OutOfMemoryError:
+                # Give the failed call's blocks back, so the next (smaller) request fits.
+                torch.cuda.empty_cache()
                 raise GenerationFailed(
                     f"out of GPU memory at {request.width}x{request.height}: try a smaller size"
                 ) from None

@@ -53,3 +53,30 @@ def test_importing_loads_no_framework():
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                           cwd=Path(__file__).resolve().parents[1], check=True)
     assert done.stdout.strip() == "[]"
+
+
+def test_out_of_memory_is_a_clear_error_and_the_next_request_runs():
+    # A fake pipeline is enough here: what is tested is the error translation and the lock.
+    from types import SimpleNamespace
+
+    import torch
+    from PIL import Image
+
+    from flux_infer.inference import FluxInference, GenerationFailed
+
+    class Pipeline:
+        calls = 0
+
+        def set_progress_bar_config(self, **_):
+            pass
+
+        def __call__(self, **kwargs):
+            Pipeline.calls += 1
+            if Pipeline.calls == 1:
+                raise torch.OutOfMemoryError("CUDA out of memory")
+            return SimpleNamespace(images=[Image.new("RGB", (kwargs["width"], kwargs["height"]))])
+
+    inference = FluxInference(Pipeline())
+    with pytest.raises(GenerationFailed, match="out of GPU memory at 2048x2048: try a smaller size"):
+        inference.infer("a", width=2048, height=2048)
+    assert inference.infer("a", width=256, height=256).image.size == (256, 256)
