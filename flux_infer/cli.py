@@ -156,6 +156,8 @@ def _make_tiny(args) -> int:
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    # Gradio checks its own start-up over HTTP; one log line per request is noise.
+    logging.getLogger("httpx").setLevel(logging.WARNING)
     from flux_infer.inference import InvalidRequest
     from flux_infer.loading import DeviceError, ModelLoadError
 

@@ -130,7 +130,7 @@ def build_demo(inference: FluxInference, *, image_format: str = settings.DEFAULT
                     label="Prompt", show_label=False, max_lines=1, placeholder="Enter your prompt", container=False
                 )
                 run_button = gr.Button("Run", scale=0)
-            result = gr.Image(label="Result", show_label=False, format=image_format)
+            result = gr.Image(label="Result", show_label=False, format=image_format, elem_id="result")
             with gr.Accordion("Advanced Settings", open=False):
                 seed = _slider("Seed", settings.SEED)
                 randomize_seed = gr.Checkbox(label="Randomize seed", value=settings.RANDOMIZE_SEED_DEFAULT)
