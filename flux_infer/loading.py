@@ -72,12 +72,7 @@ DEVICES = ("cuda", "mps", "cpu")
 
 def default_model() -> str:
     """`FLUX_MODEL`, else `weights/FLUX.1-dev` when it exists, else the hub repo id."""
-    env = os.environ.get(settings.MODEL_ENV)
-    if env:
-        return env
-    if settings.DEFAULT_LOCAL_MODEL.is_dir():
-        return str(settings.DEFAULT_LOCAL_MODEL)
-    return settings.DEFAULT_REPO_ID
+    return os.environ.get(settings.MODEL_ENV) or _default_base()
 
 
 def tiny_model_dir() -> Path:
@@ -111,6 +106,7 @@ def resolve_source(model: str | None = None, *, base_model: str | None = None) -
 
 
 def _default_base() -> str:
+    """`weights/FLUX.1-dev` when it exists, else the hub repo id."""
     if settings.DEFAULT_LOCAL_MODEL.is_dir():
         return str(settings.DEFAULT_LOCAL_MODEL)
     return settings.DEFAULT_REPO_ID
