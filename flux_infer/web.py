@@ -89,14 +89,10 @@ def make_handler(inference: FluxInference):
             loop.call_soon_threadsafe(steps.put_nowait, step)
 
         worker = loop.run_in_executor(None, functools.partial(inference.run, request, on_step=on_step, cancel=cancel))
+        # The worker's end is queued after its last step (both arrive through the loop in order).
+        worker.add_done_callback(lambda _: steps.put_nowait(None))
         try:
-            while not (worker.done() and steps.empty()):
-                next_step = asyncio.ensure_future(steps.get())
-                await asyncio.wait({next_step, worker}, return_when=asyncio.FIRST_COMPLETED)
-                if not next_step.done():
-                    next_step.cancel()
-                    continue
-                step = next_step.result()
+            while (step := await steps.get()) is not None:
                 progress((step.index, step.total), desc="Denoising", unit="steps")
                 if step.preview is not None:
                     yield step.preview.image(), request.seed
