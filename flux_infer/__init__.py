@@ -6,7 +6,7 @@ Layers, each in its own module:
 - `tiny`: the random FLUX.1-dev-shaped pipeline for tests and smoke runs;
 - `inference`: request validation and the one generation path, `FluxInference.run()`;
 - `previews`: the latent and TAEF1 preview decoders;
-- `web` and `cli`: front ends that only translate their inputs into a call of `infer()`.
+- `web` and `cli`: front ends that only translate their inputs into a request for `run()`.
 Importing the package loads nothing: no torch, no weights, no network.
 """
 

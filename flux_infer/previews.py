@@ -126,14 +126,13 @@ def _taef1_location(taef1: str | None) -> str:
     return str(DEFAULT_TAEF1_LOCAL) if DEFAULT_TAEF1_LOCAL.is_dir() else DEFAULT_TAEF1_REPO
 
 
-def load_taef1(taef1: str | None = None, *, device: str, dtype, download: bool = True):
+def load_taef1(location: str, *, device: str, dtype, download: bool = True):
     """Load TAEF1 from a local folder or a hub repo id (huggingface_hub's cache, HF_HUB_OFFLINE).
 
     With `download=False` only a folder or the hub cache is read: nothing waits on the network.
     """
     from diffusers import AutoencoderTiny
 
-    location = _taef1_location(taef1)
     vae = AutoencoderTiny.from_pretrained(location, dtype=dtype, use_safetensors=True, local_files_only=not download)
     return Taef1Preview(vae.to(device).eval())
 
@@ -151,10 +150,10 @@ def load_preview_decoder(mode: str = DEFAULT_PREVIEW, *, taef1: str | None = Non
         return None
     if mode == "latent":
         return LatentPreview()
+    where = _taef1_location(taef1)
     try:
-        decoder = load_taef1(taef1, device=device, dtype=dtype, download=mode == "taef1")
+        decoder = load_taef1(where, device=device, dtype=dtype, download=mode == "taef1")
     except (OSError, ValueError) as err:
-        where = _taef1_location(taef1)
         if mode == "taef1":
             raise ValueError(
                 f"could not load TAEF1 from {where} ({type(err).__name__}): run "
@@ -163,7 +162,7 @@ def load_preview_decoder(mode: str = DEFAULT_PREVIEW, *, taef1: str | None = Non
         log.info("previews: latent (TAEF1 not found at %s; for sharper previews run "
                  "`hf download %s --local-dir %s`)", where, DEFAULT_TAEF1_REPO, DEFAULT_TAEF1_LOCAL)
         return LatentPreview()
-    log.info("previews: taef1 from %s", _taef1_location(taef1))
+    log.info("previews: taef1 from %s", where)
     return decoder
 
 
