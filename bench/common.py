@@ -17,6 +17,22 @@ os.environ.update(GRADIO_ANALYTICS_ENABLED="False", HF_HUB_DISABLE_TELEMETRY="1"
 PROMPT = "a tiny astronaut hatching from an egg on the moon"
 
 
+def add_thread_option(parser) -> None:
+    parser.add_argument(
+        "--torch-threads", type=int, default=None,
+        help="CPU threads for torch here and in the servers (OMP_NUM_THREADS). On a CPU-only machine "
+             "the model, the server and the client share the cores; 1 leaves the other cores to "
+             "serving, as a GPU box does (default: torch's own choice)")
+
+
+def apply_thread_option(args) -> None:
+    """Set OMP_NUM_THREADS before torch is imported here, and for every server started after."""
+    if args.torch_threads is not None:
+        if args.torch_threads < 1:
+            raise SystemExit("--torch-threads must be at least 1")
+        os.environ["OMP_NUM_THREADS"] = str(args.torch_threads)
+
+
 class Server:
     def __init__(self, model: str | Path, workdir: Path, extra: list[str], name: str = "server"):
         import httpx

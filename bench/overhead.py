@@ -7,7 +7,11 @@ and one with `--preview none`. On a CPU the tiny model takes about as long per i
 FLUX.1-dev on one H100, so the ratio reads like a GPU user's; but here the client, the server and
 the "GPU" share two cores. Goal: at most 1.05.
 
-    python bench/overhead.py [--runs 9] [--model DIR_OR_REPO] [--size 1024] [--steps 28]
+    python bench/overhead.py [--runs 9] [--model DIR_OR_REPO] [--size 1024] [--steps 28] [--torch-threads N]
+
+`--torch-threads 1` on a CPU leaves a core to the server and the client, as a GPU box leaves the
+whole CPU to them; without it the denoising's threads and the serving threads take turns on the
+same cores, and every preview's few ms of serving stall the denoising too.
 
 With real weights on a GPU, the benchmark and the server each hold the model (2 x 33 GB).
 """
@@ -20,7 +24,7 @@ import tempfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common import PROMPT, Server, interleaved, report  # noqa: E402
+from common import PROMPT, Server, add_thread_option, apply_thread_option, interleaved, report  # noqa: E402
 
 
 def main() -> None:
@@ -30,7 +34,9 @@ def main() -> None:
     parser.add_argument("--size", type=int, default=1024)
     parser.add_argument("--steps", type=int, default=28)
     parser.add_argument("--server-args", default="", help="extra `flux-infer serve` flags, space-separated")
+    add_thread_option(parser)
     args = parser.parse_args()
+    apply_thread_option(args)
 
     import torch
     from gradio_client import Client

@@ -9,13 +9,19 @@ TAEF1), called in turn at 1024x1024 and 28 steps by two kinds of consumer:
   on a 2-core CPU that competes with the denoising itself.
 Prints medians and ratios to `none`. Goal for latent: at most 1.03.
 
-    python bench/previews.py [--runs 7] [--model DIR] [--taef1 DIR_OR_REPO]
+    python bench/previews.py [--runs 7] [--model DIR] [--taef1 DIR_OR_REPO] [--decoders latent,taef1]
+                             [--no-client] [--torch-threads N]
+
+On a CPU-only machine the tiny model's denoising takes every core, so each preview's few ms of
+serving (Gradio's postprocess, the event stream, the image fetch) stall it twice over;
+`--torch-threads 1` leaves a core to serving, which is what a GPU box does.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import re
 import statistics
 import sys
@@ -24,7 +30,7 @@ import tempfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common import PROMPT, Server, interleaved, report  # noqa: E402
+from common import PROMPT, Server, add_thread_option, apply_thread_option, interleaved, report  # noqa: E402
 
 
 def page_outputs(browser, data):
@@ -54,7 +60,15 @@ def main() -> None:
     parser.add_argument("--taef1", default=None, help="TAEF1 folder or repo id (default: a tiny random one)")
     parser.add_argument("--size", type=int, default=1024)
     parser.add_argument("--steps", type=int, default=28)
+    parser.add_argument("--decoders", default="latent,taef1",
+                        help="comma-separated decoders to compare with `none` (default: latent,taef1)")
+    parser.add_argument("--no-client", action="store_true", help="skip the gradio_client comparison")
+    add_thread_option(parser)
     args = parser.parse_args()
+    apply_thread_option(args)
+    decoders = [d for d in args.decoders.split(",") if d]
+    if not set(decoders) <= {"latent", "taef1"}:
+        raise SystemExit("--decoders takes latent and/or taef1")
 
     import httpx
     from gradio_client import Client
@@ -65,6 +79,7 @@ def main() -> None:
     model = args.model or make_tiny(workdir / "tiny", seed=0)
     taef1 = args.taef1 or make_tiny_taef1(workdir / "taef1")
     modes = {"none": [], "latent": [], "taef1": ["--taef1", str(taef1)]}
+    modes = {mode: extra for mode, extra in modes.items() if mode == "none" or mode in decoders}
     servers = {mode: Server(model, workdir / mode, ["--preview", mode, *extra], name=mode)
                for mode, extra in modes.items()}
     try:
@@ -84,15 +99,19 @@ def main() -> None:
 
             page_calls[f"page, previews {mode}"] = page
             client_calls[f"gradio_client, previews {mode}"] = via_client
-        print(f"{args.size}x{args.size}, {args.steps} steps, {args.runs} runs each; idle servers paused")
+        threads = os.environ.get("OMP_NUM_THREADS", "torch's default")
+        print(f"{args.size}x{args.size}, {args.steps} steps, {args.runs} runs each, torch threads {threads}; "
+              "idle servers paused")
         report(interleaved(page_calls, args.runs, servers={f"page, previews {m}": s for m, s in servers.items()}),
                "page, previews none", {"page, previews latent": 1.03})
         print(f"images per generation: {counts}")
         base_cpu = statistics.median(cpu["none"])
-        for mode in ("latent", "taef1"):
+        for mode in decoders:
             extra = statistics.median(cpu[mode]) - base_cpu
             print(f"server CPU per generation, {mode}: +{extra:.2f} s over none, "
                   f"{1000 * extra / (counts[mode] - 1):.0f} ms per preview")
+        if args.no_client:
+            return
         report(interleaved(client_calls, args.runs,
                            servers={f"gradio_client, previews {m}": s for m, s in servers.items()}),
                "gradio_client, previews none", {})
