@@ -11,7 +11,7 @@ import os
 import sys
 from pathlib import Path
 
-from flux_infer import settings
+from flux_infer import settings, tuning
 from flux_infer.previews import DEFAULT_PREVIEW, DEFAULT_TAEF1_LOCAL, DEFAULT_TAEF1_REPO, PREVIEW_MODES
 
 log = logging.getLogger("flux_infer")
@@ -36,12 +36,64 @@ def _add_model_flags(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def _checked(parse):
+    """An argparse `type` that reports the parser's own message (argparse hides a ValueError's)."""
+
+    def convert(text):
+        try:
+            return parse(text)
+        except tuning.OptionError as err:
+            raise argparse.ArgumentTypeError(str(err)) from None
+
+    convert.__name__ = parse.__name__
+    return convert
+
+
+def _add_runtime_flags(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("memory and speed (see the README's tables)")
+    group.add_argument("--memory", choices=tuning.MEMORY_MODES, default="auto",
+                       help="auto: on a GPU, pick the fastest offload/quantization that fits its free memory "
+                       "(unless --offload/--quantize are given); off: only what the flags say (default: auto)")
+    group.add_argument("--offload", choices=tuning.OFFLOAD_MODES, default=None,
+                       help="keep weights on the CPU: model (one component at a time on the GPU), group (blocks "
+                       "streamed in), sequential (layer by layer; slowest) (default: none, or --memory auto's)")
+    group.add_argument("--quantize", choices=tuning.QUANTIZE_MODES, default=None,
+                       help="transformer weights: fp8-storage (float8 storage, compute in the dtype), int8 or fp8 "
+                       "(torchao), nf4 (bitsandbytes, CUDA) (default: none, or --memory auto's)")
+    group.add_argument("--quantize-text-encoder", action="store_true", default=None,
+                       help="quantize the T5 text encoder the same way")
+    group.add_argument("--compile", action="store_true", help="torch.compile the transformer and VAE decoder, "
+                       "warmed up at start-up (minutes on the first run; cached after)")
+    group.add_argument("--compile-sizes", type=_checked(tuning.parse_sizes), default=tuning.DEFAULT_COMPILE_SIZES,
+                       metavar="WxH[,WxH]", help="sizes to warm up with --compile (default: 1024x1024)")
+    group.add_argument("--cache", type=_checked(tuning.parse_cache), default=None, metavar="KIND[:VALUE]",
+                       help="reuse transformer work across steps: fbcache[:threshold] (First Block Cache, "
+                       f"default {tuning.CACHE_DEFAULTS['fbcache']}), taylorseer[:interval] (default "
+                       f"{tuning.CACHE_DEFAULTS['taylorseer']}), magcache[:threshold] (default "
+                       f"{tuning.CACHE_DEFAULTS['magcache']}); changes pixels (default: none)")
+    group.add_argument("--attention", default=None, metavar="BACKEND",
+                       help="diffusers attention backend, e.g. flash, _flash_3, sage, xformers, _native_cudnn "
+                       "(default: torch's SDPA)")
+    group.add_argument("--no-fuse-qkv", dest="fuse_qkv", action="store_false",
+                       help="keep the Q, K, V projections separate (fused is the same maths in one matmul)")
+    group.add_argument("--vae-tiling", choices=tuning.VAE_TILING_MODES, default="auto",
+                       help="decode in tiles: auto when the decode would not fit in free memory (default: auto)")
+
+
+def _options(args) -> tuning.Options:
+    return tuning.Options(memory=args.memory, offload=args.offload, quantize=args.quantize,
+                          quantize_text_encoder=args.quantize_text_encoder, compile=args.compile,
+                          compile_sizes=args.compile_sizes, cache=args.cache, attention=args.attention,
+                          fuse_qkv=args.fuse_qkv, vae_tiling=args.vae_tiling)
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="flux-infer", description="FLUX.1-dev, served locally.")
     sub = parser.add_subparsers(dest="command", required=True)
 
     serve = sub.add_parser("serve", help="serve the Space's web page and /infer API")
     _add_model_flags(serve)
+    _add_runtime_flags(serve)
     serve.add_argument(
         "--host",
         default=os.environ.get("GRADIO_SERVER_NAME", settings.DEFAULT_HOST),
@@ -82,6 +134,7 @@ def _parser() -> argparse.ArgumentParser:
     generate = sub.add_parser("generate", help="generate one image from the shell")
     generate.add_argument("prompt")
     _add_model_flags(generate)
+    _add_runtime_flags(generate)
     generate.add_argument("--seed", type=int, default=None, help="fixed seed (default: a random one)")
     generate.add_argument("--width", type=int, default=int(settings.WIDTH.default))
     generate.add_argument("--height", type=int, default=int(settings.HEIGHT.default))
@@ -100,12 +153,16 @@ def _load(args, *, preview: str = "none", preview_every: int = 1, taef1: str | N
     from flux_infer.loading import load_pipeline
     from flux_infer.previews import load_preview_decoder
 
-    pipeline, _, placement = load_pipeline(
-        args.model, base_model=args.base_model, device=args.device, dtype=args.dtype
+    options = _options(args)
+    pipeline, _, placement, runtime = load_pipeline(
+        args.model, base_model=args.base_model, device=args.device, dtype=args.dtype, options=options
     )
     decoder = load_preview_decoder(preview, taef1=taef1, device=placement.device, dtype=placement.dtype)
-    return FluxInference(pipeline, preview=decoder, preview_every=preview_every,
-                         progress_bar=args.command == "generate")
+    inference = FluxInference(pipeline, runtime=runtime, preview=decoder, preview_every=preview_every,
+                              progress_bar=args.command == "generate")
+    if options.compile:
+        inference.warm_up(options.compile_sizes)
+    return inference
 
 
 def _serve(args) -> int:

@@ -59,6 +59,8 @@ class GenerationResult:
     seed: int
     request: GenerationRequest
     seconds: float
+    # Steps whose transformer pass a --cache skipped (0 without a cache).
+    cached_steps: int = 0
 
 
 def _number(name: str, value: Any, limits: Range, *, whole: bool) -> float:
@@ -147,10 +149,11 @@ def build_request(
 class FluxInference:
     """A loaded FluxPipeline, its preview decoder, and the lock that lets one generation run at a time."""
 
-    def __init__(self, pipeline, *, preview=None, preview_every: int = 1, progress_bar: bool = False):
+    def __init__(self, pipeline, *, runtime=None, preview=None, preview_every: int = 1, progress_bar: bool = False):
         if preview_every < 1:
             raise ValueError(f"preview_every must be at least 1, got {preview_every}")
         self.pipeline = pipeline
+        self.runtime = runtime  # a flux_infer.tuning.Runtime: per-request tiling, cache counting
         self.preview = preview  # a flux_infer.previews decoder, or None
         self.preview_every = preview_every
         self.pipeline.set_progress_bar_config(disable=not progress_bar)
@@ -178,7 +181,11 @@ class FluxInference:
         return callback
 
     def generate(self, request: GenerationRequest, *, on_step=None, cancel: threading.Event | None = None):
-        """Run the pipeline for a validated request and return the PIL image.
+        """The PIL image for a validated request (see `_generate`)."""
+        return self._generate(request, on_step=on_step, cancel=cancel)[0]
+
+    def _generate(self, request: GenerationRequest, *, on_step=None, cancel: threading.Event | None = None):
+        """Run the pipeline for a validated request; return the PIL image and the runtime's stats.
 
         The noise comes from a CPU generator seeded with `request.seed`, as in the Space, so a seed
         gives the same pixels as `FluxPipeline(...)(..., generator=torch.Generator().manual_seed(seed))`
@@ -198,6 +205,8 @@ class FluxInference:
         with self._lock:
             if cancel is not None and cancel.is_set():
                 raise GenerationCancelled("cancelled before it started")
+            if self.runtime is not None:
+                self.runtime.before(request)
             try:
                 output = self.pipeline(
                     prompt=request.prompt,
@@ -215,18 +224,27 @@ class FluxInference:
                 raise GenerationFailed(
                     f"out of GPU memory at {request.width}x{request.height}: try a smaller size"
                 ) from None
-        return output.images[0]
+            stats = self.runtime.after(request) if self.runtime is not None else {}
+        return output.images[0], stats
 
     def run(self, request: GenerationRequest, *, on_step=None, cancel: threading.Event | None = None):
         """Generate for a validated request; the image carries its settings in `image.info`."""
         started = time.perf_counter()
-        image = self.generate(request, on_step=on_step, cancel=cancel)
+        image, stats = self._generate(request, on_step=on_step, cancel=cancel)
         seconds = time.perf_counter() - started
         image.info["parameters"] = request.parameters_text()
         image.info["flux_infer"] = json.dumps(asdict(request))
         log.info("generated %dx%d, %d steps, seed %d in %.2f s",
                  request.width, request.height, request.num_inference_steps, request.seed, seconds)
-        return GenerationResult(image=image, seed=request.seed, request=request, seconds=seconds)
+        return GenerationResult(image=image, seed=request.seed, request=request, seconds=seconds,
+                                cached_steps=stats.get("cached_steps", 0))
+
+    def warm_up(self, sizes) -> None:
+        """Run a short generation at each (width, height), so torch.compile has compiled for them."""
+        for width, height in sizes:
+            started = time.perf_counter()
+            self.generate(build_request("warm-up", seed=0, width=width, height=height, num_inference_steps=2))
+            log.info("warmed up at %dx%d in %.1f s", width, height, time.perf_counter() - started)
 
     def infer(self, prompt: Any, **arguments: Any) -> GenerationResult:
         """The Space's infer() without previews: validate, pick the seed, generate."""

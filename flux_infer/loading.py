@@ -2,12 +2,12 @@
 
 Sources, in the order `--model` is read:
 - `tiny`: the random FLUX.1-dev-shaped pipeline of `flux_infer.tiny`, made once in a cache folder;
-- a path ending in `.safetensors`: a single-file transformer checkpoint (e.g. `flux1-dev.safetensors`),
-  with the other components taken from `base_model`;
+- a path ending in `.safetensors` or `.gguf`: a single-file transformer checkpoint (e.g.
+  `flux1-dev.safetensors`, `flux1-dev-Q8_0.gguf`), with the other components taken from `base_model`;
 - an existing folder: a diffusers-format pipeline (`model_index.json` at its root);
 - anything else shaped like `owner/name`: a Hugging Face repo id, fetched through huggingface_hub,
   which owns the cache, `HF_TOKEN` and `HF_HUB_OFFLINE`.
-Only safetensors are read and no remote code is ever run.
+Only safetensors and GGUF files are read and no remote code is ever run.
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ import shutil
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import Literal, NamedTuple
 
 from flux_infer import settings
 
@@ -30,6 +30,7 @@ SourceKind = Literal["tiny", "folder", "repo", "single_file"]
 # A repo's files that a diffusers FluxPipeline reads. FLUX.1-dev's repo also holds BFL-format
 # single files at its root (flux1-dev.safetensors, ae.safetensors: 34 GB) that it does not need.
 PIPELINE_PATTERNS = ("model_index.json", "*/*.json", "*/*.safetensors", "*/*.txt", "*/*.model")
+SINGLE_FILE_SUFFIXES = (".safetensors", ".gguf")
 _REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
 
@@ -87,12 +88,12 @@ def resolve_source(model: str | None = None, *, base_model: str | None = None) -
     if model == settings.TINY_MODEL_NAME:
         return ModelSource("tiny", str(tiny_model_dir()))
     path = Path(model).expanduser()
-    if model.endswith(".safetensors"):
+    if model.endswith(SINGLE_FILE_SUFFIXES):
         if not path.is_file():
             raise ModelLoadError(f"transformer checkpoint {model} does not exist. {settings.DOWNLOAD_HINT}")
         base = resolve_source(base_model or _default_base())
         if base.kind == "single_file":
-            raise ModelLoadError("--base-model must be a diffusers folder or repo id, not another .safetensors file")
+            raise ModelLoadError("--base-model must be a diffusers folder or repo id, not another single file")
         return ModelSource("single_file", str(path), base=base)
     if path.is_dir():
         if not (path / "model_index.json").is_file():
@@ -198,31 +199,53 @@ def _local_folder(source: ModelSource, *, transformer_weights: bool = True) -> s
     return source.location
 
 
+class Loaded(NamedTuple):
+    pipeline: object
+    source: ModelSource
+    placement: Placement
+    runtime: object  # flux_infer.tuning.Runtime
+
+
 def load_pipeline(
     model: str | None = None,
     *,
     base_model: str | None = None,
     device: str | None = None,
     dtype: str | None = None,
-):
-    """Load a FluxPipeline from `model` (see the module docstring) onto the resolved device.
+    options=None,
+) -> Loaded:
+    """Load a FluxPipeline from `model` (see the module docstring) and apply `options`.
 
-    Returns `(pipeline, source, placement)`. Raises ModelLoadError or DeviceError with a message
-    that says what to do.
+    `options` (flux_infer.tuning.Options, default: its defaults) choose quantization at load time,
+    then placement or offloading, attention, cache and compilation. Raises ModelLoadError,
+    DeviceError or tuning.OptionError with a message that says what to do.
     """
+    from flux_infer import tuning
+
+    options = options or tuning.Options()
     placement = resolve_placement(device, dtype)
     source = resolve_source(model, base_model=base_model)
     log.info("device %s, dtype %s: %s", placement.device, placement.dtype_name, placement.reason)
+    gguf = source.kind == "single_file" and source.location.endswith(".gguf")
+    plan = tuning.resolve_plan(options, placement, gguf_bytes=Path(source.location).stat().st_size if gguf else None)
+    log.info("memory: %s (%s)", plan.describe(), plan.reason)
     log.info("loading %s", source.describe())
 
-    from diffusers import FluxPipeline, FluxTransformer2DModel
+    from diffusers import FluxPipeline, FluxTransformer2DModel, PipelineQuantizationConfig
 
     components = {}
     if source.kind == "single_file":
         folder = _local_folder(source.base, transformer_weights=False)
+        if gguf:
+            from diffusers import GGUFQuantizationConfig
+
+            quantization = GGUFQuantizationConfig(compute_dtype=placement.dtype)
+        else:
+            quantization = tuning.quantization_configs(plan, placement).get("transformer")
         try:
             components["transformer"] = FluxTransformer2DModel.from_single_file(
-                source.location, config=folder, subfolder="transformer", dtype=placement.dtype
+                source.location, config=folder, subfolder="transformer", dtype=placement.dtype,
+                quantization_config=quantization,
             )
         except (OSError, ValueError, KeyError, RuntimeError) as err:
             raise ModelLoadError(
@@ -230,8 +253,12 @@ def load_pipeline(
             ) from None
     else:
         folder = _local_folder(source)
+    configs = tuning.quantization_configs(plan, placement, transformer="transformer" not in components)
+    quantization = PipelineQuantizationConfig(quant_mapping=configs) if configs else None
     try:
-        pipeline = FluxPipeline.from_pretrained(folder, dtype=placement.dtype, use_safetensors=True, **components)
+        pipeline = FluxPipeline.from_pretrained(folder, dtype=placement.dtype, use_safetensors=True,
+                                                quantization_config=quantization, **components)
     except (OSError, ValueError) as err:
         raise ModelLoadError(f"could not load a FluxPipeline from {folder}: {err}. {settings.DOWNLOAD_HINT}") from None
-    return pipeline.to(placement.device), source, placement
+    runtime = tuning.Runtime(pipeline, options, plan, placement.device).apply(placement)
+    return Loaded(pipeline, source, placement, runtime)

@@ -1,0 +1,400 @@
+"""Memory and speed options: what fits the GPU, and what makes it fast.
+
+Everything here is the field's own machinery, switched on with the right arguments:
+- memory: diffusers' offloading (`enable_model_cpu_offload`, group offload, sequential), its
+  quantization configs at load time (torchao int8/fp8, bitsandbytes nf4, GGUF single files) and
+  layerwise casting (`fp8-storage`); VAE tiling and slicing;
+- speed: `torch.compile` of the transformer's repeated blocks and the VAE decoder, fused QKV
+  projections, diffusers' cache hooks (First Block Cache, TaylorSeer, MagCache), attention backends.
+
+`plan_memory()` is `--memory auto`: the fastest combination whose estimated peak fits the GPU's
+free memory. `Runtime` applies the options to a loaded pipeline and does the per-request parts
+(tiling for large images, MagCache's step count, counting what the cache skipped).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass, field, replace
+
+log = logging.getLogger(__name__)
+
+MEMORY_MODES = ("auto", "off")
+OFFLOAD_MODES = ("none", "model", "group", "sequential")
+QUANTIZE_MODES = ("none", "fp8-storage", "int8", "fp8", "nf4")
+VAE_TILING_MODES = ("auto", "on", "off")
+# --cache KIND[:VALUE]: the value is a threshold, except TaylorSeer's, which is its refresh interval.
+CACHE_DEFAULTS = {"fbcache": 0.05, "taylorseer": 5, "magcache": 0.06}
+# Sizes warmed up at start-up with --compile (the Space's default size).
+DEFAULT_COMPILE_SIZES = ((1024, 1024),)
+
+# Estimated peaks for FLUX.1-dev at 1024x1024, in GiB: the components' weights (12B-parameter
+# transformer, 4.7B T5-XXL encoder, CLIP-L and VAE) and the transient memory of the denoising
+# and of the VAE decode. Published sizes; a run of bench/gpu.py measures the real ones.
+TRANSFORMER_GIB = {"none": 22.2, "fp8-storage": 11.1, "int8": 11.1, "fp8": 11.1, "nf4": 6.3}
+T5_GIB = {"none": 8.9, "fp8-storage": 4.5, "int8": 4.5, "fp8": 4.5, "nf4": 2.7}
+OTHER_GIB = 0.4  # CLIP-L, VAE
+DENOISE_GIB = 1.5
+DECODE_GIB = 3.0
+OFFLOAD_PEAK_GIB = {"group": 4.0, "sequential": 3.0}
+HEADROOM_GIB = 1.0
+# VAE decode: bytes per output pixel (bf16; twice that in float32), to decide tiling.
+DECODE_BYTES_PER_PIXEL = 3 * 1024**3 / (1024 * 1024)
+FP8_COMPUTE_CAPABILITY = (8, 9)
+
+
+class OptionError(ValueError):
+    """An option cannot be used here (no CUDA, a missing package); the message says what to do."""
+
+
+@dataclass(frozen=True)
+class CacheSpec:
+    kind: str
+    value: float
+
+    def describe(self) -> str:
+        return f"{self.kind}:{self.value:g}"
+
+
+def parse_cache(text: str | None) -> CacheSpec | None:
+    """`fbcache`, `fbcache:0.08`, `taylorseer:4`, `magcache:0.1`, or `none` -> a CacheSpec or None."""
+    if text is None or text == "none":
+        return None
+    kind, _, value = text.partition(":")
+    if kind not in CACHE_DEFAULTS:
+        raise OptionError(f"--cache must be none or one of {', '.join(CACHE_DEFAULTS)} (with an optional :VALUE), "
+                          f"got {text!r}")
+    if not value:
+        return CacheSpec(kind, CACHE_DEFAULTS[kind])
+    try:
+        number = float(value)
+    except ValueError:
+        raise OptionError(f"--cache {kind}:VALUE needs a number after the colon, got {value!r}") from None
+    if kind == "taylorseer" and (number < 1 or number != int(number)):
+        raise OptionError(f"--cache taylorseer:N takes a whole refresh interval of at least 1, got {value}")
+    if number < 0:
+        raise OptionError(f"--cache {kind}:THRESHOLD must be 0 or more, got {value}")
+    return CacheSpec(kind, number)
+
+
+def parse_sizes(text: str) -> tuple[tuple[int, int], ...]:
+    """`1024x1024,768x1344` -> ((1024, 1024), (768, 1344))."""
+    sizes = []
+    for item in text.split(","):
+        width, _, height = item.strip().lower().partition("x")
+        if not (width.isdigit() and height.isdigit()):
+            raise OptionError(f"--compile-sizes takes WIDTHxHEIGHT[,WIDTHxHEIGHT...], got {item.strip()!r}")
+        sizes.append((int(width), int(height)))
+    return tuple(sizes)
+
+
+@dataclass(frozen=True)
+class Options:
+    """What the command line asked for. None means "not given": `--memory auto` decides."""
+
+    memory: str = "auto"
+    offload: str | None = None
+    quantize: str | None = None
+    quantize_text_encoder: bool | None = None
+    compile: bool = False
+    compile_sizes: tuple[tuple[int, int], ...] = DEFAULT_COMPILE_SIZES
+    cache: CacheSpec | None = None
+    attention: str | None = None
+    fuse_qkv: bool = True
+    vae_tiling: str = "auto"
+
+    def __post_init__(self):
+        for name, value, allowed in (("memory", self.memory, MEMORY_MODES), ("offload", self.offload, OFFLOAD_MODES),
+                                     ("quantize", self.quantize, QUANTIZE_MODES),
+                                     ("vae-tiling", self.vae_tiling, VAE_TILING_MODES)):
+            if value is not None and value not in allowed:
+                raise OptionError(f"--{name} must be one of {', '.join(allowed)}, got {value!r}")
+
+    @property
+    def explicit_memory(self) -> bool:
+        return self.offload is not None or self.quantize is not None or self.quantize_text_encoder is not None
+
+
+@dataclass(frozen=True)
+class MemoryPlan:
+    offload: str = "none"
+    quantize: str = "none"
+    quantize_text_encoder: bool = False
+    reason: str = "defaults"
+
+    def describe(self) -> str:
+        parts = [f"transformer {self.quantize if self.quantize != 'none' else 'unquantized'}"]
+        if self.quantize_text_encoder and self.quantize != "none":
+            parts.append(f"T5 {self.quantize}")
+        parts.append(f"offload {self.offload}")
+        return ", ".join(parts)
+
+
+def estimate_gib(offload: str, quantize: str, quantize_text_encoder: bool, *,
+                 transformer_gib: float | None = None) -> float:
+    """Estimated peak GPU memory of a combination at 1024x1024 (see the module's constants)."""
+    if offload in OFFLOAD_PEAK_GIB:
+        return OFFLOAD_PEAK_GIB[offload]
+    transformer = transformer_gib if transformer_gib is not None else TRANSFORMER_GIB[quantize]
+    t5 = T5_GIB[quantize if quantize_text_encoder else "none"]
+    if offload == "model":  # one component on the GPU at a time
+        return max(transformer + DENOISE_GIB, t5, OTHER_GIB + DECODE_GIB)
+    return transformer + t5 + OTHER_GIB + max(DENOISE_GIB, DECODE_GIB)
+
+
+def candidates(*, fp8: bool, nf4: bool, gguf: bool):
+    """Combinations from the fastest to the leanest: (offload, quantize, quantize_text_encoder)."""
+    eight = "fp8" if fp8 else "int8"
+    if gguf:  # the transformer is quantized already; only T5 and offloading are left to choose
+        ladder = [("none", "none", False), ("none", eight, True), ("model", "none", False)]
+    else:
+        ladder = [("none", "none", False), ("none", eight, False), ("none", eight, True), ("model", eight, False)]
+        if nf4:
+            ladder += [("model", "nf4", False), ("model", "nf4", True)]
+    return ladder + [("group", "none", False), ("sequential", "none", False)]
+
+
+def plan_memory(free_gib: float, *, fp8: bool = True, nf4: bool = True, gguf_gib: float | None = None,
+                where: str = "the GPU") -> MemoryPlan:
+    """`--memory auto`: the first of `candidates()` whose estimate plus HEADROOM_GIB fits `free_gib`.
+
+    `fp8`: the GPU has float8 matmuls (compute capability 8.9+), else 8-bit means torchao int8.
+    `nf4`: bitsandbytes is installed. `gguf_gib`: the transformer is a GGUF file of that size.
+    """
+    tried = []
+    for offload, quantize, text in candidates(fp8=fp8, nf4=nf4, gguf=gguf_gib is not None):
+        needs = estimate_gib(offload, quantize, text, transformer_gib=gguf_gib)
+        plan = MemoryPlan(offload, quantize, text)
+        if needs + HEADROOM_GIB <= free_gib:
+            skipped = f"; faster choices need {', '.join(tried)}" if tried else ""
+            return replace(plan, reason=f"{free_gib:.1f} GiB free on {where}, this needs ~{needs:.1f} GiB{skipped}")
+        tried.append(f"{plan.describe()} ~{needs:.1f} GiB")
+    return replace(plan, reason=f"only {free_gib:.1f} GiB free on {where}: even sequential offload (~{needs:.1f} GiB) "
+                                "may not fit; close other programs using the GPU")
+
+
+def _bitsandbytes_installed() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("bitsandbytes") is not None
+
+
+def resolve_plan(options: Options, placement, *, gguf_bytes: int | None = None) -> MemoryPlan:
+    """The memory plan for these options on this placement; CUDA-only choices fail clearly elsewhere."""
+    import torch
+
+    on_cuda = placement.device.startswith("cuda")
+    if options.explicit_memory or options.memory == "off" or not on_cuda:
+        if options.explicit_memory:
+            why = "as asked"
+        elif options.memory == "off":
+            why = "--memory off"
+        else:
+            why = f"on {placement.device} nothing is offloaded or quantized unless asked"
+        plan = MemoryPlan(options.offload or "none", options.quantize or "none",
+                          bool(options.quantize_text_encoder), reason=why)
+    else:
+        index = torch.device(placement.device).index or 0
+        free, _ = torch.cuda.mem_get_info(index)
+        capability = torch.cuda.get_device_capability(index)
+        plan = plan_memory(free / 1024**3, fp8=capability >= FP8_COMPUTE_CAPABILITY, nf4=_bitsandbytes_installed(),
+                           gguf_gib=gguf_bytes / 1024**3 if gguf_bytes else None,
+                           where=f"{torch.cuda.get_device_name(index)} (sm {capability[0]}.{capability[1]})")
+    check_plan(plan, placement, gguf=gguf_bytes is not None)
+    return plan
+
+
+def check_plan(plan: MemoryPlan, placement, *, gguf: bool = False) -> None:
+    """Refuse what cannot run here, saying what to use instead."""
+    on_cuda = placement.device.startswith("cuda")
+    if plan.offload != "none" and not on_cuda:
+        raise OptionError(f"--offload {plan.offload} moves weights between a GPU and the CPU: it needs a CUDA GPU "
+                          f"(this run is on {placement.device}); leave --offload at none")
+    if plan.quantize == "nf4":
+        if not on_cuda:
+            raise OptionError("--quantize nf4 (bitsandbytes) needs a CUDA GPU; on a CPU use int8, fp8 or fp8-storage")
+        if not _bitsandbytes_installed():
+            raise OptionError("--quantize nf4 needs bitsandbytes: pip install 'flux-infer[gpu]'")
+    if gguf and plan.quantize not in ("none",) and not plan.quantize_text_encoder:
+        raise OptionError("a GGUF transformer is quantized already: --quantize applies to T5 only with a GGUF file, "
+                          "add --quantize-text-encoder or leave --quantize at none")
+
+
+def quantization_configs(plan: MemoryPlan, placement, *, transformer: bool = True) -> dict:
+    """Load-time quantization configs per pipeline component, for int8/fp8/nf4 (fp8-storage is applied after)."""
+    if plan.quantize in ("none", "fp8-storage"):
+        return {}
+    names = (["transformer"] if transformer else []) + (["text_encoder_2"] if plan.quantize_text_encoder else [])
+    if not names:
+        return {}
+    import torch
+    from diffusers import BitsAndBytesConfig as DiffusersBnb
+    from diffusers import TorchAoConfig as DiffusersAo
+    from transformers import BitsAndBytesConfig as TransformersBnb
+    from transformers import TorchAoConfig as TransformersAo
+
+    if plan.quantize == "nf4":
+        kwargs = dict(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=placement.dtype)
+        return {name: (DiffusersBnb if name == "transformer" else TransformersBnb)(**kwargs) for name in names}
+    from torchao.quantization import (Float8DynamicActivationFloat8WeightConfig, Float8WeightOnlyConfig,
+                                      Int8WeightOnlyConfig)
+
+    if plan.quantize == "int8":
+        make = Int8WeightOnlyConfig
+    elif placement.device.startswith("cuda") and torch.cuda.get_device_capability() >= FP8_COMPUTE_CAPABILITY:
+        make = Float8DynamicActivationFloat8WeightConfig  # float8 matmuls: faster as well as smaller
+    else:
+        make = Float8WeightOnlyConfig  # float8 weights, matmuls in the compute dtype
+    return {name: (DiffusersAo if name == "transformer" else TransformersAo)(make()) for name in names}
+
+
+def free_bytes(device: str) -> int:
+    """Free memory where the VAE decodes: the GPU's, or the machine's available RAM."""
+    import torch
+
+    if device.startswith("cuda"):
+        return torch.cuda.mem_get_info(torch.device(device).index or 0)[0]
+    try:
+        with open("/proc/meminfo") as meminfo:
+            for line in meminfo:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+
+
+@dataclass
+class Runtime:
+    """The options applied to a pipeline, and the per-request parts of them."""
+
+    pipeline: object
+    options: Options
+    plan: MemoryPlan
+    device: str
+    transformer_calls: int = 0
+    _cache_steps: int | None = field(default=None, repr=False)
+
+    # -- start-up --------------------------------------------------------------------------------
+    def apply(self, placement) -> Runtime:
+        """Cast, fuse, place or offload, pick attention, hook the cache, compile. Logs each choice."""
+        import torch
+
+        pipe, options = self.pipeline, self.options
+        transformer = pipe.transformer
+        quantized = getattr(transformer, "hf_quantizer", None) is not None
+        if options.fuse_qkv and not quantized:
+            transformer.fuse_qkv_projections()
+        if self.plan.quantize == "fp8-storage":
+            from diffusers.hooks import apply_layerwise_casting
+
+            transformer.enable_layerwise_casting(storage_dtype=torch.float8_e4m3fn, compute_dtype=placement.dtype)
+            if self.plan.quantize_text_encoder:
+                apply_layerwise_casting(pipe.text_encoder_2, storage_dtype=torch.float8_e4m3fn,
+                                        compute_dtype=placement.dtype,
+                                        skip_modules_pattern=("shared", "norm", "relative_attention_bias"))
+        pipe.vae.enable_slicing()
+        self._place(placement)
+        if options.attention:
+            self._set_attention(options.attention)
+        # Counts full transformer passes: a cached step skips the last block's attention.
+        attention = transformer.single_transformer_blocks[-1].attn
+        projection = attention.to_qkv if getattr(attention, "fused_projections", False) else attention.to_q
+        projection.register_forward_hook(self._count_call)
+        if options.cache is not None:
+            self._enable_cache(28)
+        if options.compile:
+            if options.cache is None:
+                transformer.compile_repeated_blocks(fullgraph=True)
+            else:  # the cache hooks are torch.compiler.disable()d: they split the graph
+                transformer.compile_repeated_blocks(fullgraph=False)
+            pipe.vae.to(memory_format=torch.channels_last)
+            pipe.vae.decoder.compile()
+        log.info("options: %s; fused QKV %s; attention %s; cache %s; compile %s; VAE tiling %s",
+                 self.plan.describe(), "on" if options.fuse_qkv and not quantized else "off",
+                 options.attention or "native (torch SDPA)",
+                 options.cache.describe() if options.cache else "none", "on" if options.compile else "off",
+                 options.vae_tiling)
+        return self
+
+    def _place(self, placement) -> None:
+        import torch
+
+        pipe, offload = self.pipeline, self.plan.offload
+        if offload == "model":
+            pipe.enable_model_cpu_offload(device=placement.device)
+        elif offload == "sequential":
+            pipe.enable_sequential_cpu_offload(device=placement.device)
+        elif offload == "group":
+            pipe.enable_group_offload(onload_device=torch.device(placement.device), offload_device=torch.device("cpu"),
+                                      offload_type="block_level", num_blocks_per_group=1, use_stream=True)
+        else:
+            pipe.to(placement.device)
+
+    def _set_attention(self, backend: str) -> None:
+        from diffusers.models.attention_dispatch import AttentionBackendName
+
+        names = [b.value for b in AttentionBackendName]
+        if backend not in names:
+            raise OptionError(f"--attention must be one of {', '.join(n for n in names if not n.startswith('_'))}, "
+                              f"got {backend!r}")
+        try:
+            self.pipeline.transformer.set_attention_backend(backend)
+        except (RuntimeError, ImportError, ValueError) as err:
+            raise OptionError(f"attention backend {backend} cannot run here: {str(err).splitlines()[0]} "
+                              "(leave --attention out for torch's own SDPA)") from None
+
+    def _enable_cache(self, steps: int) -> None:
+        from diffusers import FirstBlockCacheConfig, MagCacheConfig, TaylorSeerCacheConfig
+
+        spec, transformer = self.options.cache, self.pipeline.transformer
+        if self._cache_steps is not None:
+            transformer.disable_cache()
+        if spec.kind == "fbcache":
+            config = FirstBlockCacheConfig(threshold=spec.value)
+        elif spec.kind == "taylorseer":
+            config = TaylorSeerCacheConfig(cache_interval=int(spec.value))
+        else:
+            from diffusers.hooks.mag_cache import FLUX_MAG_RATIOS
+
+            config = MagCacheConfig(threshold=spec.value, mag_ratios=FLUX_MAG_RATIOS, num_inference_steps=steps)
+        transformer.enable_cache(config)
+        self._cache_steps = steps
+
+    def _count_call(self, *_):
+        self.transformer_calls += 1
+
+    # -- per request -----------------------------------------------------------------------------
+    def before(self, request) -> None:
+        """Set what depends on the request: VAE tiling, MagCache's step count; reset the counter."""
+        self.transformer_calls = 0
+        spec = self.options.cache
+        if spec is not None and spec.kind == "magcache" and self._cache_steps != request.num_inference_steps:
+            self._enable_cache(request.num_inference_steps)
+        vae = self.pipeline.vae
+        if self.tile(request.width, request.height):
+            vae.enable_tiling()
+        else:
+            vae.disable_tiling()
+
+    def tile(self, width: int, height: int) -> bool:
+        mode = self.options.vae_tiling
+        if mode != "auto":
+            return mode == "on"
+        scale = 2 if self.pipeline.vae.dtype.itemsize >= 4 else 1
+        needs = width * height * DECODE_BYTES_PER_PIXEL * scale
+        if needs <= free_bytes(self.device):
+            return False
+        log.info("VAE tiling on for %dx%d: decoding needs ~%.1f GiB, more than is free", width, height, needs / 1024**3)
+        return True
+
+    def after(self, request) -> dict:
+        """What the cache did in the request just run (the transformer runs once per step)."""
+        steps = request.num_inference_steps
+        computed = min(self.transformer_calls, steps)
+        stats = {"transformer_steps": computed, "cached_steps": steps - computed}
+        if self.options.cache is not None:
+            log.info("cache %s: ran the full transformer on %d of %d steps, skipped %d",
+                     self.options.cache.describe(), computed, steps, steps - computed)
+        return stats

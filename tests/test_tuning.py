@@ -1,0 +1,245 @@
+"""Memory and speed options on the tiny model: real diffusers, torchao, gguf and torch.compile on the CPU."""
+
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+import pytest
+
+from flux_infer import tuning
+from flux_infer.inference import FluxInference
+from flux_infer.loading import load_pipeline
+from flux_infer.tuning import MemoryPlan, OptionError, Options, parse_cache, plan_memory
+
+SMALL = dict(width=256, height=256, num_inference_steps=6)
+CUDA_CONTEXT_GIB = 0.6  # what a CUDA context takes before anything is loaded
+
+
+def generate(tiny_dir, options=None, prompt="a lighthouse at dusk", seed=7, model=None, **size):
+    pipeline, _, _, runtime = load_pipeline(model or str(tiny_dir), base_model=str(tiny_dir), device="cpu",
+                                            options=options or Options())
+    inference = FluxInference(pipeline, runtime=runtime)
+    return inference, inference.infer(prompt, seed=seed, randomize_seed=False, **{**SMALL, **size})
+
+
+def pixels(result):
+    return np.asarray(result.image).astype(np.int16)
+
+
+@pytest.fixture(scope="module")
+def reference(tiny_dir):
+    """No options at all: the plain pipeline's image."""
+    return generate(tiny_dir, Options(fuse_qkv=False))[1]
+
+
+# -- --memory auto ---------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("card_gib, expected", [
+    (80, MemoryPlan("none", "none", False)),
+    (40, MemoryPlan("none", "none", False)),
+    (24, MemoryPlan("none", "fp8", True)),
+    (16, MemoryPlan("model", "fp8", False)),
+    (12, MemoryPlan("model", "nf4", False)),
+    (8, MemoryPlan("group", "none", False)),
+])
+def test_memory_auto_picks_the_fastest_that_fits(card_gib, expected):
+    plan = plan_memory(card_gib - CUDA_CONTEXT_GIB, fp8=True, nf4=True, where="a test GPU")
+    assert (plan.offload, plan.quantize, plan.quantize_text_encoder) == (
+        expected.offload, expected.quantize, expected.quantize_text_encoder)
+    needs = tuning.estimate_gib(plan.offload, plan.quantize, plan.quantize_text_encoder)
+    assert needs + tuning.HEADROOM_GIB <= card_gib - CUDA_CONTEXT_GIB
+    assert f"{card_gib - CUDA_CONTEXT_GIB:.1f} GiB free on a test GPU" in plan.reason
+    if card_gib < 40:  # it says what the faster choices it passed over would need
+        assert "faster choices need transformer unquantized, offload none ~" in plan.reason
+
+
+def test_memory_auto_without_fp8_or_bitsandbytes():
+    assert plan_memory(23.4, fp8=False).quantize == "int8"  # e.g. an RTX 3090: torchao int8 instead
+    assert plan_memory(11.4, nf4=False).offload == "group"  # no bitsandbytes: stream the blocks
+    lean = plan_memory(2.0)
+    assert lean.offload == "sequential" and "may not fit" in lean.reason
+
+
+def test_memory_auto_with_a_gguf_transformer():
+    q4 = 6.8  # flux1-dev-Q4_K_S.gguf
+    plans = {free: plan_memory(free, gguf_gib=q4) for free in (23.4, 17.4, 15.4, 7.4)}
+    summary = {free: (p.offload, p.quantize, p.quantize_text_encoder) for free, p in plans.items()}
+    assert summary == {23.4: ("none", "none", False),  # the GGUF transformer and T5 both resident
+                       17.4: ("none", "fp8", True),  # T5 quantized to make room
+                       15.4: ("model", "none", False),
+                       7.4: ("group", "none", False)}
+
+
+def test_memory_auto_on_a_cpu_changes_nothing():
+    from flux_infer.loading import resolve_placement
+
+    plan = tuning.resolve_plan(Options(), resolve_placement("cpu"))
+    assert (plan.offload, plan.quantize) == ("none", "none")
+    assert "nothing is offloaded or quantized" in plan.reason
+
+
+@pytest.mark.parametrize("options, message", [
+    (Options(offload="model"), "--offload model moves weights between a GPU and the CPU: it needs a CUDA GPU"),
+    (Options(offload="group"), "needs a CUDA GPU"),
+    (Options(offload="sequential"), "needs a CUDA GPU"),
+    (Options(quantize="nf4"), "--quantize nf4 (bitsandbytes) needs a CUDA GPU; on a CPU use int8"),
+])
+def test_cuda_only_options_fail_clearly_on_a_cpu(options, message):
+    from flux_infer.loading import resolve_placement
+
+    with pytest.raises(OptionError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        tuning.resolve_plan(options, resolve_placement("cpu"))
+
+
+def test_option_values_are_checked():
+    with pytest.raises(OptionError, match="--quantize must be one of none, fp8-storage, int8, fp8, nf4, got 'q3'"):
+        Options(quantize="q3")
+    assert parse_cache("fbcache") == tuning.CacheSpec("fbcache", 0.05)
+    assert parse_cache("magcache:0.1") == tuning.CacheSpec("magcache", 0.1)
+    assert parse_cache("taylorseer:3") == tuning.CacheSpec("taylorseer", 3)
+    assert parse_cache("none") is None
+    for bad, message in [("teacache", "--cache must be none or one of fbcache, taylorseer, magcache"),
+                         ("fbcache:x", "needs a number after the colon"), ("fbcache:-1", "must be 0 or more"),
+                         ("taylorseer:0.5", "whole refresh interval")]:
+        with pytest.raises(OptionError, match=message):
+            parse_cache(bad)
+
+
+# -- speed: fused QKV, caches, compile, attention --------------------------------------------------
+
+def test_fused_qkv_is_lossless(tiny_dir, reference):
+    inference, result = generate(tiny_dir, Options(fuse_qkv=True))
+    assert inference.pipeline.transformer.transformer_blocks[0].attn.fused_projections
+    np.testing.assert_array_equal(pixels(result), pixels(reference))
+
+
+def test_cache_with_threshold_zero_equals_no_cache(tiny_dir, reference):
+    _, result = generate(tiny_dir, Options(cache=parse_cache("fbcache:0")))
+    np.testing.assert_array_equal(pixels(result), pixels(reference))
+    assert result.cached_steps == 0
+
+
+@pytest.mark.parametrize("spec", ["fbcache:1.0", "taylorseer:3", "magcache:0.5"])
+def test_a_cache_skips_transformer_passes_and_says_how_many(tiny_dir, reference, spec, caplog):
+    # A random tiny model's first block changes 0.2-0.6 per step: only a high threshold skips.
+    with caplog.at_level(logging.INFO, logger="flux_infer.tuning"):
+        inference, result = generate(tiny_dir, Options(cache=parse_cache(spec)))
+    steps = SMALL["num_inference_steps"]
+    assert 0 < result.cached_steps < steps
+    assert f"ran the full transformer on {steps - result.cached_steps} of {steps} steps, " \
+           f"skipped {result.cached_steps}" in caplog.text
+    # The counter counts real passes: without the cache the same model runs all of them.
+    inference.pipeline.transformer.disable_cache()
+    plain = inference.infer("a lighthouse at dusk", seed=7, randomize_seed=False, **SMALL)
+    assert plain.cached_steps == 0
+    assert np.abs(pixels(result) - pixels(reference)).max() > 0  # skipping changes the pixels a little
+
+
+def test_magcache_follows_the_step_count(tiny_dir):
+    inference, first = generate(tiny_dir, Options(cache=parse_cache("magcache:0.5")))
+    again = inference.infer("a lighthouse at dusk", seed=7, randomize_seed=False, width=256, height=256,
+                            num_inference_steps=12)
+    assert 0 < again.cached_steps < 12
+
+
+def test_compile_equals_eager_and_does_not_recompile_for_new_prompts_or_seeds(tiny_dir, reference):
+    from torch._dynamo.utils import counters
+
+    inference, compiled = generate(tiny_dir, Options(compile=True, fuse_qkv=False))
+    assert np.abs(pixels(compiled) - pixels(reference)).max() <= 2  # of 255: float rounding only
+    graphs = counters["stats"]["unique_graphs"]
+    assert graphs > 0  # dynamo did compile the blocks
+    inference.infer("a different prompt entirely", seed=99, randomize_seed=False, guidance_scale=5, **SMALL)
+    assert counters["stats"]["unique_graphs"] == graphs
+
+
+def test_attention_backend_choice(tiny_dir, reference):
+    _, result = generate(tiny_dir, Options(attention="native", fuse_qkv=False))
+    np.testing.assert_array_equal(pixels(result), pixels(reference))
+    with pytest.raises(OptionError, match="attention backend flash cannot run here: .*leave --attention out"):
+        generate(tiny_dir, Options(attention="flash"))
+    with pytest.raises(OptionError, match="--attention must be one of .*native.*got 'fastest'"):
+        generate(tiny_dir, Options(attention="fastest"))
+
+
+# -- memory: quantization, GGUF, VAE tiling --------------------------------------------------------
+
+@pytest.mark.parametrize("quantize", ["int8", "fp8", "fp8-storage"])
+def test_quantized_transformer_generates_close_to_full_precision(tiny_dir, reference, quantize):
+    inference, result = generate(tiny_dir, Options(quantize=quantize))
+    difference = np.abs(pixels(result) - pixels(reference))
+    assert result.image.size == (256, 256)
+    assert 0 < difference.mean() < 12, f"{quantize}: mean difference {difference.mean():.2f} of 255"
+    if quantize != "fp8-storage":  # torchao swapped the weights for quantized tensors
+        from torchao.utils import TorchAOBaseTensor
+
+        weight = inference.pipeline.transformer.transformer_blocks[0].ff.net[2].weight
+        assert isinstance(weight, TorchAOBaseTensor), type(weight)
+
+
+def test_t5_is_quantized_when_asked(tiny_dir, reference):
+    inference, result = generate(tiny_dir, Options(quantize="int8", quantize_text_encoder=True))
+    from torchao.utils import TorchAOBaseTensor
+
+    weight = inference.pipeline.text_encoder_2.encoder.block[0].layer[0].SelfAttention.q.weight
+    assert isinstance(weight, TorchAOBaseTensor), type(weight)
+    assert np.abs(pixels(result) - pixels(reference)).mean() < 12
+
+
+def write_gguf(tiny_dir, path):
+    """The tiny transformer as a GGUF file: Q8_0 where a row fills whole 32-value blocks, F32 elsewhere."""
+    import gguf
+    from diffusers import FluxTransformer2DModel
+
+    transformer = FluxTransformer2DModel.from_pretrained(tiny_dir, subfolder="transformer")
+    writer = gguf.GGUFWriter(str(path), arch="flux")
+    quantized = 0
+    for name, tensor in transformer.state_dict().items():
+        array = tensor.float().numpy()
+        if array.ndim == 2 and array.shape[-1] % 32 == 0:
+            writer.add_tensor(name, gguf.quants.quantize(array, gguf.GGMLQuantizationType.Q8_0),
+                              raw_dtype=gguf.GGMLQuantizationType.Q8_0)
+            quantized += 1
+        else:
+            writer.add_tensor(name, array)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return quantized
+
+
+def test_gguf_transformer_loads_and_generates(tmp_path, tiny_dir, reference):
+    checkpoint = tmp_path / "flux1-tiny-Q8_0.gguf"
+    assert write_gguf(tiny_dir, checkpoint) > 10
+    inference, result = generate(tiny_dir, model=str(checkpoint))
+    weight = inference.pipeline.transformer.transformer_blocks[0].ff.net[2].weight
+    assert type(weight).__name__ == "GGUFParameter" and weight.quant_type.name == "Q8_0"
+    assert 0 < np.abs(pixels(result) - pixels(reference)).mean() < 12
+
+
+def test_vae_tiling_auto_follows_free_memory(tiny_dir, reference, monkeypatch, caplog):
+    inference, untiled = generate(tiny_dir)
+    assert not inference.pipeline.vae.use_tiling
+    np.testing.assert_array_equal(pixels(untiled), pixels(reference))
+    monkeypatch.setattr(tuning, "free_bytes", lambda device: 1024**2)  # 1 MiB free: the decode cannot fit
+    with caplog.at_level(logging.INFO, logger="flux_infer.tuning"):
+        tiled = inference.infer("a lighthouse at dusk", seed=7, randomize_seed=False, **SMALL)
+    assert inference.pipeline.vae.use_tiling
+    assert "VAE tiling on for 256x256" in caplog.text
+    # The tiny VAE's 32 px tiles over noise-like latents differ pixel by pixel; the picture overall does not.
+    assert tiled.image.size == (256, 256)
+    assert np.abs(pixels(tiled) - pixels(reference)).max() > 0
+    assert abs(pixels(tiled).mean() - pixels(reference).mean()) < 8
+
+
+def test_cli_reports_option_errors(tiny_dir, capsys):
+    from flux_infer.cli import main
+
+    assert main(["generate", "x", "--model", str(tiny_dir), "--device", "cpu", "--offload", "model"]) == 2
+    assert "flux-infer: error: --offload model moves weights between a GPU and the CPU" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exit_info:
+        main(["generate", "x", "--cache", "teacache"])
+    assert exit_info.value.code == 2
+    assert "--cache must be none or one of fbcache, taylorseer, magcache" in capsys.readouterr().err
