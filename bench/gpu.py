@@ -77,7 +77,7 @@ def measure(name: str, model: str | None, device: str | None, size: int, steps: 
     pipeline, _, placement, runtime = load_pipeline(model, device=device, options=options)
     inference = FluxInference(pipeline, runtime=runtime)
     if options.compile:
-        inference.warm_up(((size, size),))
+        inference.warm_up(((size, size),), *options.warm_up_runs())
     if cuda:
         torch.cuda.synchronize()
     loaded = time.perf_counter() - started

@@ -60,7 +60,7 @@ def main() -> None:
         pipeline, _, placement, runtime = load_pipeline(model, options=options)
         inferences[name] = FluxInference(pipeline, runtime=runtime)
         if options.compile:
-            inferences[name].warm_up(((args.size, args.size),))
+            inferences[name].warm_up(((args.size, args.size),), *options.warm_up_runs())
 
     def call(name):
         def run(seed: int) -> None:

@@ -161,7 +161,7 @@ def _load(args, *, preview: str = "none", preview_every: int = 1, taef1: str | N
     inference = FluxInference(pipeline, runtime=runtime, preview=decoder, preview_every=preview_every,
                               progress_bar=args.command == "generate")
     if options.compile:
-        inference.warm_up(options.compile_sizes)
+        inference.warm_up(options.compile_sizes, *options.warm_up_runs())
     return inference
 
 

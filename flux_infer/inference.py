@@ -239,11 +239,14 @@ class FluxInference:
         return GenerationResult(image=image, seed=request.seed, request=request, seconds=seconds,
                                 cached_steps=stats.get("cached_steps", 0))
 
-    def warm_up(self, sizes) -> None:
-        """Run a short generation at each (width, height), so torch.compile has compiled for them."""
+    def warm_up(self, sizes, steps: int = 2, images: int = 1) -> None:
+        """Generate `images` images of `steps` steps at each (width, height), so that torch.compile
+        has compiled for them before the first request."""
         for width, height in sizes:
             started = time.perf_counter()
-            self.generate(build_request("warm-up", seed=0, width=width, height=height, num_inference_steps=2))
+            for seed in range(images):
+                self.generate(build_request("warm-up", seed=seed, width=width, height=height,
+                                            num_inference_steps=steps))
             log.info("warmed up at %dx%d in %.1f s", width, height, time.perf_counter() - started)
 
     def infer(self, prompt: Any, **arguments: Any) -> GenerationResult:

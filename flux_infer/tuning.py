@@ -18,6 +18,8 @@ import logging
 import os
 from dataclasses import dataclass, field, replace
 
+from flux_infer import settings
+
 log = logging.getLogger(__name__)
 
 MEMORY_MODES = ("auto", "off")
@@ -110,6 +112,16 @@ class Options:
                                      ("vae-tiling", self.vae_tiling, VAE_TILING_MODES)):
             if value is not None and value not in allowed:
                 raise OptionError(f"--{name} must be one of {', '.join(allowed)}, got {value!r}")
+
+    def warm_up_runs(self) -> tuple[int, int]:
+        """(steps, images) per size that compile every graph before the first request.
+
+        Without a cache two steps do. A cache's hooks split the graph by state (computing or
+        skipping, first image or not): two images at the default step count reach them all.
+        """
+        if self.cache is None:
+            return 2, 1
+        return int(settings.NUM_INFERENCE_STEPS.default), 2
 
     @property
     def explicit_memory(self) -> bool:
@@ -208,6 +220,9 @@ def resolve_plan(options: Options, placement, *, gguf_bytes: int | None = None) 
 def check_plan(plan: MemoryPlan, placement, *, gguf: bool = False) -> None:
     """Refuse what cannot run here, saying what to use instead."""
     on_cuda = placement.device.startswith("cuda")
+    if plan.quantize_text_encoder and plan.quantize == "none":
+        raise OptionError("--quantize-text-encoder quantizes T5 the way --quantize says: add --quantize int8, fp8, "
+                          "fp8-storage or nf4")
     if plan.offload != "none" and not on_cuda:
         raise OptionError(f"--offload {plan.offload} moves weights between a GPU and the CPU: it needs a CUDA GPU "
                           f"(this run is on {placement.device}); leave --offload at none")
@@ -273,8 +288,8 @@ class Runtime:
     options: Options
     plan: MemoryPlan
     device: str
-    transformer_calls: int = 0
     _cache_steps: int | None = field(default=None, repr=False)
+    _calls: int = 0  # full transformer passes in the current image, counted when a cache is on
 
     # -- start-up --------------------------------------------------------------------------------
     def apply(self, placement) -> Runtime:
@@ -298,12 +313,14 @@ class Runtime:
         self._place(placement)
         if options.attention:
             self._set_attention(options.attention)
-        # Counts full transformer passes: a cached step skips the last block's attention.
-        attention = transformer.single_transformer_blocks[-1].attn
-        projection = attention.to_qkv if getattr(attention, "fused_projections", False) else attention.to_q
-        projection.register_forward_hook(self._count_call)
         if options.cache is not None:
-            self._enable_cache(28)
+            # Count full transformer passes: a cached step skips the last block's attention. The
+            # hook runs outside compiled code (a graph break, which a cache makes anyway), so a
+            # Python counter is neither traced nor guarded on.
+            attention = transformer.single_transformer_blocks[-1].attn
+            projection = attention.to_qkv if getattr(attention, "fused_projections", False) else attention.to_q
+            projection.register_forward_hook(torch.compiler.disable(self._count_call))
+            self._enable_cache(int(settings.NUM_INFERENCE_STEPS.default))
         if options.compile:
             if options.cache is None:
                 transformer.compile_repeated_blocks(fullgraph=True)
@@ -363,12 +380,12 @@ class Runtime:
         self._cache_steps = steps
 
     def _count_call(self, *_):
-        self.transformer_calls += 1
+        self._calls += 1
 
     # -- per request -----------------------------------------------------------------------------
     def before(self, request) -> None:
         """Set what depends on the request: VAE tiling, MagCache's step count; reset the counter."""
-        self.transformer_calls = 0
+        self._calls = 0
         spec = self.options.cache
         if spec is not None and spec.kind == "magcache" and self._cache_steps != request.num_inference_steps:
             self._enable_cache(request.num_inference_steps)
@@ -392,9 +409,10 @@ class Runtime:
     def after(self, request) -> dict:
         """What the cache did in the request just run (the transformer runs once per step)."""
         steps = request.num_inference_steps
-        computed = min(self.transformer_calls, steps)
+        if self.options.cache is None:
+            return {"transformer_steps": steps, "cached_steps": 0}
+        computed = min(self._calls, steps)
         stats = {"transformer_steps": computed, "cached_steps": steps - computed}
-        if self.options.cache is not None:
-            log.info("cache %s: ran the full transformer on %d of %d steps, skipped %d",
-                     self.options.cache.describe(), computed, steps, steps - computed)
+        log.info("cache %s: ran the full transformer on %d of %d steps, skipped %d",
+                 self.options.cache.describe(), computed, steps, steps - computed)
         return stats

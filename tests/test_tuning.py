@@ -129,6 +129,10 @@ def test_a_cache_skips_transformer_passes_and_says_how_many(tiny_dir, reference,
     assert 0 < result.cached_steps < steps
     assert f"ran the full transformer on {steps - result.cached_steps} of {steps} steps, " \
            f"skipped {result.cached_steps}" in caplog.text
+    # Same seed, same options, same image: the cache's state starts afresh with every image.
+    again = inference.infer("a lighthouse at dusk", seed=7, randomize_seed=False, **SMALL)
+    np.testing.assert_array_equal(pixels(again), pixels(result))
+    assert again.cached_steps == result.cached_steps
     # The counter counts real passes: without the cache the same model runs all of them.
     inference.pipeline.transformer.disable_cache()
     plain = inference.infer("a lighthouse at dusk", seed=7, randomize_seed=False, **SMALL)
@@ -152,6 +156,20 @@ def test_compile_equals_eager_and_does_not_recompile_for_new_prompts_or_seeds(ti
     assert graphs > 0  # dynamo did compile the blocks
     inference.infer("a different prompt entirely", seed=99, randomize_seed=False, guidance_scale=5, **SMALL)
     assert counters["stats"]["unique_graphs"] == graphs
+
+
+def test_compile_with_a_cache_counts_skips_without_recompiling(tiny_dir):
+    from torch._dynamo.utils import counters
+
+    options = Options(compile=True, cache=parse_cache("fbcache:1.0"))
+    inference, first = generate(tiny_dir, options)
+    steps, images = options.warm_up_runs()
+    inference.warm_up([(SMALL["width"], SMALL["height"])], steps=steps, images=images)
+    graphs = counters["stats"]["unique_graphs"]
+    images = [inference.infer(f"prompt {seed}", seed=seed, randomize_seed=False, **SMALL) for seed in range(3)]
+    assert counters["stats"]["unique_graphs"] == graphs
+    assert all(0 < image.cached_steps < SMALL["num_inference_steps"] for image in [first, *images]), [
+        image.cached_steps for image in [first, *images]]
 
 
 def test_attention_backend_choice(tiny_dir, reference):
