@@ -12,6 +12,7 @@ import sys
 from pathlib import Path
 
 from flux_infer import settings, tuning
+from flux_infer.loading import parse_lora
 from flux_infer.previews import DEFAULT_PREVIEW, DEFAULT_TAEF1_LOCAL, DEFAULT_TAEF1_REPO, PREVIEW_MODES
 
 log = logging.getLogger("flux_infer")
@@ -30,6 +31,9 @@ def _add_model_flags(parser: argparse.ArgumentParser) -> None:
         default=None,
         help="with a .safetensors transformer: the folder or repo id of the other components",
     )
+    parser.add_argument("--lora", action="append", default=[], type=parse_lora, metavar="PATH[:SCALE]",
+                        help="a LoRA .safetensors to fuse into the model at start-up, at SCALE (default 1); "
+                        "repeatable")
     parser.add_argument("--device", default=None, help="cuda, mps or cpu (default: cuda when available)")
     parser.add_argument(
         "--dtype", default=None, help="bfloat16, float16 or float32 (default: bfloat16 on a GPU, float32 on CPU)"
@@ -124,6 +128,17 @@ def _parser() -> argparse.ArgumentParser:
         default=None,
         help=f"TAEF1 folder or repo id (default: {DEFAULT_TAEF1_LOCAL} if it exists, else {DEFAULT_TAEF1_REPO})",
     )
+    serve.add_argument("--auth", default=os.environ.get("FLUX_AUTH"), metavar="USER:PASSWORD",
+                       help="log-in for the page and the Gradio API (default: $FLUX_AUTH, else none)")
+    serve.add_argument("--api-key", default=os.environ.get("FLUX_API_KEY"), metavar="KEY",
+                       help="Bearer key for the OpenAI route /v1 (default: $FLUX_API_KEY, else none)")
+    serve.add_argument("--mcp", action="store_true", help="also serve /infer as an MCP tool at /gradio_api/mcp/")
+    serve.add_argument("--output-dir", type=Path, default=None,
+                       help="save every image here, with its settings in the PNG and a JSON sidecar")
+    serve.add_argument("--keep-outputs", type=float, default=settings.DEFAULT_KEEP_OUTPUTS_S, metavar="SECONDS",
+                       help="delete the server's temporary image files after this long (default: %(default)g)")
+    serve.add_argument("--no-log-prompts", dest="log_prompts", action="store_false",
+                       help="keep prompts out of the log (their length is logged instead)")
     serve.add_argument(
         "--image-format",
         choices=settings.IMAGE_FORMATS,
@@ -155,7 +170,8 @@ def _load(args, *, preview: str = "none", preview_every: int = 1, taef1: str | N
 
     options = _options(args)
     pipeline, _, placement, runtime = load_pipeline(
-        args.model, base_model=args.base_model, device=args.device, dtype=args.dtype, options=options
+        args.model, base_model=args.base_model, device=args.device, dtype=args.dtype, options=options,
+        loras=tuple(args.lora),
     )
     decoder = load_preview_decoder(preview, taef1=taef1, device=placement.device, dtype=placement.dtype)
     inference = FluxInference(pipeline, runtime=runtime, preview=decoder, preview_every=preview_every,
@@ -170,12 +186,18 @@ def _serve(args) -> int:
         raise ValueError(f"--max-queue must be at least 1, got {args.max_queue}")
     if args.preview_every < 1:
         raise ValueError(f"--preview-every must be at least 1, got {args.preview_every}")
-    from flux_infer.web import build_demo, launch
+    if args.keep_outputs <= 0:
+        raise ValueError(f"--keep-outputs must be more than 0 seconds, got {args.keep_outputs:g}")
+    from flux_infer.server import ServerConfig, parse_auth, serve
+    from flux_infer.service import Service
+    from flux_infer.web import build_demo
 
+    config = ServerConfig(host=args.host, port=args.port, auth=parse_auth(args.auth) if args.auth else None,
+                          api_key=args.api_key, mcp=args.mcp, keep_outputs=args.keep_outputs)
     inference = _load(args, preview=args.preview, preview_every=args.preview_every, taef1=args.taef1)
-    demo = build_demo(inference, image_format=args.image_format)
-    log.info("serving on http://%s:%d", args.host, args.port)
-    launch(demo, host=args.host, port=args.port, max_queue=args.max_queue)
+    service = Service(inference, max_queue=args.max_queue, output_dir=args.output_dir, log_prompts=args.log_prompts)
+    demo = build_demo(service, image_format=args.image_format, keep_outputs=args.keep_outputs)
+    serve(service, demo, config)
     return 0
 
 
@@ -212,7 +234,12 @@ def _make_tiny(args) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s [%(request_id)s]: %(message)s",
+                        datefmt="%H:%M:%S")
+    from flux_infer.service import RequestIdFilter
+
+    for handler in logging.getLogger().handlers:
+        handler.addFilter(RequestIdFilter())
     # Gradio checks its own start-up over HTTP; one log line per request is noise.
     logging.getLogger("httpx").setLevel(logging.WARNING)
     from flux_infer.inference import InvalidRequest

@@ -199,6 +199,38 @@ def _local_folder(source: ModelSource, *, transformer_weights: bool = True) -> s
     return source.location
 
 
+def parse_lora(text: str) -> tuple[str, float]:
+    """`style.safetensors` or `style.safetensors:0.8` -> (path, scale)."""
+    path, sep, scale = text.rpartition(":")
+    if sep:
+        try:
+            return path, float(scale)
+        except ValueError:
+            pass
+    return text, 1.0
+
+
+def apply_loras(pipeline, loras) -> None:
+    """Load LoRA safetensors through diffusers, fuse them at their scales, and drop the adapters."""
+    if not loras:
+        return
+    names, scales = [], []
+    for index, (path, scale) in enumerate(loras):
+        if not Path(path).is_file():
+            raise ModelLoadError(f"LoRA file {path} does not exist (--lora PATH[:SCALE])")
+        name = f"lora{index}"
+        try:
+            pipeline.load_lora_weights(path, adapter_name=name)
+        except (OSError, ValueError, KeyError, RuntimeError) as err:
+            raise ModelLoadError(f"could not load {path} as a FLUX LoRA: {str(err).splitlines()[0][:300]}") from None
+        names.append(name)
+        scales.append(scale)
+        log.info("LoRA %s at scale %g", path, scale)
+    pipeline.set_adapters(names, adapter_weights=scales)
+    pipeline.fuse_lora(adapter_names=names)
+    pipeline.unload_lora_weights()
+
+
 class Loaded(NamedTuple):
     pipeline: object
     source: ModelSource
@@ -213,11 +245,13 @@ def load_pipeline(
     device: str | None = None,
     dtype: str | None = None,
     options=None,
+    loras: tuple[tuple[str, float], ...] = (),
 ) -> Loaded:
     """Load a FluxPipeline from `model` (see the module docstring) and apply `options`.
 
     `options` (flux_infer.tuning.Options, default: its defaults) choose quantization at load time,
-    then placement or offloading, attention, cache and compilation. Raises ModelLoadError,
+    then placement or offloading, attention, cache and compilation. `loras` ((path, scale), ...) are
+    fused into the weights before any of that. Raises ModelLoadError,
     DeviceError or tuning.OptionError with a message that says what to do.
     """
     from flux_infer import tuning
@@ -260,5 +294,6 @@ def load_pipeline(
                                                 quantization_config=quantization, **components)
     except (OSError, ValueError) as err:
         raise ModelLoadError(f"could not load a FluxPipeline from {folder}: {err}. {settings.DOWNLOAD_HINT}") from None
+    apply_loras(pipeline, loras)
     runtime = tuning.Runtime(pipeline, options, plan, placement.device).apply(placement)
     return Loaded(pipeline, source, placement, runtime)

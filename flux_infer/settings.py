@@ -74,6 +74,11 @@ MODEL_ENV = "FLUX_MODEL"
 DEFAULT_HOST = "127.0.0.1"
 DEFAULT_PORT = 7860
 DEFAULT_MAX_QUEUE = 16
+# Generated files in the server's temporary storage (Gradio's cache, the OpenAI route's url files)
+# are deleted this many seconds after they were made (--keep-outputs).
+DEFAULT_KEEP_OUTPUTS_S = 3600
+# Recent images shown in the page's gallery, per browser session.
+HISTORY_SIZE = 12
 IMAGE_FORMATS = ("png", "webp")
 DEFAULT_IMAGE_FORMAT = "png"
 

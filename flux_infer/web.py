@@ -2,8 +2,9 @@
 
 The layout, labels, ranges and defaults are the Space's, so `gradio_client` scripts written for
 `black-forest-labs/FLUX.1-dev` run unchanged against this server. The handler only translates:
-raw values in, `build_request()` and `FluxInference.run()`, previews and the final (image, seed)
-out, core errors to `gr.Error`.
+raw values in, `build_request()` and `Service.run()`, previews and the final (image, seed) out,
+core errors to `gr.Error`. Below the Space's layout the page keeps a gallery of the session's
+recent images (a private event: the API still has the one endpoint).
 """
 
 from __future__ import annotations
@@ -14,17 +15,10 @@ import logging
 import threading
 
 from flux_infer import settings
-from flux_infer.inference import FluxInference, GenerationFailed, InvalidRequest, build_request
+from flux_infer.inference import GenerationFailed, InvalidRequest, build_request
+from flux_infer.service import Busy, Service, new_request_id
 
 log = logging.getLogger(__name__)
-
-CSS = """
-#col-container {
-    margin: 0 auto;
-    max-width: 520px;
-}
-"""
-
 
 def _slider(label: str, limits: settings.Range):
     import gradio as gr
@@ -42,6 +36,8 @@ def _gradio_error(err: Exception):
         return gr.Error(str(err), title="Invalid input")
     if isinstance(err, GenerationFailed):
         return gr.Error(str(err), title="Generation failed")
+    if isinstance(err, Busy):
+        return gr.Error(str(err), title="Busy")
     log.error("generation failed", exc_info=err)
     return gr.Error(f"generation failed ({type(err).__name__}); the server log has the details",
                     title="Generation failed")
@@ -53,7 +49,7 @@ def _log_stopped(worker) -> None:
         log.info("generation stopped: %s", err)
 
 
-def make_handler(inference: FluxInference):
+def make_handler(service: Service, route: str = "gradio"):
     """The function behind `/infer`, with the Space's signature, streaming (image, seed).
 
     Like the Space's, it yields a preview after each denoising step (every `preview_every`), then
@@ -76,10 +72,25 @@ def make_handler(inference: FluxInference):
         num_inference_steps=settings.NUM_INFERENCE_STEPS.default,
         progress=gr.Progress(),
     ):
+        """Generate an image with FLUX.1 [dev] from a text prompt.
+
+        Args:
+            prompt: what the image shows, in words (up to 512 tokens).
+            seed: the random seed, 0 to 2147483647; the same seed and settings give the same image.
+            randomize_seed: draw a new random seed instead of using `seed`.
+            width: image width in pixels, 256 to 2048 (rounded down to a multiple of 16).
+            height: image height in pixels, 256 to 2048 (rounded down to a multiple of 16).
+            guidance_scale: how closely to follow the prompt, 1 to 15 (3.5 is usual).
+            num_inference_steps: denoising steps, 1 to 50 (28 is usual; fewer is faster).
+
+        Returns:
+            The image, and the seed it was made with.
+        """
         try:
             request = build_request(prompt, seed=seed, randomize_seed=randomize_seed, width=width, height=height,
                                     guidance_scale=guidance_scale, num_inference_steps=num_inference_steps)
         except InvalidRequest as err:
+            service.count_rejected(route, "invalid")
             raise _gradio_error(err) from None
         loop = asyncio.get_running_loop()
         steps: asyncio.Queue = asyncio.Queue()
@@ -88,7 +99,8 @@ def make_handler(inference: FluxInference):
         def on_step(step):  # called on the denoising thread
             loop.call_soon_threadsafe(steps.put_nowait, step)
 
-        worker = loop.run_in_executor(None, functools.partial(inference.run, request, on_step=on_step, cancel=cancel))
+        worker = loop.run_in_executor(None, functools.partial(service.run, request, route=route, on_step=on_step,
+                                                              cancel=cancel, request_id=new_request_id()))
         # The worker's end is queued after its last step (both arrive through the loop in order).
         worker.add_done_callback(lambda _: steps.put_nowait(None))
         try:
@@ -110,15 +122,28 @@ def make_handler(inference: FluxInference):
     return infer
 
 
-def build_demo(inference: FluxInference, *, image_format: str = settings.DEFAULT_IMAGE_FORMAT):
-    """The Space's Blocks page wired to `inference`; nothing is launched."""
+def remember(image, seed, history):
+    """Put the newest image first in the session's gallery, keeping HISTORY_SIZE."""
+    if image is None:
+        return history, history
+    history = [(image, f"seed {int(seed)}"), *(history or [])][: settings.HISTORY_SIZE]
+    return history, history
+
+
+def build_demo(service: Service, *, image_format: str = settings.DEFAULT_IMAGE_FORMAT,
+               keep_outputs: float = settings.DEFAULT_KEEP_OUTPUTS_S):
+    """The Space's Blocks page wired to `service`; nothing is launched.
+
+    Gradio deletes the files it made (results, previews) `keep_outputs` seconds after making them.
+    """
     import gradio as gr
 
     if image_format not in settings.IMAGE_FORMATS:
         raise ValueError(f"image_format must be one of {', '.join(settings.IMAGE_FORMATS)}, got {image_format!r}")
-    infer = make_handler(inference)
+    infer = make_handler(service)
+    keep = max(1, int(keep_outputs))
 
-    with gr.Blocks(title="FLUX.1 [dev]") as demo:
+    with gr.Blocks(title="FLUX.1 [dev]", delete_cache=(min(keep, 600), keep)) as demo:
         with gr.Column(elem_id="col-container"):
             gr.Markdown(f"# {settings.TITLE}\n{settings.DESCRIPTION}")
             with gr.Row():
@@ -144,6 +169,9 @@ def build_demo(inference: FluxInference, *, image_format: str = settings.DEFAULT
                 cache_examples=True,
                 cache_mode="lazy",
             )
+            history = gr.State([])
+            gallery = gr.Gallery(label="Recent images", columns=4, height="auto", elem_id="history",
+                                 show_label=True, interactive=False)
         gr.on(
             triggers=[run_button.click, prompt.submit],
             fn=infer,
@@ -153,27 +181,8 @@ def build_demo(inference: FluxInference, *, image_format: str = settings.DEFAULT
             # The handler validates raw values itself: Gradio's own slider checks would answer a
             # wrong type with an unclear internal error instead of a message naming the argument.
             preprocess=False,
-        )
+        ).success(remember, inputs=[result, seed, history], outputs=[gallery, history], api_visibility="private",
+                  show_progress="hidden", queue=False)
+    # Requests waiting in Gradio's queue count towards the server's --max-queue for other doors too.
+    service.external_depth = lambda: len(demo._queue) if getattr(demo, "_queue", None) is not None else 0
     return demo
-
-
-def launch(
-    demo,
-    *,
-    host: str = settings.DEFAULT_HOST,
-    port: int = settings.DEFAULT_PORT,
-    max_queue: int = settings.DEFAULT_MAX_QUEUE,
-    block: bool = True,
-):
-    """Queue (one generation at a time, at most `max_queue` waiting) and serve `demo`."""
-    demo.queue(default_concurrency_limit=1, max_size=max_queue)
-    return demo.launch(
-        server_name=host,
-        server_port=port,
-        css=CSS,
-        prevent_thread_lock=not block,
-        # Our own errors are gr.Error already; this lets Gradio's own checks (a raw HTTP call with
-        # too few values, say) reach the caller as their message instead of a bare "error".
-        show_error=True,
-        quiet=True,
-    )

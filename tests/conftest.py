@@ -36,6 +36,30 @@ def tiny_dir(tmp_path_factory) -> Path:
     return make_tiny(tmp_path_factory.mktemp("tiny") / "FLUX.1-tiny", seed=0)
 
 
+class InProcessServer:
+    """The server's app (flux_infer.server.build_app) under uvicorn in a thread, for fakes in-process."""
+
+    def __init__(self, app):
+        import threading
+
+        import uvicorn
+
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}/"
+        self._server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=self.port, log_level="warning"))
+        self._thread = threading.Thread(target=self._server.run, daemon=True)
+        self._thread.start()
+        deadline = time.monotonic() + 60
+        while not self._server.started:
+            if time.monotonic() > deadline or not self._thread.is_alive():
+                raise RuntimeError("in-process server did not start")
+            time.sleep(0.05)
+
+    def stop(self):
+        self._server.should_exit = True
+        self._thread.join(timeout=30)
+
+
 class Server:
     """A `flux-infer serve` subprocess, as a user would start it."""
 

@@ -9,7 +9,7 @@ import pytest
 from gradio_client.exceptions import AppError
 from PIL import Image
 
-from conftest import free_port
+from conftest import InProcessServer
 
 
 class FailsOnExplode:
@@ -29,13 +29,14 @@ def failing_server():
     from gradio_client import Client
 
     from flux_infer.inference import FluxInference
-    from flux_infer.web import build_demo, launch
+    from flux_infer.server import ServerConfig, build_app
+    from flux_infer.service import Service
+    from flux_infer.web import build_demo
 
-    demo = build_demo(FluxInference(FailsOnExplode()))
-    port = free_port()
-    launch(demo, port=port, block=False)
-    yield Client(f"http://127.0.0.1:{port}/", verbose=False)
-    demo.close()
+    service = Service(FluxInference(FailsOnExplode()))
+    server = InProcessServer(build_app(service, build_demo(service), ServerConfig()))
+    yield Client(server.url, verbose=False)
+    server.stop()
 
 
 def test_a_pipeline_error_is_one_line_and_the_server_goes_on(failing_server, caplog):

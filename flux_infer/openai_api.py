@@ -1,0 +1,215 @@
+"""The OpenAI Images API: `POST /v1/images/generations`, `GET /v1/models`, and the files it links to.
+
+Requests go through the same validation (`build_request`) and the same `Service.run()` as `/infer`,
+so a seed gives the same image through either door. Every field is either used or refused with a
+400 in OpenAI's error shape: nothing is silently ignored. Extensions in the body: `seed`,
+`guidance_scale`, `num_inference_steps`; the response carries the seed of each image.
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+import logging
+import re
+import secrets
+import tempfile
+import time
+from pathlib import Path
+
+from flux_infer import settings
+from flux_infer.inference import GenerationFailed, InvalidRequest, build_request
+from flux_infer.service import Busy, Service, new_request_id
+
+log = logging.getLogger(__name__)
+
+MODEL_IDS = ("flux.1-dev", "black-forest-labs/FLUX.1-dev")
+MAX_IMAGES = 4
+RESPONSE_FORMATS = ("b64_json", "url")
+FIELDS = ("prompt", "model", "n", "size", "response_format", "user", "seed", "guidance_scale", "num_inference_steps")
+MAX_BODY_BYTES = 64 * 1024
+_SIZE = re.compile(r"^(\d+)x(\d+)$")
+_FILE = re.compile(r"^[0-9a-f]{32}\.png$")
+
+
+class ApiError(Exception):
+    def __init__(self, status: int, message: str, *, param: str | None = None, kind: str = "invalid_request_error",
+                 code: str | None = None):
+        super().__init__(message)
+        self.status, self.message, self.param, self.kind, self.code = status, message, param, kind, code
+
+    def response(self):
+        from fastapi.responses import JSONResponse
+
+        body = {"error": {"message": self.message, "type": self.kind, "param": self.param, "code": self.code}}
+        return JSONResponse(body, status_code=self.status)
+
+
+def parse_body(body: object) -> dict:
+    """The request's fields, checked; ApiError(400) naming the field otherwise."""
+    if not isinstance(body, dict):
+        raise ApiError(400, "the body must be a JSON object with at least a `prompt`")
+    unknown = sorted(set(body) - set(FIELDS))
+    if unknown:
+        raise ApiError(400, f"unsupported field(s) {', '.join(unknown)}: this server accepts {', '.join(FIELDS)}",
+                       param=unknown[0])
+    if "prompt" not in body:
+        raise ApiError(400, "`prompt` is required", param="prompt")
+    model = body.get("model", MODEL_IDS[0])
+    if model not in MODEL_IDS:
+        raise ApiError(400, f"unknown model {model!r}: this server serves {' or '.join(MODEL_IDS)}", param="model",
+                       code="model_not_found")
+    n = body.get("n", 1)
+    if isinstance(n, bool) or not isinstance(n, int) or not 1 <= n <= MAX_IMAGES:
+        raise ApiError(400, f"`n` must be a whole number from 1 to {MAX_IMAGES}, got {n!r}", param="n")
+    size = body.get("size", f"{int(settings.WIDTH.default)}x{int(settings.HEIGHT.default)}")
+    match = _SIZE.match(size) if isinstance(size, str) else None
+    if not match:
+        raise ApiError(400, f"`size` must be \"WIDTHxHEIGHT\" such as \"1024x768\", got {size!r}", param="size")
+    response_format = body.get("response_format", "b64_json")
+    if response_format not in RESPONSE_FORMATS:
+        raise ApiError(400, f"`response_format` must be b64_json or url, got {response_format!r}",
+                       param="response_format")
+    if "user" in body and not isinstance(body["user"], str):
+        raise ApiError(400, "`user` must be a string", param="user")
+    seed = body.get("seed")
+    arguments = dict(width=int(match.group(1)), height=int(match.group(2)),
+                     guidance_scale=body.get("guidance_scale", settings.GUIDANCE_SCALE.default),
+                     num_inference_steps=body.get("num_inference_steps", settings.NUM_INFERENCE_STEPS.default))
+    try:
+        requests = []
+        for index in range(n):
+            if seed is None:
+                requests.append(build_request(body["prompt"], randomize_seed=True, **arguments))
+            else:
+                first = build_request(body["prompt"], seed=seed, randomize_seed=False, **arguments)
+                requests.append(build_request(body["prompt"], seed=(first.seed + index) % (settings.MAX_SEED + 1),
+                                              randomize_seed=False, **arguments))
+    except InvalidRequest as err:
+        param = str(err).split(" ", 1)[0]
+        raise ApiError(400, str(err), param=param if param in FIELDS or param in ("width", "height") else None) from None
+    return {"requests": requests, "response_format": response_format, "user": body.get("user")}
+
+
+class ImageFiles:
+    """PNG files behind `response_format: url`, deleted after `keep_seconds`."""
+
+    def __init__(self, directory: Path | None = None, keep_seconds: float = settings.DEFAULT_KEEP_OUTPUTS_S):
+        self.directory = Path(directory or tempfile.mkdtemp(prefix="flux-infer-v1-"))
+        self.keep_seconds = keep_seconds
+
+    def add(self, image) -> str:
+        from flux_infer.images import save_image
+
+        self.sweep()
+        name = f"{secrets.token_hex(16)}.png"
+        save_image(image, self.directory / name)
+        return name
+
+    def path(self, name: str) -> Path | None:
+        """The file for a name this server handed out, or None (no other path can be reached)."""
+        if not _FILE.match(name):
+            return None
+        path = self.directory / name
+        return path if path.is_file() else None
+
+    def sweep(self) -> None:
+        cutoff = time.time() - self.keep_seconds
+        for path in self.directory.glob("*.png"):
+            try:
+                if path.stat().st_mtime < cutoff:
+                    path.unlink()
+            except FileNotFoundError:
+                pass
+
+
+def router(service: Service, *, api_key: str | None = None, files: ImageFiles | None = None):
+    from fastapi import APIRouter, Request
+    from fastapi.responses import FileResponse, JSONResponse
+    from starlette.concurrency import run_in_threadpool
+
+    files = files or ImageFiles()
+    routes = APIRouter()
+
+    def check_key(request: Request) -> None:
+        if api_key is None:
+            return
+        header = request.headers.get("authorization", "")
+        scheme, _, token = header.partition(" ")
+        if scheme.lower() != "bearer" or not secrets.compare_digest(token.strip(), api_key):
+            raise ApiError(401, "missing or wrong API key: send `Authorization: Bearer <key>` (the server's --api-key)",
+                           code="invalid_api_key")
+
+    @routes.get("/v1/models")
+    async def models(request: Request):
+        try:
+            check_key(request)
+        except ApiError as err:
+            return err.response()
+        created = 1722470400  # FLUX.1-dev's release, 2024-08-01
+        return {"object": "list", "data": [{"id": MODEL_IDS[0], "object": "model", "created": created,
+                                            "owned_by": "black-forest-labs"}]}
+
+    @routes.post("/v1/images/generations")
+    async def generations(request: Request):
+        request_id = request.headers.get("x-request-id") or new_request_id()
+        try:
+            check_key(request)
+            raw = await request.body()
+            if len(raw) > MAX_BODY_BYTES:
+                raise ApiError(413, f"the body is {len(raw)} bytes; the limit is {MAX_BODY_BYTES}")
+            try:
+                import json
+
+                body = json.loads(raw)
+            except ValueError:
+                raise ApiError(400, "the body is not valid JSON") from None
+            parsed = parse_body(body)
+        except ApiError as err:
+            service.count_rejected("openai", "invalid")
+            return err.response()
+        try:
+            service.admit()
+        except Busy as err:
+            service.count_rejected("openai", "busy")
+            return ApiError(503, str(err), kind="server_error", code="busy").response()
+        try:
+            results = []
+            for generation in parsed["requests"]:
+                results.append(await run_in_threadpool(service.run, generation, route="openai",
+                                                       request_id=request_id))
+        except GenerationFailed as err:
+            return ApiError(500, str(err), kind="server_error", code="generation_failed").response()
+        except Exception as err:  # the log has the traceback, the caller one line
+            log.error("openai generation failed", exc_info=err)
+            return ApiError(500, f"generation failed ({type(err).__name__}); the server log has the details",
+                            kind="server_error").response()
+        finally:
+            service.release()
+        data = []
+        for result in results:
+            item = {"revised_prompt": result.request.prompt, "seed": result.seed}
+            if parsed["response_format"] == "url":
+                item["url"] = str(request.url_for("image_file", name=files.add(result.image)))
+            else:
+                buffer = io.BytesIO()
+                result.image.save(buffer, format="PNG")
+                item["b64_json"] = base64.b64encode(buffer.getvalue()).decode("ascii")
+            data.append(item)
+        return JSONResponse({"created": int(time.time()), "data": data, "seeds": [r.seed for r in results]},
+                            headers={"x-request-id": request_id})
+
+    @routes.get("/v1/files/{name}", name="image_file")
+    async def image_file(name: str, request: Request):
+        try:
+            check_key(request)
+        except ApiError as err:
+            return err.response()
+        path = files.path(name)
+        if path is None:
+            return ApiError(404, f"no image {name!r} here (they are kept for {files.keep_seconds:g} s)",
+                            code="not_found").response()
+        return FileResponse(path, media_type="image/png")
+
+    return routes
+
