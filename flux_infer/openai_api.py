@@ -6,7 +6,8 @@ so a seed gives the same image through either door. Every field is either used o
 `guidance_scale`, `num_inference_steps`; the response carries the seed of each image.
 """
 
-from __future__ import annotations
+# No `from __future__ import annotations`: FastAPI reads the route functions' annotations, and
+# `Request` is imported inside router(), where only evaluated annotations can see it.
 
 import base64
 import io
@@ -111,7 +112,11 @@ class ImageFiles:
         if not _FILE.match(name):
             return None
         path = self.directory / name
-        return path if path.is_file() else None
+        try:
+            fresh = path.stat().st_mtime >= time.time() - self.keep_seconds
+        except FileNotFoundError:
+            return None
+        return path if fresh else None
 
     def sweep(self) -> None:
         cutoff = time.time() - self.keep_seconds

@@ -87,15 +87,26 @@ def build_app(service, demo, config: ServerConfig):
     )
 
 
+def exposure_warnings(config: ServerConfig) -> list[str]:
+    """What is open to the network when binding beyond this machine."""
+    if is_loopback(config.host):
+        return []
+    warnings = []
+    if config.auth is None:
+        warnings.append(f"serving on {config.host} without --auth: anyone who can reach this address can use "
+                        "the page and the Gradio API (add --auth USER:PASSWORD)")
+    if config.api_key is None:
+        warnings.append(f"the OpenAI route on {config.host} has no --api-key: anyone who can reach it can "
+                        "generate (add --api-key KEY)")
+    return warnings
+
+
 def serve(service, demo, config: ServerConfig) -> None:
     """Build the app and serve it with uvicorn until interrupted."""
     import uvicorn
 
-    if not is_loopback(config.host) and config.auth is None:
-        log.warning("serving on %s without --auth: anyone who can reach this address can use the GPU "
-                    "(add --auth USER:PASSWORD, and --api-key KEY for the OpenAI route)", config.host)
-    if not is_loopback(config.host) and config.auth is not None and config.api_key is None:
-        log.warning("the OpenAI route on %s has no --api-key: anyone who can reach it can generate", config.host)
+    for warning in exposure_warnings(config):
+        log.warning(warning)
     app = build_app(service, demo, config)
     log.info("serving on http://%s:%d (page and /infer at /, OpenAI route at /v1%s)", config.host, config.port,
              ", MCP at /gradio_api/mcp/" if config.mcp else "")

@@ -63,11 +63,11 @@ class InProcessServer:
 class Server:
     """A `flux-infer serve` subprocess, as a user would start it."""
 
-    def __init__(self, args: list[str], workdir: Path, startup_s: float = 180):
+    def __init__(self, args: list[str], workdir: Path, startup_s: float = 180, env: dict | None = None):
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}/"
         self.log_path = workdir / f"server-{self.port}.log"
-        env = {**os.environ, **TELEMETRY_OFF, "XDG_CACHE_HOME": str(workdir / "cache")}
+        env = {**os.environ, **TELEMETRY_OFF, "XDG_CACHE_HOME": str(workdir / "cache"), **(env or {})}
         self._log = open(self.log_path, "wb")
         self.process = subprocess.Popen(
             [sys.executable, "-m", "flux_infer", "serve", "--port", str(self.port), *args],
@@ -81,7 +81,7 @@ class Server:
             if self.process.poll() is not None:
                 raise RuntimeError(f"server exited with {self.process.returncode}:\n{self.log()}")
             try:
-                if httpx.get(self.url + "gradio_api/info", timeout=2).status_code == 200:
+                if httpx.get(self.url + "healthz", timeout=2).status_code == 200:
                     return
             except httpx.HTTPError:
                 pass
@@ -92,10 +92,10 @@ class Server:
     def log(self) -> str:
         return self.log_path.read_text(errors="replace")
 
-    def client(self):
+    def client(self, **kwargs):
         from gradio_client import Client
 
-        return Client(self.url, verbose=False)
+        return Client(self.url, verbose=False, **kwargs)
 
     def stop(self) -> None:
         self.process.terminate()

@@ -48,3 +48,32 @@ def test_a_pipeline_error_is_one_line_and_the_server_goes_on(failing_server, cap
     assert any("tensor shapes" in str(r.exc_info[1]) for r in caplog.records if r.exc_info)
     path, seed = failing_server.predict("fine", 2, False, 256, 256, 3.5, 2, api_name="/infer")
     assert seed == 2 and Image.open(path).size == (256, 256)
+
+
+def test_no_log_prompts_keeps_prompts_out_of_the_log(caplog):
+    import logging
+
+    from flux_infer.inference import FluxInference, build_request
+    from flux_infer.service import RequestIdFilter, Service
+
+    service = Service(FluxInference(FailsOnExplode()), log_prompts=False)
+    caplog.handler.addFilter(RequestIdFilter())
+    with caplog.at_level(logging.INFO):
+        service.run(build_request("my secret garden", seed=1, randomize_seed=False, width=256, height=256),
+                    route="test", request_id="abc123")
+    assert "my secret garden" not in caplog.text
+    assert "test request: '<16 characters>'" in caplog.text
+    assert {record.request_id for record in caplog.records if record.name.startswith("flux_infer")} == {"abc123"}
+    assert service.metrics.requests.labels("test", "ok")._value.get() == 1
+
+
+def test_the_gallery_keeps_the_newest_first():
+    from flux_infer import settings
+    from flux_infer.web import remember
+
+    history = []
+    for seed in range(settings.HISTORY_SIZE + 3):
+        shown, history = remember(f"image-{seed}", seed, history)
+    assert len(history) == settings.HISTORY_SIZE
+    assert history[0] == (f"image-{settings.HISTORY_SIZE + 2}", f"seed {settings.HISTORY_SIZE + 2}")
+    assert remember(None, 1, history) == (history, history)

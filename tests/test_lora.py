@@ -1,0 +1,83 @@
+"""--lora: a tiny LoRA made for the tiny transformer, loaded and fused through diffusers."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from flux_infer.inference import FluxInference
+from flux_infer.loading import ModelLoadError, load_pipeline, parse_lora
+
+TARGETS = ("attn.to_q", "attn.to_k", "attn.to_v", "attn.to_out.0")
+
+
+def make_lora(tiny_dir, path, rank=4, seed=0):
+    """A rank-`rank` LoRA on every attention projection of the double blocks, in diffusers' key layout."""
+    from diffusers import FluxTransformer2DModel
+    from safetensors.torch import save_file
+
+    transformer = FluxTransformer2DModel.from_pretrained(tiny_dir, subfolder="transformer")
+    generator = torch.Generator().manual_seed(seed)
+    tensors = {}
+    for index, _ in enumerate(transformer.transformer_blocks):
+        for target in TARGETS:
+            module = transformer.transformer_blocks[index].get_submodule(target)
+            prefix = f"transformer.transformer_blocks.{index}.{target}"
+            tensors[f"{prefix}.lora_A.weight"] = torch.randn(rank, module.in_features, generator=generator) * 0.5
+            tensors[f"{prefix}.lora_B.weight"] = torch.randn(module.out_features, rank, generator=generator) * 0.5
+    save_file(tensors, path)
+    return path
+
+
+def image(tiny_dir, loras=()):
+    pipeline, _, _, runtime = load_pipeline(str(tiny_dir), device="cpu", loras=tuple(loras))
+    result = FluxInference(pipeline, runtime=runtime).infer("a lora fox", seed=5, randomize_seed=False, width=256,
+                                                              height=256, num_inference_steps=3)
+    return np.asarray(result.image).astype(np.int16), pipeline
+
+
+def test_lora_is_fused_at_its_scale(tmp_path, tiny_dir):
+    lora = str(make_lora(tiny_dir, tmp_path / "tiny-style.safetensors"))
+    base, _ = image(tiny_dir)
+    styled, pipeline = image(tiny_dir, [(lora, 1.0)])
+    half, _ = image(tiny_dir, [(lora, 0.5)])
+    off, _ = image(tiny_dir, [(lora, 0.0)])
+    assert np.abs(styled - base).mean() > 1  # the LoRA changes the picture
+    assert 0 < np.abs(half - base).mean() < np.abs(styled - base).mean()  # less at half scale
+    np.testing.assert_array_equal(off, base)  # and not at all at scale 0
+    # Fused and unloaded: no adapter layers are left to slow each step.
+    assert not any("lora" in name for name, _ in pipeline.transformer.named_modules())
+    again, _ = image(tiny_dir, [(lora, 1.0)])
+    np.testing.assert_array_equal(again, styled)
+
+
+def test_two_loras_stack(tmp_path, tiny_dir):
+    first = str(make_lora(tiny_dir, tmp_path / "a.safetensors", seed=1))
+    second = str(make_lora(tiny_dir, tmp_path / "b.safetensors", seed=2))
+    one, _ = image(tiny_dir, [(first, 1.0)])
+    both, _ = image(tiny_dir, [(first, 1.0), (second, 1.0)])
+    assert np.abs(both - one).mean() > 0
+
+
+def test_lora_errors_and_parsing(tmp_path, tiny_dir):
+    assert parse_lora("style.safetensors") == ("style.safetensors", 1.0)
+    assert parse_lora("style.safetensors:0.7") == ("style.safetensors", 0.7)
+    assert parse_lora("C:/loras/style.safetensors") == ("C:/loras/style.safetensors", 1.0)
+    with pytest.raises(ModelLoadError, match="LoRA file .*missing.safetensors does not exist"):
+        load_pipeline(str(tiny_dir), device="cpu", loras=((str(tmp_path / "missing.safetensors"), 1.0),))
+    from safetensors.torch import save_file
+
+    save_file({"unrelated.weight": torch.zeros(2, 2)}, tmp_path / "other.safetensors")
+    with pytest.raises(ModelLoadError, match="could not load .*other.safetensors as a FLUX LoRA"):
+        load_pipeline(str(tiny_dir), device="cpu", loras=((str(tmp_path / "other.safetensors"), 1.0),))
+
+
+def test_cli_generate_with_a_lora(tmp_path, tiny_dir, capsys):
+    from flux_infer.cli import main
+
+    lora = make_lora(tiny_dir, tmp_path / "style.safetensors")
+    output = tmp_path / "out.png"
+    assert main(["generate", "a fox", "--model", str(tiny_dir), "--lora", f"{lora}:0.8", "--seed", "1",
+                 "--width", "256", "--height", "256", "--steps", "2", "-o", str(output)]) == 0
+    assert output.is_file() and "seed 1" in capsys.readouterr().out

@@ -1,0 +1,208 @@
+"""Beyond the Space, through real clients against a live server: the OpenAI images API (openai),
+MCP (mcp), health/readiness/metrics and request ids (httpx), saved outputs and their retention."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import io
+import json
+import time
+
+import httpx
+import numpy as np
+import pytest
+from PIL import Image
+
+from conftest import Server
+
+KEEP_S = 4
+TINY_ARGS = {"num_inference_steps": 2}
+
+
+@pytest.fixture(scope="module")
+def extras_server(tiny_dir, tmp_path_factory):
+    workdir = tmp_path_factory.mktemp("extras")
+    srv = Server(["--model", str(tiny_dir), "--mcp", "--output-dir", str(workdir / "outputs"),
+                  "--keep-outputs", str(KEEP_S), "--preview", "none"], workdir,
+                 env={"GRADIO_TEMP_DIR": str(workdir / "gradio-tmp")})
+    srv.workdir = workdir
+    yield srv
+    srv.stop()
+
+
+@pytest.fixture(scope="module")
+def openai_client(extras_server):
+    from openai import OpenAI
+
+    return OpenAI(base_url=extras_server.url + "v1", api_key="not-needed", max_retries=0)
+
+
+def decode(item) -> Image.Image:
+    return Image.open(io.BytesIO(base64.b64decode(item.b64_json)))
+
+
+def test_openai_client_generates_with_seeds_matching_infer(extras_server, openai_client):
+    response = openai_client.images.generate(model="flux.1-dev", prompt="a red kite", n=2, size="256x256",
+                                             response_format="b64_json",
+                                             extra_body={"seed": 41, "guidance_scale": 3.5, **TINY_ARGS})
+    assert response.model_extra["seeds"] == [41, 42]
+    assert [item.model_extra["seed"] for item in response.data] == [41, 42]
+    images = [decode(item) for item in response.data]
+    assert all(image.size == (256, 256) for image in images)
+    assert not np.array_equal(np.asarray(images[0]), np.asarray(images[1]))
+    # The same request through the Space's /infer gives the same pixels.
+    path, seed = extras_server.client().predict("a red kite", 41, False, 256, 256, 3.5, 2, api_name="/infer")
+    assert seed == 41
+    np.testing.assert_array_equal(np.asarray(Image.open(path).convert("RGB")), np.asarray(images[0].convert("RGB")))
+
+
+def test_openai_url_format_and_models(extras_server, openai_client):
+    response = openai_client.images.generate(prompt="a blue boat", size="256x256", response_format="url",
+                                             extra_body=TINY_ARGS)
+    url = response.data[0].url
+    assert url.startswith(extras_server.url + "v1/files/")
+    image = Image.open(io.BytesIO(httpx.get(url).raise_for_status().content))
+    assert image.size == (256, 256)
+    assert [model.id for model in openai_client.models.list()] == ["flux.1-dev"]
+    # Kept for --keep-outputs seconds, then gone.
+    time.sleep(KEEP_S + 0.5)
+    gone = httpx.get(url)
+    assert gone.status_code == 404 and gone.json()["error"]["code"] == "not_found"
+    # A name the server did not hand out never reaches the disk.
+    for name in ["..%2F..%2Fpyproject.toml", "model_index.json", "%2Fetc%2Fpasswd"]:
+        assert httpx.get(extras_server.url + "v1/files/" + name).status_code == 404
+
+
+@pytest.mark.parametrize("fields, param, message", [
+    ({"model": "dall-e-3"}, "model", "unknown model 'dall-e-3'"),
+    ({"size": "big"}, "size", '`size` must be "WIDTHxHEIGHT"'),
+    ({"size": "100x100"}, "width", "width must be a number between 256 and 2048, got 100"),
+    ({"n": 5}, "n", "`n` must be a whole number from 1 to 4"),
+    ({"response_format": "jpeg"}, "response_format", "must be b64_json or url"),
+    ({"quality": "hd"}, "quality", "unsupported field(s) quality"),
+    ({"seed": -3}, "seed", "seed must be a whole number between 0 and 2147483647"),
+    ({"num_inference_steps": 500}, "num_inference_steps", "num_inference_steps must be a whole number between 1 and 50"),
+])
+def test_openai_bad_fields_get_a_400_naming_them(openai_client, fields, param, message):
+    import openai
+
+    with pytest.raises(openai.BadRequestError) as caught:
+        openai_client.images.generate(prompt="x", **{k: v for k, v in fields.items() if k in ("model", "size", "n",
+                                                                                                "response_format")},
+                                      extra_body={k: v for k, v in fields.items()
+                                                  if k not in ("model", "size", "n", "response_format")})
+    error = caught.value.body
+    assert caught.value.status_code == 400 and error["param"] == param and message in error["message"], error
+
+
+def test_openai_malformed_bodies(extras_server):
+    url = extras_server.url + "v1/images/generations"
+    for body, status, message in [(b"{not json", 400, "not valid JSON"), (b"[1, 2]", 400, "JSON object"),
+                                  (b"{}", 400, "`prompt` is required"),
+                                  (json.dumps({"prompt": "x" * 70000}).encode(), 413, "the limit is 65536")]:
+        response = httpx.post(url, content=body, headers={"content-type": "application/json"})
+        assert response.status_code == status and message in response.json()["error"]["message"]
+
+
+def test_health_readiness_metrics_and_request_ids(extras_server, openai_client):
+    assert httpx.get(extras_server.url + "healthz").json() == {"status": "ok"}
+    ready = httpx.get(extras_server.url + "readyz").json()
+    assert ready["ready"] and ready["model_loaded"] and ready["queue_depth"] == 0 and ready["max_queue"] == 16
+    raw = openai_client.images.with_raw_response.generate(prompt="a lamp", size="256x256",
+                                                          extra_body={"seed": 3, **TINY_ARGS})
+    request_id = raw.headers["x-request-id"]
+    assert f"[{request_id}]" in extras_server.log() and "openai request: 'a lamp'" in extras_server.log()
+    metrics = httpx.get(extras_server.url + "metrics").text
+    assert 'flux_requests_total{outcome="ok",route="openai"}' in metrics
+    assert 'flux_requests_total{outcome="invalid",route="openai"}' in metrics
+    assert "flux_generation_seconds_count" in metrics and "flux_queue_depth 0.0" in metrics
+    assert "flux_steps_per_second" in metrics
+
+
+def test_output_dir_keeps_every_image_with_its_settings(extras_server):
+    extras_server.client().predict("a saved owl", 77, False, 256, 256, 3.5, 2, api_name="/infer")
+    saved = sorted((extras_server.workdir / "outputs").glob("*-77-*.png"))
+    assert saved, list((extras_server.workdir / "outputs").iterdir())
+    sidecar = json.loads(saved[-1].with_suffix(".json").read_text())
+    assert (sidecar["prompt"], sidecar["seed"], sidecar["width"], sidecar["num_inference_steps"]) == (
+        "a saved owl", 77, 256, 2)
+    assert "Seed: 77" in Image.open(saved[-1]).info["parameters"]
+
+
+def test_gradio_temporary_files_are_deleted_after_keep_outputs(extras_server):
+    extras_server.client().predict("a fleeting cat", 5, False, 256, 256, 3.5, 2, api_name="/infer")
+    temp = extras_server.workdir / "gradio-tmp"
+    assert list(temp.rglob("*.png"))
+    deadline = time.monotonic() + 3 * KEEP_S + 10
+    while list(temp.rglob("*.png")) and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert not list(temp.rglob("*.png"))
+
+
+def test_mcp_client_lists_and_calls_the_infer_tool(extras_server):
+    from mcp import ClientSession
+    from mcp.client.streamable_http import streamablehttp_client
+
+    async def session():
+        async with streamablehttp_client(extras_server.url + "gradio_api/mcp/") as (read, write, _):
+            async with ClientSession(read, write) as mcp:
+                await mcp.initialize()
+                tools = (await mcp.list_tools()).tools
+                tool = next(t for t in tools if "infer" in t.name)
+                assert {"prompt", "seed", "width", "num_inference_steps"} <= set(tool.inputSchema["properties"])
+                result = await mcp.call_tool(tool.name, {"prompt": "an mcp robot", "seed": 9, "randomize_seed": False,
+                                                         "width": 256, "height": 256, "guidance_scale": 3.5,
+                                                         "num_inference_steps": 2})
+                return tool, result
+
+    tool, result = asyncio.run(session())
+    assert "FLUX.1 [dev]" in tool.description
+    assert not result.isError, result
+    kinds = {content.type for content in result.content}
+    assert "image" in kinds or any("9" in getattr(c, "text", "") for c in result.content), result.content
+
+
+# -- auth ------------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def locked_server(tiny_dir, tmp_path_factory):
+    srv = Server(["--model", str(tiny_dir), "--auth", "ada:lovelace", "--api-key", "sekrit", "--preview", "none"],
+                 tmp_path_factory.mktemp("locked"))
+    yield srv
+    srv.stop()
+
+
+def test_auth_keeps_unauthenticated_callers_out(locked_server):
+    import openai
+    from openai import OpenAI
+
+    for method, path in [("GET", "gradio_api/info"), ("POST", "gradio_api/call/infer"), ("GET", "config")]:
+        response = httpx.request(method, locked_server.url + path, json={"data": ["x", 1, False, 256, 256, 3.5, 2]})
+        assert response.status_code == 401, (path, response.status_code)
+        assert not response.content.startswith(b"\x89PNG")
+    assert httpx.get(locked_server.url + "healthz").status_code == 200  # probes stay open
+    with pytest.raises(openai.AuthenticationError):
+        OpenAI(base_url=locked_server.url + "v1", api_key="wrong", max_retries=0).images.generate(prompt="x")
+    assert httpx.post(locked_server.url + "v1/images/generations", json={"prompt": "x"}).status_code == 401
+
+
+def test_auth_lets_the_right_callers_in(locked_server):
+    from openai import OpenAI
+
+    path, seed = locked_server.client(auth=("ada", "lovelace")).predict("a key", 4, False, 256, 256, 3.5, 2,
+                                                                        api_name="/infer")
+    assert seed == 4 and Image.open(path).size == (256, 256)
+    response = OpenAI(base_url=locked_server.url + "v1", api_key="sekrit", max_retries=0).images.generate(
+        prompt="a key", size="256x256", extra_body={"seed": 4, **TINY_ARGS})
+    np.testing.assert_array_equal(np.asarray(decode(response.data[0]).convert("RGB")),
+                                  np.asarray(Image.open(path).convert("RGB")))
+
+
+def test_binding_beyond_loopback_without_auth_is_warned_about():
+    from flux_infer.server import ServerConfig, exposure_warnings
+
+    assert exposure_warnings(ServerConfig(host="127.0.0.1")) == []
+    warnings = exposure_warnings(ServerConfig(host="0.0.0.0"))
+    assert len(warnings) == 2 and "without --auth" in warnings[0] and "no --api-key" in warnings[1]
+    assert exposure_warnings(ServerConfig(host="0.0.0.0", auth=("a", "b"), api_key="k")) == []
