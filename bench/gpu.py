@@ -97,6 +97,7 @@ def measure(name: str, model: str | None, device: str | None, size: int, steps: 
                first_s=first, median_s=statistics.median(times), cached=result.cached_steps,
                peak_gib=torch.cuda.max_memory_allocated() / 1024**3 if cuda else float("nan"))
     del inference, pipeline, runtime
+    torch._dynamo.reset()  # the next preset compiles its own graphs, never reuses these
     gc.collect()
     if cuda:
         torch.cuda.empty_cache()
