@@ -222,7 +222,8 @@ class FluxInference:
                 # Give the failed call's blocks back, so the next (smaller) request fits.
                 torch.cuda.empty_cache()
                 raise GenerationFailed(
-                    f"out of GPU memory at {request.width}x{request.height}: try a smaller size"
+                    f"out of GPU memory at {request.width}x{request.height}: try a smaller size, or restart the "
+                    "server with less GPU memory in use (--memory auto, --offload model, --quantize fp8)"
                 ) from None
             stats = self.runtime.after(request) if self.runtime is not None else {}
         return output.images[0], stats

@@ -31,6 +31,11 @@ SourceKind = Literal["tiny", "folder", "repo", "single_file"]
 # single files at its root (flux1-dev.safetensors, ae.safetensors: 34 GB) that it does not need.
 PIPELINE_PATTERNS = ("model_index.json", "*/*.json", "*/*.safetensors", "*/*.txt", "*/*.model")
 SINGLE_FILE_SUFFIXES = (".safetensors", ".gguf")
+# Pickle-based formats: loading them can run arbitrary code, so they are refused.
+PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin", ".pkl", ".pickle")
+PICKLE_REFUSED = ("{path} is a pickle-based checkpoint, which can run code when loaded: flux-infer reads only "
+                  "safetensors and GGUF. Use the .safetensors release of these weights (or convert them once, "
+                  "somewhere you trust, with safetensors' torch.save_file)")
 _REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
 
@@ -88,6 +93,8 @@ def resolve_source(model: str | None = None, *, base_model: str | None = None) -
     if model == settings.TINY_MODEL_NAME:
         return ModelSource("tiny", str(tiny_model_dir()))
     path = Path(model).expanduser()
+    if model.lower().endswith(PICKLE_SUFFIXES):
+        raise ModelLoadError(PICKLE_REFUSED.format(path=model))
     if model.endswith(SINGLE_FILE_SUFFIXES):
         if not path.is_file():
             raise ModelLoadError(f"transformer checkpoint {model} does not exist. {settings.DOWNLOAD_HINT}")
@@ -100,6 +107,10 @@ def resolve_source(model: str | None = None, *, base_model: str | None = None) -
             raise ModelLoadError(
                 f"{path} is not a diffusers pipeline folder (no model_index.json). {settings.DOWNLOAD_HINT}"
             )
+        transformer = path / "transformer"
+        if transformer.is_dir() and not any(transformer.glob("*.safetensors")) and any(
+                f.suffix in PICKLE_SUFFIXES for f in transformer.iterdir()):
+            raise ModelLoadError(PICKLE_REFUSED.format(path=transformer))
         return ModelSource("folder", str(path))
     if _REPO_ID.match(model) and not model.startswith((".", "/", "~")):
         return ModelSource("repo", model)
@@ -216,6 +227,8 @@ def apply_loras(pipeline, loras) -> None:
         return
     names, scales = [], []
     for index, (path, scale) in enumerate(loras):
+        if path.lower().endswith(PICKLE_SUFFIXES):
+            raise ModelLoadError(PICKLE_REFUSED.format(path=path))
         if not Path(path).is_file():
             raise ModelLoadError(f"LoRA file {path} does not exist (--lora PATH[:SCALE])")
         name = f"lora{index}"

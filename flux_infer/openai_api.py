@@ -167,7 +167,7 @@ def router(service: Service, *, api_key: str | None = None, files: ImageFiles | 
                 import json
 
                 body = json.loads(raw)
-            except ValueError:
+            except (ValueError, RecursionError):  # RecursionError: nested too deep to be a real request
                 raise ApiError(400, "the body is not valid JSON") from None
             parsed = parse_body(body)
         except ApiError as err:

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import ipaddress
 import logging
+import threading
+import time
 from dataclasses import dataclass
 
 from flux_infer import settings
@@ -20,6 +22,56 @@ CSS = """
     max-width: 520px;
 }
 """
+
+
+# How long SIGTERM waits for generations in flight and queued, and then for their downloads.
+DRAIN_SECONDS = 120
+DOWNLOAD_GRACE_S = 2.0
+# Largest request body accepted on any route: the API takes text and numbers, never uploads.
+MAX_BODY_BYTES = 1024 * 1024
+
+
+class BodyLimit:
+    """ASGI middleware: a request body over `limit` bytes gets a 413 JSON answer, read no further."""
+
+    def __init__(self, app, limit: int = MAX_BODY_BYTES):
+        self.app, self.limit = app, limit
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        headers = dict(scope.get("headers") or [])
+        declared = headers.get(b"content-length")
+        if declared is not None and declared.isdigit() and int(declared) > self.limit:
+            return await self._refuse(send)
+        seen = 0
+
+        async def limited_receive():
+            nonlocal seen
+            message = await receive()
+            if message["type"] == "http.request":
+                seen += len(message.get("body", b""))
+                if seen > self.limit:
+                    raise _TooLarge
+            return message
+
+        try:
+            await self.app(scope, limited_receive, send)
+        except _TooLarge:
+            await self._refuse(send)
+
+    async def _refuse(self, send):
+        from starlette.responses import JSONResponse
+
+        body = {"error": {"message": f"the request body is over {self.limit} bytes", "type": "invalid_request_error",
+                          "param": None, "code": "body_too_large"}}
+        response = JSONResponse(body, status_code=413)
+        await send({"type": "http.response.start", "status": 413, "headers": response.raw_headers})
+        await send({"type": "http.response.body", "body": response.body})
+
+
+class _TooLarge(Exception):
+    pass
 
 
 @dataclass(frozen=True)
@@ -77,6 +129,7 @@ def build_app(service, demo, config: ServerConfig):
     files = openai_api.ImageFiles(keep_seconds=config.keep_outputs)
     app.include_router(openai_api.router(service, api_key=config.api_key, files=files))
 
+    app.add_middleware(BodyLimit)
     demo.queue(default_concurrency_limit=1, max_size=service.max_queue)
     return gr.mount_gradio_app(
         app, demo, path="/", server_name=config.host, server_port=config.port,
@@ -85,6 +138,18 @@ def build_app(service, demo, config: ServerConfig):
         # too few values, say) reach the caller as their message instead of a bare "error".
         show_error=True,
     )
+
+
+class _QuietStreamClose(logging.Filter):
+    """At shutdown uvicorn cancels the streams still open (page heartbeats, event streams) and logs
+    each as an error with a traceback; that is the expected end of a stream, not a fault."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        import asyncio
+
+        if record.exc_info and isinstance(record.exc_info[1], asyncio.CancelledError):
+            return False
+        return "timeout graceful shutdown exceeded" not in record.getMessage()
 
 
 def exposure_warnings(config: ServerConfig) -> list[str]:
@@ -105,9 +170,36 @@ def serve(service, demo, config: ServerConfig) -> None:
     """Build the app and serve it with uvicorn until interrupted."""
     import uvicorn
 
+    class Server(uvicorn.Server):
+        """uvicorn, draining on SIGTERM/SIGINT instead of closing the door on work in flight.
+
+        The first signal marks the service not ready (new generations are refused as "shutting
+        down", /readyz answers 503), waits up to DRAIN_SECONDS for the generation in flight and
+        the queue to finish, leaves DOWNLOAD_GRACE_S for clients to fetch their images, then
+        stops uvicorn; the process exits with 0. A second signal stops at once.
+        """
+
+        def handle_exit(self, sig, frame):
+            if not service.ready:
+                self.should_exit = self.force_exit = True
+                return
+            service.ready = False
+            log.info("shutting down: draining (a generation in flight finishes first; a second signal stops now)")
+            threading.Thread(target=self._drain, daemon=True).start()
+
+        def _drain(self):
+            deadline = time.monotonic() + DRAIN_SECONDS
+            while (service.active or service.queue_depth()) and time.monotonic() < deadline:
+                time.sleep(0.1)
+            time.sleep(DOWNLOAD_GRACE_S)
+            self.should_exit = True
+
     for warning in exposure_warnings(config):
         log.warning(warning)
+    logging.getLogger("uvicorn.error").addFilter(_QuietStreamClose())
     app = build_app(service, demo, config)
     log.info("serving on http://%s:%d (page and /infer at /, OpenAI route at /v1%s)", config.host, config.port,
              ", MCP at /gradio_api/mcp/" if config.mcp else "")
-    uvicorn.run(app, host=config.host, port=config.port, log_level="warning", timeout_graceful_shutdown=30)
+    Server(uvicorn.Config(app, host=config.host, port=config.port, log_level="warning",
+                          timeout_graceful_shutdown=5)).run()
+    log.info("stopped")

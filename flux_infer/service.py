@@ -73,6 +73,7 @@ class Service:
         self.output_dir = Path(output_dir) if output_dir else None
         self.log_prompts = log_prompts
         self._waiting = 0
+        self.active = 0  # generations running now
         self._count_lock = threading.Lock()
         self.external_depth = lambda: 0  # set by the web layer: Gradio's own queue
         self.metrics = Metrics(self.queue_depth)
@@ -81,8 +82,14 @@ class Service:
     def queue_depth(self) -> int:
         return self._waiting + self.external_depth()
 
+    def check_open(self) -> None:
+        """Busy while the server drains for shutdown."""
+        if not self.ready:
+            raise Busy("the server is shutting down: try again when it is back")
+
     def admit(self) -> None:
-        """Count a request that will wait for the lock; Busy when the queue is full."""
+        """Count a request that will wait for the lock; Busy when the queue is full or closing."""
+        self.check_open()
         with self._count_lock:
             if self.queue_depth() >= self.max_queue:
                 raise Busy(f"the server is busy ({self.queue_depth()} requests waiting): try again shortly")
@@ -95,6 +102,8 @@ class Service:
     def run(self, request, *, route: str, request_id: str | None = None, on_step=None, cancel=None):
         """Generate for a validated request, counting, timing, logging and saving it."""
         token = REQUEST_ID.set(request_id or new_request_id())
+        with self._count_lock:
+            self.active += 1
         try:
             prompt = request.prompt if self.log_prompts else f"<{len(request.prompt)} characters>"
             log.info("%s request: %r, %dx%d, %d steps, seed %d", route, prompt, request.width, request.height,
@@ -118,6 +127,8 @@ class Service:
                 self.save(result)
             return result
         finally:
+            with self._count_lock:
+                self.active -= 1
             REQUEST_ID.reset(token)
 
     def count_rejected(self, route: str, outcome: str) -> None:

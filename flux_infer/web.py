@@ -87,8 +87,12 @@ def make_handler(service: Service, route: str = "gradio"):
             The image, and the seed it was made with.
         """
         try:
+            service.check_open()
             request = build_request(prompt, seed=seed, randomize_seed=randomize_seed, width=width, height=height,
                                     guidance_scale=guidance_scale, num_inference_steps=num_inference_steps)
+        except Busy as err:
+            service.count_rejected(route, "busy")
+            raise _gradio_error(err) from None
         except InvalidRequest as err:
             service.count_rejected(route, "invalid")
             raise _gradio_error(err) from None

@@ -21,6 +21,10 @@ class FailsOnExplode:
     def __call__(self, **kwargs):
         if kwargs["prompt"] == "explode":
             raise RuntimeError("internal detail: tensor shapes (3, 4) and (5, 6)")
+        if kwargs["prompt"] == "too big":
+            import torch
+
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
         return SimpleNamespace(images=[Image.new("RGB", (kwargs["width"], kwargs["height"]), "red")])
 
 
@@ -48,6 +52,21 @@ def test_a_pipeline_error_is_one_line_and_the_server_goes_on(failing_server, cap
     assert any("tensor shapes" in str(r.exc_info[1]) for r in caplog.records if r.exc_info)
     path, seed = failing_server.predict("fine", 2, False, 256, 256, 3.5, 2, api_name="/infer")
     assert seed == 2 and Image.open(path).size == (256, 256)
+
+
+def test_out_of_memory_mid_generation_gives_advice_and_the_next_request_works(failing_server, monkeypatch):
+    import torch
+
+    released = []
+    monkeypatch.setattr(torch.cuda, "empty_cache", lambda: released.append(True))
+    with pytest.raises(AppError) as caught:
+        failing_server.predict("too big", 1, False, 2048, 2048, 3.5, 2, api_name="/infer")
+    message = str(caught.value)
+    assert "out of GPU memory at 2048x2048: try a smaller size" in message and "--memory auto" in message
+    assert "Tried to allocate" not in message
+    assert released == [True]
+    path, seed = failing_server.predict("fine", 3, False, 256, 256, 3.5, 2, api_name="/infer")
+    assert seed == 3
 
 
 def test_no_log_prompts_keeps_prompts_out_of_the_log(caplog):

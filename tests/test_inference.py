@@ -55,7 +55,7 @@ def test_importing_loads_no_framework():
     assert done.stdout.strip() == "[]"
 
 
-def test_out_of_memory_is_a_clear_error_and_the_next_request_runs():
+def test_out_of_memory_is_a_clear_error_and_the_next_request_runs(monkeypatch):
     # A fake pipeline is enough here: what is tested is the error translation and the lock.
     from types import SimpleNamespace
 
@@ -76,7 +76,10 @@ def test_out_of_memory_is_a_clear_error_and_the_next_request_runs():
                 raise torch.OutOfMemoryError("CUDA out of memory")
             return SimpleNamespace(images=[Image.new("RGB", (kwargs["width"], kwargs["height"]))])
 
+    released = []
+    monkeypatch.setattr(torch.cuda, "empty_cache", lambda: released.append(True))
     inference = FluxInference(Pipeline())
-    with pytest.raises(GenerationFailed, match="out of GPU memory at 2048x2048: try a smaller size"):
+    with pytest.raises(GenerationFailed, match=r"out of GPU memory at 2048x2048: try a smaller size, or restart .*--memory auto"):
         inference.infer("a", width=2048, height=2048)
+    assert released == [True]  # the failed call's blocks go back to the GPU
     assert inference.infer("a", width=256, height=256).image.size == (256, 256)

@@ -1,0 +1,205 @@
+"""Faults, fuzzing, soak and security against live servers on the tiny model."""
+
+from __future__ import annotations
+
+import json
+import signal
+import threading
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+from hypothesis import HealthCheck, given, settings as hypothesis_settings, strategies as st
+
+from conftest import Server
+
+from flux_infer import settings
+from flux_infer.inference import InvalidRequest, build_request
+
+# -- validation properties (hypothesis) ------------------------------------------------------------
+
+ANY_VALUE = st.one_of(st.none(), st.booleans(), st.integers(), st.floats(allow_nan=True, allow_infinity=True),
+                      st.text(max_size=30), st.lists(st.integers(), max_size=3),
+                      st.dictionaries(st.text(max_size=5), st.integers(), max_size=2))
+
+
+@hypothesis_settings(max_examples=400, deadline=None)
+@given(prompt=ANY_VALUE, seed=ANY_VALUE, randomize=ANY_VALUE, width=ANY_VALUE, height=ANY_VALUE,
+       guidance=ANY_VALUE, steps=ANY_VALUE)
+def test_validation_accepts_in_range_values_or_says_what_is_wrong(prompt, seed, randomize, width, height, guidance,
+                                                                  steps):
+    try:
+        request = build_request(prompt, seed=seed, randomize_seed=randomize, width=width, height=height,
+                                guidance_scale=guidance, num_inference_steps=steps)
+    except InvalidRequest as err:
+        message = str(err)
+        assert message and "Traceback" not in message and len(message) < 400
+        assert any(name in message for name in ("prompt", "seed", "randomize_seed", "width", "height",
+                                                "guidance_scale", "num_inference_steps")), message
+        return
+    assert isinstance(request.prompt, str) and request.prompt.strip()
+    assert 0 <= request.seed <= settings.MAX_SEED
+    for size in (request.width, request.height):
+        assert settings.WIDTH.minimum <= size <= settings.WIDTH.maximum and size % settings.SIZE_MULTIPLE == 0
+    assert settings.GUIDANCE_SCALE.minimum <= request.guidance_scale <= settings.GUIDANCE_SCALE.maximum
+    assert settings.NUM_INFERENCE_STEPS.minimum <= request.num_inference_steps <= settings.NUM_INFERENCE_STEPS.maximum
+
+
+@hypothesis_settings(max_examples=200, deadline=None)
+@given(width=st.integers(256, 2048), height=st.integers(256, 2048), steps=st.integers(1, 50),
+       guidance=st.floats(1, 15), seed=st.integers(0, settings.MAX_SEED))
+def test_valid_values_pass_through_exactly(width, height, steps, guidance, seed):
+    request = build_request("a", seed=seed, randomize_seed=False, width=width, height=height,
+                            guidance_scale=guidance, num_inference_steps=steps)
+    assert (request.seed, request.num_inference_steps, request.guidance_scale) == (seed, steps, guidance)
+    assert (request.width, request.height) == (width - width % 16, height - height % 16)
+
+
+# -- HTTP fuzzing ----------------------------------------------------------------------------------
+
+JSON = st.recursive(st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False, allow_infinity=False)
+                    | st.text(max_size=20),
+                    lambda children: st.lists(children, max_size=8) | st.dictionaries(st.text(max_size=10), children,
+                                                                                       max_size=6),
+                    max_leaves=20)
+
+
+@pytest.fixture(scope="module")
+def fuzz_server(tiny_dir, tmp_path_factory):
+    srv = Server(["--model", str(tiny_dir), "--preview", "none"], tmp_path_factory.mktemp("fuzz"))
+    yield srv
+    srv.stop()
+
+
+@hypothesis_settings(max_examples=60, deadline=None, suppress_health_check=list(HealthCheck))
+@given(body=JSON, route=st.sampled_from(["gradio_api/call/infer", "v1/images/generations", "gradio_api/queue/join",
+                                          "gradio_api/run/predict"]))
+def test_random_json_never_gets_a_500(fuzz_server, body, route):
+    response = httpx.post(fuzz_server.url + route, json=body, timeout=60)
+    assert response.status_code < 500, (route, body, response.status_code, response.text[:300])
+    assert "Traceback" not in response.text
+
+
+@pytest.mark.parametrize("content", [b"{", b"\xff\xfe\x00", b"null", b'{"data": ' + b"[" * 5000, b"0" * 10])
+def test_malformed_bodies_never_get_a_500(fuzz_server, content):
+    for route in ["gradio_api/call/infer", "v1/images/generations", "gradio_api/queue/join"]:
+        response = httpx.post(fuzz_server.url + route, content=content, headers={"content-type": "application/json"})
+        assert response.status_code < 500, (route, content[:20], response.status_code, response.text[:200])
+
+
+def test_bodies_over_the_limit_are_refused(fuzz_server):
+    from flux_infer.server import MAX_BODY_BYTES
+
+    huge = json.dumps({"data": ["x" * (MAX_BODY_BYTES + 10), 0, False, 256, 256, 3.5, 1]})
+    for route in ["gradio_api/call/infer", "gradio_api/queue/join", "v1/images/generations"]:
+        response = httpx.post(fuzz_server.url + route, content=huge, headers={"content-type": "application/json"})
+        assert response.status_code == 413, (route, response.status_code)
+        assert response.json()["error"]["code"] == "body_too_large"
+    # A prompt under the body limit but over the prompt limit is refused by validation, naming the limit.
+    from gradio_client.exceptions import AppError
+
+    with pytest.raises(AppError, match=f"the limit is {settings.MAX_PROMPT_CHARS}"):
+        fuzz_server.client().predict("x" * (settings.MAX_PROMPT_CHARS + 1), 0, False, 256, 256, 3.5, 1,
+                                     api_name="/infer")
+    # After all of that the server still serves.
+    assert fuzz_server.client().predict("still here", 1, False, 256, 256, 3.5, 1, api_name="/infer")[1] == 1
+
+
+# -- security --------------------------------------------------------------------------------------
+
+def test_the_file_route_serves_only_generated_outputs(fuzz_server, tiny_dir):
+    source = Path(__file__).resolve().parents[1] / "flux_infer" / "server.py"
+    secrets = [tiny_dir / "model_index.json", tiny_dir / "transformer" / "config.json", Path.home() / ".bashrc",
+               source, Path("/etc/passwd")]
+    for path in secrets:
+        for url in [f"gradio_api/file={path}", f"gradio_api/file={path}".replace("/", "%2F"),
+                    f"gradio_api/file=../../../../../../..{path}", f"file={path}"]:
+            response = httpx.get(fuzz_server.url + url)
+            assert response.status_code in (403, 404, 405), (url, response.status_code)
+            if path.is_file():
+                assert path.read_bytes()[:40] not in response.content or not path.read_bytes()[:40]
+    # What it made, it serves.
+    made, _ = fuzz_server.client().predict("served", 2, False, 256, 256, 3.5, 1, api_name="/infer")
+    assert Path(made).is_file()
+
+
+def test_binds_to_loopback_by_default(monkeypatch):
+    from flux_infer.cli import _parser
+
+    monkeypatch.delenv("GRADIO_SERVER_NAME", raising=False)
+    assert settings.DEFAULT_HOST == "127.0.0.1"
+    assert _parser().parse_args(["serve"]).host == "127.0.0.1"
+
+
+@pytest.mark.parametrize("name", ["flux1-dev.ckpt", "flux1-dev.pt", "pytorch_model.bin", "lora.pth"])
+def test_pickle_checkpoints_are_refused(tmp_path, tiny_dir, name):
+    from flux_infer.loading import ModelLoadError, load_pipeline, resolve_source
+
+    path = tmp_path / name
+    path.write_bytes(b"\x80\x04not really a pickle")
+    with pytest.raises(ModelLoadError, match="is a pickle-based checkpoint, which can run code when loaded"):
+        resolve_source(str(path))
+    with pytest.raises(ModelLoadError, match="pickle-based"):
+        load_pipeline(str(tiny_dir), device="cpu", loras=((str(path), 1.0),))
+
+
+def test_a_folder_of_pickled_weights_is_refused(tmp_path, tiny_dir):
+    import shutil
+
+    from flux_infer.loading import ModelLoadError, resolve_source
+
+    folder = tmp_path / "pickled"
+    shutil.copytree(tiny_dir, folder)
+    for weights in (folder / "transformer").glob("*.safetensors"):
+        weights.rename(weights.with_name("diffusion_pytorch_model.bin"))
+    with pytest.raises(ModelLoadError, match="transformer is a pickle-based checkpoint"):
+        resolve_source(str(folder))
+
+
+# -- SIGTERM and soak ------------------------------------------------------------------------------
+
+def test_sigterm_drains_the_generation_in_flight_and_exits_0(tiny_dir, tmp_path):
+    srv = Server(["--model", str(tiny_dir), "--preview", "none"], tmp_path)
+    client = srv.client()
+    job = client.submit("finish me", 3, False, 1024, 1024, 3.5, 12, api_name="/infer")
+    deadline = time.monotonic() + 60
+    while "1024x1024, 12 steps" not in srv.log() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    srv.process.send_signal(signal.SIGTERM)
+    path, seed = job.result(timeout=120)  # the generation in flight is delivered
+    assert seed == 3 and Path(path).is_file()
+    assert srv.process.wait(timeout=90) == 0
+    log = srv.log()
+    assert "shutting down: draining" in log and "generated 1024x1024" in log and "Traceback" not in log
+    srv._log.close()
+
+
+def test_soak_300_requests_memory_and_temp_files_stay_bounded(tiny_dir, tmp_path):
+    import psutil
+
+    temp = tmp_path / "gradio-tmp"
+    srv = Server(["--model", str(tiny_dir), "--preview", "none", "--keep-outputs", "3"], tmp_path,
+                 env={"GRADIO_TEMP_DIR": str(temp)})
+    try:
+        process = psutil.Process(srv.process.pid)
+        client = srv.client()
+        rss, files = [], []
+        started = time.monotonic()
+        for index in range(300):
+            _, seed = client.predict(f"soak {index}", index, False, 256, 256, 3.5, 1, api_name="/infer")
+            assert seed == index
+            if index == 30:
+                baseline = process.memory_info().rss
+            if index % 30 == 0:
+                rss.append(process.memory_info().rss)
+                files.append(sum(1 for _ in temp.rglob("*") if _.is_file()))
+        growth = process.memory_info().rss - baseline
+        seconds = time.monotonic() - started
+        print(f"soak: 300 requests in {seconds:.0f} s, RSS {baseline / 2**20:.0f} -> "
+              f"{process.memory_info().rss / 2**20:.0f} MiB, temp files per 30 requests {files}")
+        assert growth < 50 * 2**20, [r // 2**20 for r in rss]
+        # Temporary files are swept every few seconds: they track the last seconds, not all 300.
+        assert max(files[2:]) < 150, files
+    finally:
+        srv.stop()
