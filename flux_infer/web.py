@@ -155,7 +155,8 @@ def build_demo(service: Service, *, image_format: str = settings.DEFAULT_IMAGE_F
                     label="Prompt", show_label=False, max_lines=1, placeholder="Enter your prompt", container=False
                 )
                 run_button = gr.Button("Run", scale=0)
-            result = gr.Image(label="Result", show_label=False, format=image_format, elem_id="result")
+            result = gr.Image(label="Result", show_label=False, format=image_format, elem_id="result",
+                              interactive=False)
             with gr.Accordion("Advanced Settings", open=False):
                 seed = _slider("Seed", settings.SEED)
                 randomize_seed = gr.Checkbox(label="Randomize seed", value=settings.RANDOMIZE_SEED_DEFAULT)
@@ -174,7 +175,7 @@ def build_demo(service: Service, *, image_format: str = settings.DEFAULT_IMAGE_F
                 cache_mode="lazy",
             )
             history = gr.State([])
-            gallery = gr.Gallery(label="Recent images", columns=4, height="auto", elem_id="history",
+            gallery = gr.Gallery(label="Recent images", columns=4, height=280, object_fit="cover", elem_id="history",
                                  show_label=True, interactive=False)
         gr.on(
             triggers=[run_button.click, prompt.submit],

@@ -1,0 +1,46 @@
+# flux-infer on a CUDA GPU: docker build -t flux-infer . && docker run --gpus all -p 7860:7860 \
+#   -v "$PWD/weights:/app/weights" -v flux-hf-cache:/app/hf-cache -e HF_TOKEN flux-infer
+FROM nvidia/cuda:12.8.1-cudnn-runtime-ubuntu24.04
+
+ENV DEBIAN_FRONTEND=noninteractive \
+    PYTHONUNBUFFERED=1 \
+    PIP_NO_CACHE_DIR=1 \
+    PIP_DISABLE_PIP_VERSION_CHECK=1 \
+    VIRTUAL_ENV=/opt/venv \
+    PATH=/opt/venv/bin:$PATH
+
+RUN apt-get update \
+    && apt-get install -y --no-install-recommends python3 python3-venv curl ca-certificates \
+    && rm -rf /var/lib/apt/lists/* \
+    && python3 -m venv /opt/venv \
+    && useradd --create-home --uid 1000 --shell /usr/sbin/nologin flux
+
+WORKDIR /app
+
+# Dependencies first (torch from PyPI is the CUDA build on Linux), so code changes rebuild fast.
+COPY pyproject.toml README.md ./
+RUN pip install "torch==2.13.0" \
+    && mkdir flux_infer && touch flux_infer/__init__.py \
+    && pip install ".[gpu]" \
+    && pip uninstall -y flux-infer && rm -rf flux_infer build
+
+COPY app.py ./
+COPY flux_infer ./flux_infer
+RUN pip install --no-deps . \
+    && mkdir -p /app/weights /app/hf-cache /app/outputs \
+    && chown -R flux:flux /app/weights /app/hf-cache /app/outputs
+
+# The model folder and the hub cache live outside the image; HF_TOKEN comes from `docker run -e`.
+ENV GRADIO_SERVER_NAME=0.0.0.0 \
+    GRADIO_SERVER_PORT=7860 \
+    GRADIO_ANALYTICS_ENABLED=False \
+    HF_HUB_DISABLE_TELEMETRY=1 \
+    HF_HOME=/app/hf-cache \
+    FLUX_MODEL=/app/weights/FLUX.1-dev
+VOLUME ["/app/weights", "/app/hf-cache"]
+
+USER flux
+EXPOSE 7860
+HEALTHCHECK --interval=30s --timeout=5s --start-period=600s --retries=3 \
+    CMD curl -fsS "http://127.0.0.1:${GRADIO_SERVER_PORT}/healthz" || exit 1
+CMD ["flux-infer", "serve"]

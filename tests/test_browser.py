@@ -1,0 +1,113 @@
+"""The page in a real browser: Debian's chromium, driven by Playwright, against a live server.
+
+Installed by .ci/run (`apt-get install chromium`, `pip install playwright`; never `playwright
+install`). A screenshot of the finished page goes to $FLUX_TEST_ARTIFACTS (default test-artifacts/).
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import shutil
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from conftest import Server
+
+CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
+ARTIFACTS = Path(os.environ.get("FLUX_TEST_ARTIFACTS", "test-artifacts"))
+ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
+        "--disable-sync", "--no-first-run", "--disable-default-apps"]
+
+
+@pytest.fixture(scope="module")
+def ui_server(tiny_dir, tmp_path_factory):
+    srv = Server(["--model", str(tiny_dir), "--preview", "latent"], tmp_path_factory.mktemp("ui"))
+    yield srv
+    srv.stop()
+
+
+@pytest.fixture(scope="module")
+def browser():
+    from playwright.sync_api import sync_playwright
+
+    if not Path(CHROMIUM).is_file():
+        pytest.fail(f"chromium is not installed at {CHROMIUM}: apt-get install chromium (.ci/run does)")
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=CHROMIUM, headless=True, args=ARGS)
+        yield browser
+        browser.close()
+
+
+@pytest.fixture()
+def page(browser, ui_server):
+    """A fresh page that records every URL it asks for."""
+    context = browser.new_context(viewport={"width": 1100, "height": 1400})
+    page = context.new_page()
+    page.requested = []
+    page.on("request", lambda request: page.requested.append(request.url))
+    page.goto(ui_server.url)
+    page.get_by_placeholder("Enter your prompt").wait_for(timeout=60_000)
+    yield page
+    context.close()
+
+
+def watch_result(page, ui_server, *, size: tuple[int, int], timeout: float = 120):
+    """Poll the result image until the full-size one arrives; return (every image seen, the final)."""
+    seen, deadline = {}, time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        image = page.locator("#result img")
+        if image.count():
+            src = image.first.get_attribute("src")
+            if src and src not in seen:
+                body = page.request.get(src).body()
+                seen[src] = Image.open(io.BytesIO(body)).convert("RGB")
+                if seen[src].size == size:
+                    return list(seen.values()), seen[src]
+        time.sleep(0.05)
+    raise AssertionError(f"no {size} image within {timeout} s; saw {[i.size for i in seen.values()]}")
+
+
+def test_prompt_enter_previews_then_the_image(page, ui_server):
+    page.get_by_placeholder("Enter your prompt").fill("a lighthouse on a cliff")
+    page.get_by_placeholder("Enter your prompt").press("Enter")
+    images, final = watch_result(page, ui_server, size=(1024, 1024))
+    previews = [image for image in images if image.size == (128, 128)]  # latent previews: 1/8 size
+    assert len(previews) >= 2, [image.size for image in images]
+    assert final.size == (1024, 1024)
+
+
+def test_advanced_settings_seed_and_no_randomize(page, ui_server):
+    page.get_by_placeholder("Enter your prompt").fill("a seeded fox")
+    page.get_by_text("Advanced Settings").click()
+    page.get_by_label("number input for Seed").fill("1234")
+    page.get_by_label("number input for Width").fill("512")
+    page.get_by_label("number input for Height").fill("384")
+    page.get_by_label("number input for Number of inference steps").fill("6")
+    page.get_by_label("Randomize seed").uncheck()
+    page.get_by_role("button", name="Run").click()
+    _, final = watch_result(page, ui_server, size=(512, 384))
+    page.wait_for_function("document.querySelector('[aria-label=\"number input for Seed\"]').value === '1234'")
+    # The page's image is the one the API gives for the same settings.
+    path, seed = ui_server.client().predict("a seeded fox", 1234, False, 512, 384, 3.5, 6, api_name="/infer")
+    assert seed == 1234
+    np.testing.assert_array_equal(np.asarray(final), np.asarray(Image.open(path).convert("RGB")))
+    # The session's gallery shows what was made.
+    page.locator("#history img").first.wait_for(timeout=30_000)
+    ARTIFACTS.mkdir(parents=True, exist_ok=True)
+    page.screenshot(path=str(ARTIFACTS / "ui.png"), full_page=True)
+    assert (ARTIFACTS / "ui.png").stat().st_size > 10_000
+
+
+def test_the_page_loads_nothing_from_outside(page, ui_server):
+    # Gradio keeps an event stream open, so "network idle" never comes: wait for the whole page.
+    page.wait_for_load_state("load")
+    page.get_by_text("an anime illustration of a wiener schnitzel").wait_for()
+    page.wait_for_timeout(2000)
+    outside = [url for url in page.requested
+               if not url.startswith((ui_server.url, "data:", "blob:", "about:"))]
+    assert page.requested and not outside, outside
