@@ -139,6 +139,14 @@ def _parser() -> argparse.ArgumentParser:
                        help="delete the server's temporary image files after this long (default: %(default)g)")
     serve.add_argument("--no-log-prompts", dest="log_prompts", action="store_false",
                        help="keep prompts out of the log (their length is logged instead)")
+    cluster = serve.add_argument_group("scale out on Ray Serve (pip install 'flux-infer[ray]')")
+    cluster.add_argument("--replicas", type=int, default=None,
+                         help="run generation on N Ray Serve replicas, one GPU each (default: in this process)")
+    cluster.add_argument("--min-replicas", type=int, default=None, help="autoscale between these bounds")
+    cluster.add_argument("--max-replicas", type=int, default=None, help="autoscale between these bounds")
+    cluster.add_argument("--ray-address", default=os.environ.get("RAY_ADDRESS"),
+                         help="join this Ray cluster (from `ray start --head`) instead of starting one here "
+                         "(default: $RAY_ADDRESS)")
     serve.add_argument(
         "--image-format",
         choices=settings.IMAGE_FORMATS,
@@ -163,22 +171,18 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _load(args, *, preview: str = "none", preview_every: int = 1, taef1: str | None = None):
-    from flux_infer.inference import FluxInference
-    from flux_infer.loading import load_pipeline
-    from flux_infer.previews import load_preview_decoder
+def _spec(args, *, preview: str = "none", preview_every: int = 1, taef1: str | None = None):
+    from flux_infer.loading import InferenceSpec
 
-    options = _options(args)
-    pipeline, _, placement, runtime = load_pipeline(
-        args.model, base_model=args.base_model, device=args.device, dtype=args.dtype, options=options,
-        loras=tuple(args.lora),
-    )
-    decoder = load_preview_decoder(preview, taef1=taef1, device=placement.device, dtype=placement.dtype)
-    inference = FluxInference(pipeline, runtime=runtime, preview=decoder, preview_every=preview_every,
-                              progress_bar=args.command == "generate")
-    if options.compile:
-        inference.warm_up(options.compile_sizes, *options.warm_up_runs())
-    return inference
+    return InferenceSpec(model=args.model, base_model=args.base_model, device=args.device, dtype=args.dtype,
+                         options=_options(args), loras=tuple(args.lora), preview=preview,
+                         preview_every=preview_every, taef1=taef1, progress_bar=args.command == "generate")
+
+
+def _load(args, **preview):
+    from flux_infer.loading import load_inference
+
+    return load_inference(_spec(args, **preview))
 
 
 def _serve(args) -> int:
@@ -194,8 +198,17 @@ def _serve(args) -> int:
 
     config = ServerConfig(host=args.host, port=args.port, auth=parse_auth(args.auth) if args.auth else None,
                           api_key=args.api_key, mcp=args.mcp, keep_outputs=args.keep_outputs)
-    inference = _load(args, preview=args.preview, preview_every=args.preview_every, taef1=args.taef1)
-    service = Service(inference, max_queue=args.max_queue, output_dir=args.output_dir, log_prompts=args.log_prompts)
+    preview = dict(preview=args.preview, preview_every=args.preview_every, taef1=args.taef1)
+    if args.replicas is None and args.max_replicas is None and args.ray_address is None:
+        inference, concurrency = _load(args, **preview), 1
+    else:
+        from flux_infer.cluster import ClusterConfig, start
+
+        cluster = ClusterConfig(replicas=args.replicas or 1, min_replicas=args.min_replicas,
+                                max_replicas=args.max_replicas, address=args.ray_address)
+        inference, concurrency = start(_spec(args, **preview), cluster), cluster.most_replicas
+    service = Service(inference, max_queue=args.max_queue, output_dir=args.output_dir, log_prompts=args.log_prompts,
+                      concurrency=concurrency)
     demo = build_demo(service, image_format=args.image_format, keep_outputs=args.keep_outputs)
     serve(service, demo, config)
     return 0

@@ -61,6 +61,8 @@ class GenerationResult:
     seconds: float
     # Steps whose transformer pass a --cache skipped (0 without a cache).
     cached_steps: int = 0
+    # The Ray Serve replica that made it ("" in a single process).
+    replica: str = ""
 
 
 def _number(name: str, value: Any, limits: Range, *, whole: bool) -> float:

@@ -310,3 +310,37 @@ def load_pipeline(
     apply_loras(pipeline, loras)
     runtime = tuning.Runtime(pipeline, options, plan, placement.device).apply(placement)
     return Loaded(pipeline, source, placement, runtime)
+
+
+@dataclass(frozen=True)
+class InferenceSpec:
+    """Everything needed to build a FluxInference: what the CLI asked for, picklable, so that Ray
+    Serve replicas build theirs exactly as a single-process server does."""
+
+    model: str | None = None
+    base_model: str | None = None
+    device: str | None = None
+    dtype: str | None = None
+    options: object = None  # flux_infer.tuning.Options
+    loras: tuple[tuple[str, float], ...] = ()
+    preview: str = "none"
+    preview_every: int = 1
+    taef1: str | None = None
+    progress_bar: bool = False
+
+
+def load_inference(spec: InferenceSpec):
+    """Load the pipeline and preview decoder for `spec`, warm up compiled graphs; a FluxInference."""
+    from flux_infer import tuning
+    from flux_infer.inference import FluxInference
+    from flux_infer.previews import load_preview_decoder
+
+    options = spec.options or tuning.Options()
+    pipeline, _, placement, runtime = load_pipeline(spec.model, base_model=spec.base_model, device=spec.device,
+                                                    dtype=spec.dtype, options=options, loras=spec.loras)
+    decoder = load_preview_decoder(spec.preview, taef1=spec.taef1, device=placement.device, dtype=placement.dtype)
+    inference = FluxInference(pipeline, runtime=runtime, preview=decoder, preview_every=spec.preview_every,
+                              progress_bar=spec.progress_bar)
+    if options.compile:
+        inference.warm_up(options.compile_sizes, *options.warm_up_runs())
+    return inference

@@ -130,7 +130,7 @@ def build_app(service, demo, config: ServerConfig):
     app.include_router(openai_api.router(service, api_key=config.api_key, files=files))
 
     app.add_middleware(BodyLimit)
-    demo.queue(default_concurrency_limit=1, max_size=service.max_queue)
+    demo.queue(default_concurrency_limit=service.concurrency, max_size=service.max_queue)
     return gr.mount_gradio_app(
         app, demo, path="/", server_name=config.host, server_port=config.port,
         auth=config.auth, mcp_server=config.mcp or None, css=CSS,

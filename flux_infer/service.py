@@ -67,8 +67,9 @@ class Metrics:
 
 class Service:
     def __init__(self, inference: FluxInference, *, max_queue: int = settings.DEFAULT_MAX_QUEUE,
-                 output_dir: Path | None = None, log_prompts: bool = True):
+                 output_dir: Path | None = None, log_prompts: bool = True, concurrency: int = 1):
         self.inference = inference
+        self.concurrency = concurrency  # generations at once: 1, or the Ray Serve replicas
         self.max_queue = max_queue
         self.output_dir = Path(output_dir) if output_dir else None
         self.log_prompts = log_prompts

@@ -72,6 +72,15 @@ def watch_result(page, ui_server, *, size: tuple[int, int], timeout: float = 120
     raise AssertionError(f"no {size} image within {timeout} s; saw {[i.size for i in seen.values()]}")
 
 
+def set_slider(page, label: str, value: str) -> None:
+    """Type into a slider's number box, leave it, and wait until the slider itself has the value."""
+    box = page.get_by_label(f"number input for {label}")
+    box.fill(value)
+    box.press("Tab")
+    page.wait_for_function("([label, value]) => document.querySelector(`[aria-label=\"range slider for ${label}\"]`)"
+                           ".value === value", arg=[label, value], timeout=10_000)
+
+
 def test_prompt_enter_previews_then_the_image(page, ui_server):
     page.get_by_placeholder("Enter your prompt").fill("a lighthouse on a cliff")
     page.get_by_placeholder("Enter your prompt").press("Enter")
@@ -84,10 +93,8 @@ def test_prompt_enter_previews_then_the_image(page, ui_server):
 def test_advanced_settings_seed_and_no_randomize(page, ui_server):
     page.get_by_placeholder("Enter your prompt").fill("a seeded fox")
     page.get_by_text("Advanced Settings").click()
-    page.get_by_label("number input for Seed").fill("1234")
-    page.get_by_label("number input for Width").fill("512")
-    page.get_by_label("number input for Height").fill("384")
-    page.get_by_label("number input for Number of inference steps").fill("6")
+    for label, value in [("Seed", "1234"), ("Width", "512"), ("Height", "384"), ("Number of inference steps", "6")]:
+        set_slider(page, label, value)
     page.get_by_label("Randomize seed").uncheck()
     page.get_by_role("button", name="Run").click()
     _, final = watch_result(page, ui_server, size=(512, 384))

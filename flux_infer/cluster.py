@@ -1,0 +1,183 @@
+"""Scale out on Ray Serve: N replicas of the pipeline, one GPU each, behind the one front end.
+
+`serve --replicas N` (or `--min-replicas/--max-replicas` for autoscaling) starts Ray locally, or
+joins a cluster with `--ray-address`, and deploys `Generator`: each replica loads the pipeline from
+the same `InferenceSpec` a single-process server uses, and streams each step (with its preview) and
+then the image back. The Gradio page, `/infer`, the OpenAI route and the ops routes stay in this
+process; `RemoteInference` stands where `FluxInference` stands, so nothing above it changes.
+Ray's own HTTP proxy is not started: this process is the only public endpoint.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from dataclasses import asdict, dataclass
+
+from flux_infer.inference import GenerationCancelled, GenerationFailed, GenerationRequest, GenerationResult
+
+log = logging.getLogger(__name__)
+
+APP_NAME = "flux-infer"
+NAMESPACE = "flux-infer"
+
+
+@dataclass(frozen=True)
+class ClusterConfig:
+    replicas: int = 1
+    min_replicas: int | None = None  # autoscaling bounds; both None: a fixed `replicas`
+    max_replicas: int | None = None
+    address: str | None = None  # an existing cluster (`ray start --head` prints it); None: start one here
+    gpus_per_replica: float | None = None  # None: 1 when this machine has CUDA, else 0
+    cpus_per_replica: float | None = None  # None: 1 with a GPU, else this machine's cores / replicas
+
+    @property
+    def most_replicas(self) -> int:
+        return self.max_replicas or self.replicas
+
+    def check(self) -> None:
+        if self.replicas < 1:
+            raise ValueError(f"--replicas must be at least 1, got {self.replicas}")
+        if (self.min_replicas is None) != (self.max_replicas is None):
+            raise ValueError("--min-replicas and --max-replicas go together")
+        if self.min_replicas is not None and not 0 <= self.min_replicas <= self.max_replicas >= 1:
+            raise ValueError("autoscaling needs 0 <= --min-replicas <= --max-replicas and --max-replicas >= 1")
+
+
+class ArrayFrame:
+    """A preview that came over Ray as a uint8 array; `image()` as the web layer expects."""
+
+    def __init__(self, pixels):
+        self._pixels = pixels
+
+    def image(self):
+        from PIL import Image
+
+        return Image.fromarray(self._pixels)
+
+
+def _make_deployment():
+    from ray import serve
+
+    @serve.deployment(max_ongoing_requests=1)
+    class Generator:
+        """One pipeline. `generate()` streams ("step", index, total, preview array) items, then
+        ("result", image array, info); a cancelled call stops its denoising at the step's end."""
+
+        def __init__(self, spec):
+            from flux_infer.loading import load_inference
+
+            logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+            self.replica = serve.get_replica_context().replica_id.unique_id
+            self.inference = load_inference(spec)
+            log.info("replica %s ready (pid %d)", self.replica, os.getpid())
+
+        async def generate(self, request: dict):
+            import asyncio
+            import functools
+            import threading
+
+            import numpy as np
+
+            log.info("replica %s (pid %d) starting seed %d", self.replica, os.getpid(), request["seed"])
+            loop = asyncio.get_running_loop()
+            steps: asyncio.Queue = asyncio.Queue()
+            cancel = threading.Event()
+
+            def on_step(step):
+                loop.call_soon_threadsafe(steps.put_nowait, step)
+
+            worker = loop.run_in_executor(None, functools.partial(
+                self.inference.run, GenerationRequest(**request), on_step=on_step, cancel=cancel))
+            worker.add_done_callback(lambda _: steps.put_nowait(None))
+            try:
+                while (step := await steps.get()) is not None:
+                    preview = np.asarray(step.preview.image()) if step.preview is not None else None
+                    yield ("step", step.index, step.total, preview)
+                result = await worker
+            finally:
+                cancel.set()
+            log.info("replica %s generated seed %d in %.2f s", self.replica, result.seed, result.seconds)
+            yield ("result", np.asarray(result.image), dict(info=dict(result.image.info), seconds=result.seconds,
+                                                            cached_steps=result.cached_steps, replica=self.replica))
+
+    return Generator
+
+
+def start(spec, config: ClusterConfig):
+    """Start or join Ray, deploy the replicas (waiting until they have loaded), return RemoteInference."""
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    config.check()
+    import ray
+    import torch
+    from ray import serve
+
+    gpus = config.gpus_per_replica
+    if gpus is None:
+        gpus = 1 if torch.cuda.is_available() else 0
+    cpus = config.cpus_per_replica
+    if cpus is None:
+        cpus = 1 if gpus else max(0.5, (os.cpu_count() or 1) / config.most_replicas)
+    threads = str(max(1, int(cpus)))
+    if config.address:
+        ray.init(address=config.address, namespace=NAMESPACE, log_to_driver=True)
+    else:
+        ray.init(namespace=NAMESPACE, include_dashboard=False, log_to_driver=True)
+    serve.start(proxy_location="Disabled")
+    scaling = (dict(autoscaling_config=dict(min_replicas=config.min_replicas, max_replicas=config.max_replicas,
+                                            target_ongoing_requests=1))
+               if config.max_replicas is not None else dict(num_replicas=config.replicas))
+    deployment = _make_deployment().options(
+        ray_actor_options=dict(num_gpus=gpus, num_cpus=cpus,
+                               runtime_env=dict(env_vars={"OMP_NUM_THREADS": threads,
+                                                          "RAY_USAGE_STATS_ENABLED": "0"})),
+        **scaling)
+    started = time.perf_counter()
+    handle = serve.run(deployment.bind(spec), name=APP_NAME, route_prefix=None)
+    log.info("Ray Serve: %s replicas (%g GPU, %g CPU each) ready in %.0f s%s",
+             f"{config.min_replicas}-{config.max_replicas}" if config.max_replicas is not None else config.replicas,
+             gpus, cpus, time.perf_counter() - started, f", cluster {config.address}" if config.address else "")
+    return RemoteInference(handle)
+
+
+class RemoteInference:
+    """FluxInference's run() over a Ray Serve handle: steps and previews stream back as they come."""
+
+    def __init__(self, handle):
+        self.handle = handle
+
+    def run(self, request: GenerationRequest, *, on_step=None, cancel=None) -> GenerationResult:
+        from PIL import Image
+        from ray.exceptions import RayError
+
+        from flux_infer.previews import Step
+
+        started = time.perf_counter()
+        stream = self.handle.options(stream=True).generate.remote(asdict(request))
+        try:
+            for item in stream:
+                if cancel is not None and cancel.is_set():
+                    stream.cancel()
+                    raise GenerationCancelled(f"cancelled after step {item[1] if item[0] == 'step' else '?'}")
+                if item[0] == "step":
+                    _, index, total, preview = item
+                    if on_step is not None:
+                        on_step(Step(index=index, total=total,
+                                     preview=ArrayFrame(preview) if preview is not None else None))
+                    continue
+                _, pixels, extra = item
+                image = Image.fromarray(pixels)
+                image.info.update(extra["info"])
+                log.info("replica %s served seed %d", extra["replica"], request.seed)
+                return GenerationResult(image=image, seed=request.seed, request=request,
+                                        seconds=time.perf_counter() - started, cached_steps=extra["cached_steps"],
+                                        replica=extra["replica"])
+        except RayError as err:
+            cause = type(getattr(err, "cause", None) or err).__name__
+            if "Cancelled" in cause or "TaskCancelled" in type(err).__name__:
+                raise GenerationCancelled("cancelled") from None
+            log.error("replica failed: %s", str(err).splitlines()[0][:300])
+            raise GenerationFailed("the replica serving this request stopped before it finished "
+                                   f"({type(err).__name__}); try again: Ray Serve replaces it") from None
+        raise GenerationFailed("the replica ended the stream without an image; try again")

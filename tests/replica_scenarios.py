@@ -1,0 +1,120 @@
+"""The Ray Serve scenarios, run by tests/test_replicas.py inside a network namespace with only
+loopback (Ray probes outside addresses at start). Not collected by pytest on its own.
+
+    unshare -n sh -c 'ip link set lo up && python tests/replica_scenarios.py TINY_DIR WORKDIR'
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import numpy as np
+from PIL import Image
+
+TELEMETRY_OFF = {"GRADIO_ANALYTICS_ENABLED": "False", "HF_HUB_DISABLE_TELEMETRY": "1", "HF_HUB_OFFLINE": "1",
+                 "RAY_USAGE_STATS_ENABLED": "0"}
+
+
+def main(tiny: str, workdir: Path) -> None:
+    from gradio_client import Client
+    from gradio_client.exceptions import AppError
+
+    from flux_infer.loading import InferenceSpec, load_inference
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    log_path = workdir / "replicas.log"
+    server = subprocess.Popen(
+        [sys.executable, "-m", "flux_infer", "serve", "--model", tiny, "--replicas", "2", "--port", str(port),
+         "--preview", "latent"], stdout=open(log_path, "wb"), stderr=subprocess.STDOUT,
+        env={**os.environ, **TELEMETRY_OFF, "RAY_DEDUP_LOGS": "0"}, cwd=workdir)
+    url = f"http://127.0.0.1:{port}/"
+    try:
+        deadline = time.monotonic() + 240
+        while True:
+            assert server.poll() is None and time.monotonic() < deadline, log_path.read_text()[-3000:]
+            try:
+                if httpx.get(url + "healthz", timeout=2).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                time.sleep(0.5)
+        log = lambda: log_path.read_text(errors="replace")  # noqa: E731
+        client = Client(url, verbose=False)
+
+        # 4 concurrent requests are spread over both replicas.
+        with concurrent.futures.ThreadPoolExecutor(4) as pool:
+            jobs = [pool.submit(client.predict, "a ray of light", seed, False, 512, 512, 3.5, 8, api_name="/infer")
+                    for seed in range(4)]
+            outputs = [job.result(timeout=300) for job in jobs]
+        assert [seed for _, seed in outputs] == [0, 1, 2, 3]
+        served = set(re.findall(r"replica (\w+) served seed [0-3]\b", log()))
+        assert len(served) == 2, log()[-3000:]
+        print(f"4 concurrent requests served by replicas {sorted(served)}")
+
+        # The same seed gives the same pixels as a single process with the replicas' thread count
+        # (on a CPU the number of threads changes float rounding; on GPUs it does not apply).
+        import torch
+
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // 2))
+        reference = load_inference(InferenceSpec(model=tiny, device="cpu")).infer(
+            "a ray of light", seed=0, randomize_seed=False, width=512, height=512, num_inference_steps=8)
+        np.testing.assert_array_equal(np.asarray(Image.open(outputs[0][0]).convert("RGB")),
+                                      np.asarray(reference.image.convert("RGB")))
+        print("seed 0: pixel-identical to the single-process pipeline")
+
+        # Previews stream back from the replica.
+        streamed = list(client.submit("previews", 5, False, 512, 512, 3.5, 6, api_name="/infer"))
+        assert len(streamed) >= 7, len(streamed)
+        print(f"submit() streamed {len(streamed)} outputs for 6 steps")
+
+        # The OpenAI route goes to the replicas too.
+        body = httpx.post(url + "v1/images/generations", timeout=300,
+                          json={"prompt": "a ray of light", "size": "512x512", "seed": 0,
+                                "num_inference_steps": 8}).json()
+        assert body["seeds"] == [0], body
+
+        # A replica killed mid-generation: that request gets a clear error, the next is served, and
+        # Ray Serve starts a replacement.
+        job = client.submit("doomed", 77, False, 1024, 1024, 3.5, 28, api_name="/infer")
+        deadline = time.monotonic() + 60
+        while not (match := re.search(r"replica (\w+) \(pid (\d+)\) starting seed 77", log())):
+            assert time.monotonic() < deadline, log()[-3000:]
+            time.sleep(0.1)
+        victim, pid = match.group(1), int(match.group(2))
+        time.sleep(1)
+        os.kill(pid, signal.SIGKILL)
+        started = time.monotonic()
+        try:
+            job.result(timeout=120)
+            raise AssertionError("the killed replica's request did not fail")
+        except AppError as err:
+            assert "the replica serving this request stopped" in str(err), str(err)
+        print(f"killed replica {victim}: its request failed in {time.monotonic() - started:.1f} s with: "
+              "the replica serving this request stopped ...")
+        assert client.predict("after", 8, False, 256, 256, 3.5, 2, api_name="/infer")[1] == 8
+        deadline = time.monotonic() + 120
+        while len(set(re.findall(r"replica (\w+) ready", log())) - {victim}) < 2:
+            assert time.monotonic() < deadline, log()[-3000:]
+            time.sleep(0.5)
+        print(f"replacement ready {time.monotonic() - started:.0f} s after the kill")
+    finally:
+        server.send_signal(signal.SIGTERM)
+        try:
+            server.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            server.kill()
+    print("OK")
+
+
+if __name__ == "__main__":
+    main(sys.argv[1], Path(sys.argv[2]))
