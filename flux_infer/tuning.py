@@ -324,8 +324,14 @@ class Runtime:
         if options.compile:
             if options.cache is None:
                 transformer.compile_repeated_blocks(fullgraph=True)
-            else:  # the cache hooks are torch.compiler.disable()d: they split the graph
-                transformer.compile_repeated_blocks(fullgraph=False)
+            else:
+                # The cache hooks are torch.compiler.disable()d, so the graph splits around them
+                # (fullgraph off). The last single block stays eager: the step counter's hook
+                # lives there, and compiled graphs do not call it.
+                last = transformer.single_transformer_blocks[-1]
+                for block in [*transformer.transformer_blocks, *transformer.single_transformer_blocks]:
+                    if block is not last:
+                        block.compile(fullgraph=False)
             pipe.vae.to(memory_format=torch.channels_last)
             pipe.vae.decoder.compile()
         log.info("options: %s; fused QKV %s; attention %s; cache %s; compile %s; VAE tiling %s",
