@@ -199,7 +199,12 @@ def test_soak_300_requests_memory_and_temp_files_stay_bounded(tiny_dir, tmp_path
         print(f"soak: 300 requests in {seconds:.0f} s, RSS {baseline / 2**20:.0f} -> "
               f"{process.memory_info().rss / 2**20:.0f} MiB, temp files per 30 requests {files}")
         assert growth < 50 * 2**20, [r // 2**20 for r in rss]
-        # Temporary files are swept every few seconds: they track the last seconds, not all 300.
-        assert max(files[2:]) < 150, files
+        # Temporary files are swept on Gradio's own timer: fewer than one per request at any point,
+        # and once the requests stop, all of them go within a few sweeps.
+        assert max(files) < 300, files
+        deadline = time.monotonic() + 60
+        while (left := sum(1 for path in temp.rglob("*") if path.is_file())) > 5:
+            assert time.monotonic() < deadline, f"{left} temporary files left 60 s after the soak; {files}"
+            time.sleep(1)
     finally:
         srv.stop()
