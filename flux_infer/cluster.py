@@ -74,30 +74,21 @@ def _make_deployment():
             log.info("replica %s ready (pid %d)", self.replica, os.getpid())
 
         async def generate(self, request: dict):
-            import asyncio
-            import functools
-            import threading
-
             import numpy as np
 
+            from flux_infer.inference import stream_run
+
             log.info("replica %s (pid %d) starting seed %d", self.replica, os.getpid(), request["seed"])
-            loop = asyncio.get_running_loop()
-            steps: asyncio.Queue = asyncio.Queue()
-            cancel = threading.Event()
-
-            def on_step(step):
-                loop.call_soon_threadsafe(steps.put_nowait, step)
-
-            worker = loop.run_in_executor(None, functools.partial(
-                self.inference.run, GenerationRequest(**request), on_step=on_step, cancel=cancel))
-            worker.add_done_callback(lambda _: steps.put_nowait(None))
+            steps = stream_run(self.inference.run, GenerationRequest(**request))
             try:
-                while (step := await steps.get()) is not None:
-                    preview = np.asarray(step.preview.image()) if step.preview is not None else None
-                    yield ("step", step.index, step.total, preview)
-                result = await worker
+                async for item in steps:
+                    if isinstance(item, GenerationResult):
+                        result = item
+                        continue
+                    preview = np.asarray(item.preview.image()) if item.preview is not None else None
+                    yield ("step", item.index, item.total, preview)
             finally:
-                cancel.set()
+                await steps.aclose()
             log.info("replica %s generated seed %d in %.2f s", self.replica, result.seed, result.seconds)
             yield ("result", np.asarray(result.image), dict(info=dict(result.image.info), seconds=result.seconds,
                                                             cached_steps=result.cached_steps, replica=self.replica))

@@ -255,3 +255,40 @@ class FluxInference:
     def infer(self, prompt: Any, **arguments: Any) -> GenerationResult:
         """The Space's infer() without previews: validate, pick the seed, generate."""
         return self.run(build_request(prompt, **arguments))
+
+
+def _log_stopped(worker) -> None:
+    err = worker.exception()
+    if err is not None:
+        log.info("generation stopped: %s", err)
+
+
+async def stream_run(run, request: GenerationRequest):
+    """Run `run(request, on_step=..., cancel=...)` in a worker thread and yield, on the event loop,
+    each Step as the denoising reports it and then the GenerationResult (or raise its error).
+
+    When the consumer stops iterating (a cancelled job, a closed page, a cancelled Ray stream),
+    the `finally` sets `cancel`, which stops the denoising at the end of the current step.
+    """
+    import asyncio
+    import functools
+
+    loop = asyncio.get_running_loop()
+    steps: asyncio.Queue = asyncio.Queue()
+    cancel = threading.Event()
+
+    def on_step(step):  # called on the denoising thread
+        loop.call_soon_threadsafe(steps.put_nowait, step)
+
+    worker = loop.run_in_executor(None, functools.partial(run, request, on_step=on_step, cancel=cancel))
+    # The worker's end is queued after its last step (both arrive through the loop in order).
+    worker.add_done_callback(lambda _: steps.put_nowait(None))
+    try:
+        while (step := await steps.get()) is not None:
+            yield step
+        yield worker.result()
+    finally:
+        if not worker.done():
+            log.info("caller cancelled or went away: stopping at the end of the current step")
+            worker.add_done_callback(_log_stopped)
+        cancel.set()

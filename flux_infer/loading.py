@@ -36,6 +36,14 @@ PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin", ".pkl", ".pickle")
 PICKLE_REFUSED = ("{path} is a pickle-based checkpoint, which can run code when loaded: flux-infer reads only "
                   "safetensors and GGUF. Use the .safetensors release of these weights (or convert them once, "
                   "somewhere you trust, with safetensors' torch.save_file)")
+
+
+def refuse_pickle(path: str | Path) -> None:
+    """ModelLoadError for a pickle-based file name (see PICKLE_SUFFIXES)."""
+    if str(path).lower().endswith(PICKLE_SUFFIXES):
+        raise ModelLoadError(PICKLE_REFUSED.format(path=path))
+
+
 _REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
 
@@ -93,8 +101,7 @@ def resolve_source(model: str | None = None, *, base_model: str | None = None) -
     if model == settings.TINY_MODEL_NAME:
         return ModelSource("tiny", str(tiny_model_dir()))
     path = Path(model).expanduser()
-    if model.lower().endswith(PICKLE_SUFFIXES):
-        raise ModelLoadError(PICKLE_REFUSED.format(path=model))
+    refuse_pickle(model)
     if model.endswith(SINGLE_FILE_SUFFIXES):
         if not path.is_file():
             raise ModelLoadError(f"transformer checkpoint {model} does not exist. {settings.DOWNLOAD_HINT}")
@@ -227,8 +234,7 @@ def apply_loras(pipeline, loras) -> None:
         return
     names, scales = [], []
     for index, (path, scale) in enumerate(loras):
-        if path.lower().endswith(PICKLE_SUFFIXES):
-            raise ModelLoadError(PICKLE_REFUSED.format(path=path))
+        refuse_pickle(path)
         if not Path(path).is_file():
             raise ModelLoadError(f"LoRA file {path} does not exist (--lora PATH[:SCALE])")
         name = f"lora{index}"

@@ -11,15 +11,17 @@ so a seed gives the same image through either door. Every field is either used o
 
 import base64
 import io
+import json
 import logging
 import re
 import secrets
 import tempfile
 import time
+from dataclasses import replace
 from pathlib import Path
 
 from flux_infer import settings
-from flux_infer.inference import GenerationFailed, InvalidRequest, build_request
+from flux_infer.inference import GenerationFailed, InvalidRequest, build_request, draw_seed
 from flux_infer.service import Busy, Service, new_request_id
 
 log = logging.getLogger(__name__)
@@ -78,17 +80,13 @@ def parse_body(body: object) -> dict:
                      guidance_scale=body.get("guidance_scale", settings.GUIDANCE_SCALE.default),
                      num_inference_steps=body.get("num_inference_steps", settings.NUM_INFERENCE_STEPS.default))
     try:
-        requests = []
-        for index in range(n):
-            if seed is None:
-                requests.append(build_request(body["prompt"], randomize_seed=True, **arguments))
-            else:
-                first = build_request(body["prompt"], seed=seed, randomize_seed=False, **arguments)
-                requests.append(build_request(body["prompt"], seed=(first.seed + index) % (settings.MAX_SEED + 1),
-                                              randomize_seed=False, **arguments))
+        base = build_request(body["prompt"], seed=0 if seed is None else seed, randomize_seed=False, **arguments)
     except InvalidRequest as err:
         param = str(err).split(" ", 1)[0]
         raise ApiError(400, str(err), param=param if param in FIELDS or param in ("width", "height") else None) from None
+    # Image i gets seed + i (wrapping in the Space's range), or a fresh random seed each.
+    seeds = [draw_seed() if seed is None else (base.seed + index) % (settings.MAX_SEED + 1) for index in range(n)]
+    requests = [replace(base, seed=image_seed) for image_seed in seeds]
     return {"requests": requests, "response_format": response_format, "user": body.get("user")}
 
 
@@ -164,8 +162,6 @@ def router(service: Service, *, api_key: str | None = None, files: ImageFiles | 
             if len(raw) > MAX_BODY_BYTES:
                 raise ApiError(413, f"the body is {len(raw)} bytes; the limit is {MAX_BODY_BYTES}")
             try:
-                import json
-
                 body = json.loads(raw)
             except (ValueError, RecursionError):  # RecursionError: nested too deep to be a real request
                 raise ApiError(400, "the body is not valid JSON") from None

@@ -9,16 +9,16 @@ recent images (a private event: the API still has the one endpoint).
 
 from __future__ import annotations
 
-import asyncio
 import functools
 import logging
-import threading
 
 from flux_infer import settings
-from flux_infer.inference import GenerationFailed, InvalidRequest, build_request
+from flux_infer.inference import GenerationFailed, InvalidRequest, build_request, stream_run
+from flux_infer.previews import Step
 from flux_infer.service import Busy, Service, new_request_id
 
 log = logging.getLogger(__name__)
+
 
 def _slider(label: str, limits: settings.Range):
     import gradio as gr
@@ -41,12 +41,6 @@ def _gradio_error(err: Exception):
     log.error("generation failed", exc_info=err)
     return gr.Error(f"generation failed ({type(err).__name__}); the server log has the details",
                     title="Generation failed")
-
-
-def _log_stopped(worker) -> None:
-    err = worker.exception()
-    if err is not None:
-        log.info("generation stopped: %s", err)
 
 
 def make_handler(service: Service, route: str = "gradio"):
@@ -96,32 +90,20 @@ def make_handler(service: Service, route: str = "gradio"):
         except InvalidRequest as err:
             service.count_rejected(route, "invalid")
             raise _gradio_error(err) from None
-        loop = asyncio.get_running_loop()
-        steps: asyncio.Queue = asyncio.Queue()
-        cancel = threading.Event()
-
-        def on_step(step):  # called on the denoising thread
-            loop.call_soon_threadsafe(steps.put_nowait, step)
-
-        worker = loop.run_in_executor(None, functools.partial(service.run, request, route=route, on_step=on_step,
-                                                              cancel=cancel, request_id=new_request_id()))
-        # The worker's end is queued after its last step (both arrive through the loop in order).
-        worker.add_done_callback(lambda _: steps.put_nowait(None))
+        run = functools.partial(service.run, route=route, request_id=new_request_id())
+        steps = stream_run(run, request)
         try:
-            while (step := await steps.get()) is not None:
-                progress((step.index, step.total), desc="Denoising", unit="steps")
-                if step.preview is not None:
-                    yield step.preview.image(), request.seed
-            try:
-                result = worker.result()
-            except Exception as err:
-                raise _gradio_error(err) from None
-            yield result.image, result.seed
+            async for item in steps:
+                if isinstance(item, Step):
+                    progress((item.index, item.total), desc="Denoising", unit="steps")
+                    if item.preview is not None:
+                        yield item.preview.image(), request.seed
+                else:
+                    yield item.image, item.seed
+        except Exception as err:
+            raise _gradio_error(err) from None
         finally:
-            if not worker.done():
-                log.info("client cancelled or went away: stopping at the end of the current step")
-                worker.add_done_callback(_log_stopped)
-            cancel.set()
+            await steps.aclose()
 
     return infer
 
