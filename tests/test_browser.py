@@ -73,12 +73,26 @@ def watch_result(page, ui_server, *, size: tuple[int, int], timeout: float = 120
 
 
 def set_slider(page, label: str, value: str) -> None:
-    """Type into a slider's number box, leave it, and wait until the slider itself has the value."""
+    """Type into a slider's number box, leave it, and wait until the slider itself has the value.
+
+    The box can take the text before the page has wired it up (a just-opened accordion on a busy
+    machine), so the typing is repeated until the slider follows.
+    """
+    from playwright.sync_api import TimeoutError as PlaywrightTimeout
+
     box = page.get_by_label(f"number input for {label}")
-    box.fill(value)
-    box.press("Tab")
-    page.wait_for_function("([label, value]) => document.querySelector(`[aria-label=\"range slider for ${label}\"]`)"
-                           ".value === value", arg=[label, value], timeout=10_000)
+    box.wait_for(state="visible")
+    for attempt in range(3):
+        box.fill(value)
+        box.press("Tab")
+        try:
+            page.wait_for_function("([label, value]) => document.querySelector("
+                                   "`[aria-label=\"range slider for ${label}\"]`).value === value",
+                                   arg=[label, value], timeout=10_000)
+            return
+        except PlaywrightTimeout:
+            if attempt == 2:
+                raise
 
 
 def test_prompt_enter_previews_then_the_image(page, ui_server):
