@@ -209,7 +209,7 @@ def _serve(args) -> int:
         inference, concurrency = start(_spec(args, **preview), cluster), cluster.most_replicas
     service = Service(inference, max_queue=args.max_queue, output_dir=args.output_dir, log_prompts=args.log_prompts,
                       concurrency=concurrency)
-    demo = build_demo(service, image_format=args.image_format, keep_outputs=args.keep_outputs)
+    demo = build_demo(service, image_format=args.image_format)
     serve(service, demo, config)
     return 0
 

@@ -100,7 +100,7 @@ class ImageFiles:
     def add(self, image) -> str:
         from flux_infer.images import save_image
 
-        self.sweep()
+        self.sweep(self.keep_seconds)
         name = f"{secrets.token_hex(16)}.png"
         save_image(image, self.directory / name)
         return name
@@ -116,14 +116,18 @@ class ImageFiles:
             return None
         return path if fresh else None
 
-    def sweep(self) -> None:
-        cutoff = time.time() - self.keep_seconds
+    def sweep(self, age: float | None) -> int:
+        """Delete the files older than `age` seconds (None: all of them); returns how many."""
+        cutoff = None if age is None else time.time() - age
+        deleted = 0
         for path in self.directory.glob("*.png"):
             try:
-                if path.stat().st_mtime < cutoff:
+                if cutoff is None or path.stat().st_mtime < cutoff:
                     path.unlink()
+                    deleted += 1
             except FileNotFoundError:
                 pass
+        return deleted
 
 
 def router(service: Service, *, api_key: str | None = None, files: ImageFiles | None = None):

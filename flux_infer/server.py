@@ -6,6 +6,8 @@ at `/` beside them (with `--auth` and `--mcp` when asked), and uvicorn serves th
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import ipaddress
 import logging
 import threading
@@ -27,6 +29,8 @@ CSS = """
 # How long SIGTERM waits for generations in flight and queued, and then for their downloads.
 DRAIN_SECONDS = 120
 DOWNLOAD_GRACE_S = 2.0
+# How often images older than --keep-outputs are looked for (sooner when --keep-outputs is shorter).
+SWEEP_EVERY_S = 600.0
 # Largest request body accepted on any route: the API takes text and numbers, never uploads.
 MAX_BODY_BYTES = 1024 * 1024
 
@@ -106,9 +110,34 @@ def build_app(service, demo, config: ServerConfig):
     from fastapi import FastAPI
     from fastapi.responses import JSONResponse, Response
 
-    from flux_infer import openai_api
+    from flux_infer import openai_api, web
 
-    app = FastAPI(title="flux-infer", docs_url=None, redoc_url=None, openapi_url=None)
+    files = openai_api.ImageFiles(keep_seconds=config.keep_outputs)
+
+    def sweep(age):
+        deleted = web.sweep_files(demo, age) + files.sweep(age)
+        if deleted:
+            log.debug("deleted %d temporary image files", deleted)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app):
+        """Every so often delete the images made more than --keep-outputs seconds ago; all at the end."""
+        async def sweep_forever(every):
+            while True:
+                await asyncio.sleep(every)
+                try:
+                    await asyncio.to_thread(sweep, config.keep_outputs)
+                except OSError as err:  # a full or read-only disk: say so, try again next time
+                    log.warning("could not delete old temporary images: %s", err)
+
+        task = asyncio.create_task(sweep_forever(min(max(config.keep_outputs, 1.0), SWEEP_EVERY_S)))
+        try:
+            yield
+        finally:
+            task.cancel()
+            sweep(None)
+
+    app = FastAPI(title="flux-infer", docs_url=None, redoc_url=None, openapi_url=None, lifespan=lifespan)
 
     @app.get("/healthz")
     async def healthz():
@@ -126,7 +155,6 @@ def build_app(service, demo, config: ServerConfig):
         payload, content_type = service.metrics.render()
         return Response(payload, media_type=content_type)
 
-    files = openai_api.ImageFiles(keep_seconds=config.keep_outputs)
     app.include_router(openai_api.router(service, api_key=config.api_key, files=files))
 
     app.add_middleware(BodyLimit)

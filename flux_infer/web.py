@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import functools
 import logging
+import os
+import time
 
 from flux_infer import settings
 from flux_infer.inference import GenerationFailed, InvalidRequest, build_request, stream_run
@@ -116,20 +118,43 @@ def remember(image, seed, history):
     return history, history
 
 
-def build_demo(service: Service, *, image_format: str = settings.DEFAULT_IMAGE_FORMAT,
-               keep_outputs: float = settings.DEFAULT_KEEP_OUTPUTS_S):
-    """The Space's Blocks page wired to `service`; nothing is launched.
+def sweep_files(demo, age: float | None) -> int:
+    """Delete the temporary files Gradio made for `demo` (results, previews) older than `age` seconds,
+    all of them with None; returns how many went.
 
-    Gradio deletes the files it made (results, previews) `keep_outputs` seconds after making them.
+    Gradio's own `delete_cache` sweep walks its live sets of files from a worker thread: a request that
+    adds a file meanwhile raises "Set changed size during iteration" and ends Gradio's sweep task for
+    the life of the process, after which the files pile up. This one walks a copy (copying a set is
+    atomic under the GIL) and takes out only what it deleted. The server runs it on a timer.
     """
+    keep = set()
+    for block in demo.blocks.values():
+        keep.update(getattr(block, "keep_in_cache", ()))
+    cutoff = None if age is None else time.time() - age
+    deleted = 0
+    for files in list(demo.temp_file_sets):
+        gone = set()
+        for name in files.copy() - keep:
+            try:
+                if cutoff is None or os.lstat(name).st_ctime < cutoff:
+                    os.remove(name)
+                    gone.add(name)
+            except FileNotFoundError:
+                gone.add(name)
+        files.difference_update(gone)
+        deleted += len(gone)
+    return deleted
+
+
+def build_demo(service: Service, *, image_format: str = settings.DEFAULT_IMAGE_FORMAT):
+    """The Space's Blocks page wired to `service`; nothing is launched (nor swept: see sweep_files)."""
     import gradio as gr
 
     if image_format not in settings.IMAGE_FORMATS:
         raise ValueError(f"image_format must be one of {', '.join(settings.IMAGE_FORMATS)}, got {image_format!r}")
     infer = make_handler(service)
-    keep = max(1, int(keep_outputs))
 
-    with gr.Blocks(title="FLUX.1 [dev]", delete_cache=(min(keep, 600), keep)) as demo:
+    with gr.Blocks(title="FLUX.1 [dev]") as demo:
         with gr.Column(elem_id="col-container"):
             gr.Markdown(f"# {settings.TITLE}\n{settings.DESCRIPTION}")
             with gr.Row():

@@ -160,7 +160,8 @@ def test_a_folder_of_pickled_weights_is_refused(tmp_path, tiny_dir):
 # -- SIGTERM and soak ------------------------------------------------------------------------------
 
 def test_sigterm_drains_the_generation_in_flight_and_exits_0(tiny_dir, tmp_path):
-    srv = Server(["--model", str(tiny_dir), "--preview", "none"], tmp_path)
+    temp = tmp_path / "gradio-tmp"
+    srv = Server(["--model", str(tiny_dir), "--preview", "none"], tmp_path, env={"GRADIO_TEMP_DIR": str(temp)})
     client = srv.client()
     job = client.submit("finish me", 3, False, 1024, 1024, 3.5, 12, api_name="/infer")
     deadline = time.monotonic() + 60
@@ -172,7 +173,47 @@ def test_sigterm_drains_the_generation_in_flight_and_exits_0(tiny_dir, tmp_path)
     assert srv.process.wait(timeout=90) == 0
     log = srv.log()
     assert "shutting down: draining" in log and "generated 1024x1024" in log and "Traceback" not in log
+    assert not [path for path in temp.rglob("*") if path.is_file()]  # the server's temporary images go with it
     srv._log.close()
+
+
+def test_the_file_sweep_goes_on_while_requests_add_files(tmp_path):
+    # Gradio's own sweep dies for good when a request adds a file while it walks the set; ours must not.
+    import gradio as gr
+
+    from flux_infer.web import sweep_files
+
+    with gr.Blocks() as demo:
+        gr.Markdown("x")
+    files = demo.temp_file_sets[0]
+    old = [tmp_path / f"old-{index}.png" for index in range(3000)]
+    for path in old:
+        path.touch()
+    files.update(str(path) for path in old)
+    time.sleep(0.05)
+    stop = threading.Event()
+
+    def add_files():
+        index = 0
+        while not stop.is_set():
+            path = tmp_path / f"new-{index}.png"
+            path.touch()
+            files.add(str(path))
+            index += 1
+
+    adder = threading.Thread(target=add_files)
+    adder.start()
+    try:
+        deleted = sweep_files(demo, age=0.02)
+    finally:
+        stop.set()
+        adder.join()
+    assert deleted >= len(old)
+    assert not any(path.exists() for path in old)
+    assert all(Path(name).exists() for name in files)
+    left = len(files)
+    assert left > 0 and sweep_files(demo, age=None) == left
+    assert not files and not list(tmp_path.iterdir())
 
 
 def test_soak_300_requests_memory_and_temp_files_stay_bounded(tiny_dir, tmp_path):
