@@ -77,6 +77,7 @@ class Service:
         self.active = 0  # generations running now
         self._count_lock = threading.Lock()
         self.external_depth = lambda: 0  # set by the web layer: Gradio's own queue
+        self.waiting_changed = lambda waiting: None  # set by the web layer: Gradio's room shrinks with ours
         self.metrics = Metrics(self.queue_depth)
         self.ready = True
 
@@ -89,16 +90,19 @@ class Service:
             raise Busy("the server is shutting down: try again when it is back")
 
     def admit(self) -> None:
-        """Count a request that will wait for the lock; Busy when the queue is full or closing."""
+        """Count a request (the OpenAI route's, until its images are done) against max_queue, with Gradio's
+        queue; Busy when the queue is full or closing."""
         self.check_open()
         with self._count_lock:
             if self.queue_depth() >= self.max_queue:
                 raise Busy(f"the server is busy ({self.queue_depth()} requests waiting): try again shortly")
             self._waiting += 1
+            self.waiting_changed(self._waiting)
 
     def release(self) -> None:
         with self._count_lock:
             self._waiting -= 1
+            self.waiting_changed(self._waiting)
 
     def run(self, request, *, route: str, request_id: str | None = None, on_step=None, cancel=None):
         """Generate for a validated request, counting, timing, logging and saving it."""

@@ -195,6 +195,13 @@ def build_demo(service: Service, *, image_format: str = settings.DEFAULT_IMAGE_F
             preprocess=False,
         ).success(remember, inputs=[result, seed, history], outputs=[gallery, history], api_visibility="private",
                   show_progress="hidden", queue=False)
-    # Requests waiting in Gradio's queue count towards the server's --max-queue for other doors too.
+    # One --max-queue for every door: requests waiting in Gradio's queue count against the OpenAI
+    # route's admission, and the OpenAI route's admitted requests shrink the room in Gradio's queue.
     service.external_depth = lambda: len(demo._queue) if getattr(demo, "_queue", None) is not None else 0
+
+    def share_room(waiting: int) -> None:
+        if getattr(demo, "_queue", None) is not None and demo._queue.max_size is not None:
+            demo._queue.max_size = max(0, service.max_queue - waiting)
+
+    service.waiting_changed = share_room
     return demo

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import threading
 import time
 
 import pytest
@@ -58,3 +59,38 @@ def test_generations_do_not_overlap(small_queue_server):
     assert Status.IN_QUEUE in seen
     assert second.result(timeout=300)[1] == 2
     assert len(first.outputs()) == steps + 1
+
+
+def test_the_gradio_queue_and_the_openai_route_share_one_max_queue(small_queue_server):
+    import httpx
+    import openai
+    from gradio_client.utils import QueueError
+
+    srv = small_queue_server
+    client = srv.client()
+    api = openai.OpenAI(base_url=srv.url + "v1", api_key="not-needed", max_retries=0, timeout=300)
+    tiny = {"num_inference_steps": 1}
+    running = client.submit("hold the lock", 1, False, 1024, 1024, 3.5, 12, api_name="/infer")
+    deadline = time.monotonic() + 120
+    while not running.outputs() and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert running.outputs(), "the first generation never started"
+    # An OpenAI request takes the one place in the queue...
+    answers = {}
+    waiter = threading.Thread(target=lambda: answers.update(
+        queued=api.images.generate(prompt="queued through /v1", size="256x256", extra_body={"seed": 5, **tiny})))
+    waiter.start()
+    while httpx.get(srv.url + "readyz").json()["queue_depth"] < 1 and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert httpx.get(srv.url + "readyz").json()["queue_depth"] == 1
+    # ...so Gradio's door is full as well as the OpenAI one.
+    with pytest.raises(QueueError, match="try again"):
+        client.submit("no room", 2, False, 256, 256, 3.5, 1, api_name="/infer").result(timeout=120)
+    with pytest.raises(openai.APIStatusError, match="busy") as refused:
+        api.images.generate(prompt="no room either", size="256x256", extra_body={"seed": 6, **tiny})
+    assert refused.value.status_code == 503
+    assert running.result(timeout=300)[1] == 1
+    waiter.join(timeout=300)
+    assert answers["queued"].data[0].model_extra["seed"] == 5
+    # Once the OpenAI request is done its place is Gradio's again.
+    assert client.predict("room again", 3, False, 256, 256, 3.5, 1, api_name="/infer")[1] == 3
