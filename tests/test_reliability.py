@@ -218,34 +218,54 @@ def test_the_file_sweep_goes_on_while_requests_add_files(tmp_path):
 
 def test_soak_300_requests_memory_and_temp_files_stay_bounded(tiny_dir, tmp_path):
     import psutil
+    from openai import OpenAI
 
-    temp = tmp_path / "gradio-tmp"
-    srv = Server(["--model", str(tiny_dir), "--preview", "none", "--keep-outputs", "3"], tmp_path,
-                 env={"GRADIO_TEMP_DIR": str(temp)})
+    keep = 3
+    temp, scratch, saved = tmp_path / "gradio-tmp", tmp_path / "tmp", tmp_path / "saved"
+    scratch.mkdir()
+    srv = Server(["--model", str(tiny_dir), "--preview", "none", "--keep-outputs", str(keep),
+                  "--output-dir", str(saved)], tmp_path, env={"GRADIO_TEMP_DIR": str(temp), "TMPDIR": str(scratch)})
+
+    def temporary_files():
+        return sum(1 for root in (temp, scratch) for path in root.rglob("*") if path.is_file())
+
     try:
         process = psutil.Process(srv.process.pid)
         client = srv.client()
-        rss, files = [], []
+        api = OpenAI(base_url=srv.url + "v1", api_key="not-needed", max_retries=0)
+        rss, files, finished = [], [], []
         started = time.monotonic()
         for index in range(300):
-            _, seed = client.predict(f"soak {index}", index, False, 256, 256, 3.5, 1, api_name="/infer")
-            assert seed == index
+            if index % 10 == 9:  # every tenth through the OpenAI route, as a url file
+                response = api.images.generate(prompt=f"soak {index}", size="256x256", response_format="url",
+                                               extra_body={"seed": index, "num_inference_steps": 1})
+                assert response.data[0].model_extra["seed"] == index and response.data[0].url
+            else:
+                _, seed = client.predict(f"soak {index}", index, False, 256, 256, 3.5, 1, api_name="/infer")
+                assert seed == index
+            finished.append(time.monotonic())
             if index == 30:
                 baseline = process.memory_info().rss
             if index % 30 == 0:
                 rss.append(process.memory_info().rss)
-                files.append(sum(1 for _ in temp.rglob("*") if _.is_file()))
+                # Each request leaves one temporary file, deleted `keep` s later by a sweep every `keep` s:
+                # at most the requests of the last 2 * keep s (and some slack for a slow sweep) are there.
+                recent = sum(1 for at in finished if at > time.monotonic() - 2 * keep - 3)
+                files.append((temporary_files(), recent))
         growth = process.memory_info().rss - baseline
         seconds = time.monotonic() - started
         print(f"soak: 300 requests in {seconds:.0f} s, RSS {baseline / 2**20:.0f} -> "
-              f"{process.memory_info().rss / 2**20:.0f} MiB, temp files per 30 requests {files}")
+              f"{process.memory_info().rss / 2**20:.0f} MiB, (temporary files, requests in the last "
+              f"{2 * keep + 3} s) per 30 requests {files}")
         assert growth < 50 * 2**20, [r // 2**20 for r in rss]
-        # Temporary files are swept on Gradio's own timer: fewer than one per request at any point,
-        # and once the requests stop, all of them go within a few sweeps.
-        assert max(files) < 300, files
-        deadline = time.monotonic() + 60
-        while (left := sum(1 for path in temp.rglob("*") if path.is_file())) > 5:
-            assert time.monotonic() < deadline, f"{left} temporary files left 60 s after the soak; {files}"
+        assert all(count <= recent + 2 for count, recent in files), files
+        # --output-dir keeps exactly what was asked for: an image and its settings per request, nothing else.
+        assert sorted({path.suffix for path in saved.iterdir()}) == [".json", ".png"]
+        assert len(list(saved.glob("*.png"))) == len(list(saved.glob("*.json"))) == 300
+        # Once requests stop, every temporary file goes within a few sweeps.
+        deadline = time.monotonic() + 30
+        while (left := temporary_files()) > 0:
+            assert time.monotonic() < deadline, f"{left} temporary files left 30 s after the soak; {files}"
             time.sleep(1)
     finally:
         srv.stop()
