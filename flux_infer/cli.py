@@ -199,13 +199,18 @@ def _serve(args) -> int:
     config = ServerConfig(host=args.host, port=args.port, auth=parse_auth(args.auth) if args.auth else None,
                           api_key=args.api_key, mcp=args.mcp, keep_outputs=args.keep_outputs)
     preview = dict(preview=args.preview, preview_every=args.preview_every, taef1=args.taef1)
-    if args.replicas is None and args.max_replicas is None and args.ray_address is None:
+    if args.replicas is None and args.min_replicas is None and args.max_replicas is None and args.ray_address is None:
         inference, concurrency = _load(args, **preview), 1
     else:
         from flux_infer.cluster import ClusterConfig, start
 
-        cluster = ClusterConfig(replicas=args.replicas or 1, min_replicas=args.min_replicas,
-                                max_replicas=args.max_replicas, address=args.ray_address)
+        if args.replicas is not None and (args.min_replicas is not None or args.max_replicas is not None):
+            raise ValueError("--replicas is a fixed count: leave it out when autoscaling with "
+                             "--min-replicas/--max-replicas")
+        cluster = ClusterConfig(replicas=1 if args.replicas is None else args.replicas,
+                                min_replicas=args.min_replicas, max_replicas=args.max_replicas,
+                                address=args.ray_address)
+        cluster.check()  # before the model or Ray is touched
         inference, concurrency = start(_spec(args, **preview), cluster), cluster.most_replicas
     service = Service(inference, max_queue=args.max_queue, output_dir=args.output_dir, log_prompts=args.log_prompts,
                       concurrency=concurrency)

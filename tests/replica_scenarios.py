@@ -24,30 +24,72 @@ TELEMETRY_OFF = {"GRADIO_ANALYTICS_ENABLED": "False", "HF_HUB_DISABLE_TELEMETRY"
                  "RAY_USAGE_STATS_ENABLED": "0"}
 
 
+def start_server(tiny: str, workdir: Path, *flags: str):
+    """`flux-infer serve` with Ray Serve replicas; returns (process, url, log path) once it answers."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    log_path = workdir / "replicas.log"
+    server = subprocess.Popen(
+        [sys.executable, "-m", "flux_infer", "serve", "--model", tiny, *flags, "--port", str(port),
+         "--preview", "latent"], stdout=open(log_path, "wb"), stderr=subprocess.STDOUT,
+        env={**os.environ, **TELEMETRY_OFF, "RAY_DEDUP_LOGS": "0"}, cwd=workdir)
+    url = f"http://127.0.0.1:{port}/"
+    deadline = time.monotonic() + 240
+    while True:
+        if server.poll() is not None or time.monotonic() > deadline:
+            stop(server)
+            raise AssertionError(log_path.read_text()[-3000:])
+        try:
+            if httpx.get(url + "healthz", timeout=2).status_code == 200:
+                return server, url, log_path
+        except httpx.HTTPError:
+            time.sleep(0.5)
+
+
+def stop(server) -> None:
+    server.send_signal(signal.SIGTERM)
+    try:
+        server.wait(timeout=60)
+    except subprocess.TimeoutExpired:
+        server.kill()
+
+
+def autoscale(tiny: str, workdir: Path) -> None:
+    """--min-replicas 1 --max-replicas 2: one replica at start, a second under sustained load."""
+    from gradio_client import Client
+
+    server, url, log_path = start_server(tiny, workdir, "--min-replicas", "1", "--max-replicas", "2")
+    try:
+        log = lambda: log_path.read_text(errors="replace")  # noqa: E731
+        ready = lambda: set(re.findall(r"replica (\w+) ready", log()))  # noqa: E731
+        assert len(ready()) == 1, log()[-3000:]
+        client = Client(url, verbose=False)
+        started = time.monotonic()
+        deadline = started + 240
+        seed = 0
+        with concurrent.futures.ThreadPoolExecutor(4) as pool:
+            while len(set(re.findall(r"replica (\w+) served seed", log()))) < 2:
+                assert time.monotonic() < deadline, log()[-3000:]
+                jobs = [pool.submit(client.predict, "busy", seed + i, False, 512, 512, 3.5, 8, api_name="/infer")
+                        for i in range(4)]
+                assert [job.result(timeout=300)[1] for job in jobs] == list(range(seed, seed + 4))
+                seed += 4
+        print(f"autoscaling: a second replica served {time.monotonic() - started:.0f} s into a sustained load "
+              f"of 4 concurrent requests ({seed} requests)")
+    finally:
+        stop(server)
+    print("OK")
+
+
 def main(tiny: str, workdir: Path) -> None:
     from gradio_client import Client
     from gradio_client.exceptions import AppError
 
     from flux_infer.loading import InferenceSpec, load_inference
 
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    log_path = workdir / "replicas.log"
-    server = subprocess.Popen(
-        [sys.executable, "-m", "flux_infer", "serve", "--model", tiny, "--replicas", "2", "--port", str(port),
-         "--preview", "latent"], stdout=open(log_path, "wb"), stderr=subprocess.STDOUT,
-        env={**os.environ, **TELEMETRY_OFF, "RAY_DEDUP_LOGS": "0"}, cwd=workdir)
-    url = f"http://127.0.0.1:{port}/"
+    server, url, log_path = start_server(tiny, workdir, "--replicas", "2")
     try:
-        deadline = time.monotonic() + 240
-        while True:
-            assert server.poll() is None and time.monotonic() < deadline, log_path.read_text()[-3000:]
-            try:
-                if httpx.get(url + "healthz", timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                time.sleep(0.5)
         log = lambda: log_path.read_text(errors="replace")  # noqa: E731
         client = Client(url, verbose=False)
 
@@ -108,13 +150,9 @@ def main(tiny: str, workdir: Path) -> None:
             time.sleep(0.5)
         print(f"replacement ready {time.monotonic() - started:.0f} s after the kill")
     finally:
-        server.send_signal(signal.SIGTERM)
-        try:
-            server.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            server.kill()
+        stop(server)
     print("OK")
 
 
 if __name__ == "__main__":
-    main(sys.argv[1], Path(sys.argv[2]))
+    {"main": main, "autoscale": autoscale}[sys.argv[3] if len(sys.argv) > 3 else "main"](sys.argv[1], Path(sys.argv[2]))

@@ -125,6 +125,23 @@ def test_folder_that_is_not_a_pipeline(tmp_path):
     assert "Traceback" not in done.stderr
 
 
+@pytest.mark.parametrize(
+    "flags, expected",
+    [
+        (["--min-replicas", "3", "--max-replicas", "2"], "0 <= --min-replicas <= --max-replicas"),
+        (["--max-replicas", "2"], "--min-replicas and --max-replicas go together"),
+        (["--min-replicas", "1"], "--min-replicas and --max-replicas go together"),
+        (["--replicas", "0"], "--replicas must be at least 1, got 0"),
+        (["--replicas", "2", "--max-replicas", "3", "--min-replicas", "1"], "--replicas is a fixed count"),
+    ],
+)
+def test_bad_replica_bounds_are_refused_before_ray_starts(tmp_path, tiny_dir, flags, expected):
+    done = run_cli("serve", "--model", str(tiny_dir), *flags, cwd=tmp_path, timeout=120)
+    assert done.returncode == 2
+    assert expected in done.stderr and "Traceback" not in done.stderr
+    assert "Ray" not in done.stderr  # refused before a cluster was started
+
+
 def test_cuda_on_a_cpu_machine_is_a_clear_error(tmp_path, tiny_dir):
     import torch
 

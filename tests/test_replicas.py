@@ -10,12 +10,20 @@ from pathlib import Path
 SCENARIOS = Path(__file__).with_name("replica_scenarios.py")
 
 
-def test_two_replicas_spread_stream_agree_and_survive_a_kill(tiny_dir, tmp_path):
+def run_scenario(name: str, tiny_dir: Path, workdir: Path) -> None:
     probe = subprocess.run(["unshare", "-n", "true"], capture_output=True, text=True)
     assert probe.returncode == 0, ("these tests run Ray in a loopback-only network namespace and need "
                                    f"`unshare -n` (root or user namespaces): {probe.stderr.strip()}")
-    command = f"ip link set lo up && exec {sys.executable} {SCENARIOS} {tiny_dir} {tmp_path}"
+    command = f"ip link set lo up && exec {sys.executable} {SCENARIOS} {tiny_dir} {workdir} {name}"
     result = subprocess.run(["unshare", "-n", "sh", "-c", command], capture_output=True, text=True, timeout=900)
     print(result.stdout)
     assert result.returncode == 0 and result.stdout.rstrip().endswith("OK"), (
-        result.stdout[-3000:] + result.stderr[-3000:] + (tmp_path / "replicas.log").read_text()[-4000:])
+        result.stdout[-3000:] + result.stderr[-3000:] + (workdir / "replicas.log").read_text()[-4000:])
+
+
+def test_two_replicas_spread_stream_agree_and_survive_a_kill(tiny_dir, tmp_path):
+    run_scenario("main", tiny_dir, tmp_path)
+
+
+def test_autoscaling_adds_a_replica_under_sustained_load(tiny_dir, tmp_path):
+    run_scenario("autoscale", tiny_dir, tmp_path)
