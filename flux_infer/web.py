@@ -110,11 +110,17 @@ def make_handler(service: Service, route: str = "gradio"):
     return infer
 
 
-def remember(image, seed, history):
-    """Put the newest image first in the session's gallery, keeping HISTORY_SIZE."""
+def remember(image: str | None, seed, history):
+    """Put the newest image first in the session's gallery, keeping HISTORY_SIZE.
+
+    Images are the result's file in the server's temporary storage, not pixels: the gallery shows
+    them as they are (no re-encoding of the whole gallery per request, no arrays held per session),
+    and one whose file was deleted after --keep-outputs drops out instead of showing broken.
+    """
     if image is None:
         return history, history
-    history = [(image, f"seed {int(seed)}"), *(history or [])][: settings.HISTORY_SIZE]
+    kept = [(path, caption) for path, caption in (history or []) if os.path.exists(path)]
+    history = [(image, f"seed {int(seed)}"), *kept][: settings.HISTORY_SIZE]
     return history, history
 
 
@@ -163,7 +169,7 @@ def build_demo(service: Service, *, image_format: str = settings.DEFAULT_IMAGE_F
                 )
                 run_button = gr.Button("Run", scale=0)
             result = gr.Image(label="Result", show_label=False, format=image_format, elem_id="result",
-                              interactive=False)
+                              interactive=False, type="filepath")  # as the gallery's input: its file
             with gr.Accordion("Advanced Settings", open=False):
                 seed = _slider("Seed", settings.SEED)
                 randomize_seed = gr.Checkbox(label="Randomize seed", value=settings.RANDOMIZE_SEED_DEFAULT)

@@ -117,8 +117,10 @@ def test_advanced_settings_seed_and_no_randomize(page, ui_server):
     path, seed = ui_server.client().predict("a seeded fox", 1234, False, 512, 384, 3.5, 6, api_name="/infer")
     assert seed == 1234
     np.testing.assert_array_equal(np.asarray(final), np.asarray(Image.open(path).convert("RGB")))
-    # The session's gallery shows what was made.
+    # The session's gallery shows what was made: the result's own file, not a re-encoded copy.
     page.locator("#history img").first.wait_for(timeout=30_000)
+    result_src = page.locator("#result img").first.get_attribute("src")
+    assert page.locator("#history img").first.get_attribute("src") == result_src, result_src
     ARTIFACTS.mkdir(parents=True, exist_ok=True)
     page.screenshot(path=str(ARTIFACTS / "ui.png"), full_page=True)
     assert (ARTIFACTS / "ui.png").stat().st_size > 10_000

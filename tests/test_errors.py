@@ -3,6 +3,7 @@ request is served. A fake pipeline stands in, since a real one does not fail on 
 
 from __future__ import annotations
 
+import os
 from types import SimpleNamespace
 
 import pytest
@@ -86,13 +87,21 @@ def test_no_log_prompts_keeps_prompts_out_of_the_log(caplog):
     assert service.metrics.requests.labels("test", "ok")._value.get() == 1
 
 
-def test_the_gallery_keeps_the_newest_first():
+def test_the_gallery_keeps_the_newest_first_and_drops_deleted_files(tmp_path):
     from flux_infer import settings
     from flux_infer.web import remember
 
     history = []
     for seed in range(settings.HISTORY_SIZE + 3):
-        shown, history = remember(f"image-{seed}", seed, history)
+        (tmp_path / f"image-{seed}.webp").touch()
+        shown, history = remember(str(tmp_path / f"image-{seed}.webp"), seed, history)
     assert len(history) == settings.HISTORY_SIZE
-    assert history[0] == (f"image-{settings.HISTORY_SIZE + 2}", f"seed {settings.HISTORY_SIZE + 2}")
+    newest = settings.HISTORY_SIZE + 2
+    assert history[0] == (str(tmp_path / f"image-{newest}.webp"), f"seed {newest}")
     assert remember(None, 1, history) == (history, history)
+    # Files deleted after --keep-outputs leave the gallery at the next image instead of showing broken.
+    for _, caption in history[1:4]:
+        (tmp_path / f"image-{caption.split()[1]}.webp").unlink()
+    shown, history = remember(history[0][0], 99, history)
+    assert [caption for _, caption in history][:3] == ["seed 99", f"seed {newest}", f"seed {newest - 4}"]
+    assert all(os.path.exists(path) for path, _ in history)
