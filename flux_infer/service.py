@@ -56,6 +56,8 @@ class Metrics:
                                  buckets=(0.5, 1, 2, 3, 5, 8, 13, 21, 34, 55, 89, 144, 300))
         self.steps_per_second = Gauge("flux_steps_per_second", "Denoising steps per second of the last image",
                                       registry=self.registry)
+        self.replica_images = Counter("flux_replica_images", "Images made by each Ray Serve replica (--replicas)",
+                                      ["replica"], registry=self.registry)
         depth = Gauge("flux_queue_depth", "Requests waiting for a generation", registry=self.registry)
         depth.set_function(queue_depth)
 
@@ -128,6 +130,8 @@ class Service:
             self.metrics.requests.labels(route, "ok").inc()
             self.metrics.seconds.observe(result.seconds)
             self.metrics.steps_per_second.set(request.num_inference_steps / max(result.seconds, 1e-9))
+            if result.replica:
+                self.metrics.replica_images.labels(result.replica).inc()
             if self.output_dir is not None:
                 self.save(result)
             return result

@@ -101,7 +101,10 @@ def main(tiny: str, workdir: Path) -> None:
         assert [seed for _, seed in outputs] == [0, 1, 2, 3]
         served = set(re.findall(r"replica (\w+) served seed [0-3]\b", log()))
         assert len(served) == 2, log()[-3000:]
-        print(f"4 concurrent requests served by replicas {sorted(served)}")
+        metrics = httpx.get(url + "metrics").text
+        counted = dict(re.findall(r'flux_replica_images_total\{replica="(\w+)"\} ([\d.]+)', metrics))
+        assert set(counted) == served and sum(map(float, counted.values())) == 4, counted
+        print(f"4 concurrent requests served by replicas {sorted(served)}; /metrics counts {counted}")
 
         # The same seed gives the same pixels as a single process with the replicas' thread count
         # (on a CPU the number of threads changes float rounding; on GPUs it does not apply).
