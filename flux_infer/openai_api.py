@@ -9,6 +9,7 @@ so a seed gives the same image through either door. Every field is either used o
 # No `from __future__ import annotations`: FastAPI reads the route functions' annotations, and
 # `Request` is imported inside router(), where only evaluated annotations can see it.
 
+import asyncio
 import base64
 import io
 import json
@@ -16,13 +17,14 @@ import logging
 import re
 import secrets
 import tempfile
+import threading
 import time
 from dataclasses import replace
 from pathlib import Path
 
 from flux_infer import settings
-from flux_infer.inference import GenerationFailed, InvalidRequest, build_request, draw_seed
-from flux_infer.service import Busy, Service, new_request_id
+from flux_infer.inference import GenerationCancelled, GenerationFailed, InvalidRequest, build_request, draw_seed
+from flux_infer.service import REQUEST_ID, Busy, Service, new_request_id
 
 log = logging.getLogger(__name__)
 
@@ -130,6 +132,16 @@ class ImageFiles:
         return deleted
 
 
+async def _watch_disconnect(request, gone: threading.Event, every: float = 0.25) -> None:
+    """Set `gone` when the HTTP client disconnects (timed out, closed), so no GPU time goes on an image
+    nobody will receive."""
+    while not gone.is_set():
+        if await request.is_disconnected():
+            gone.set()
+            return
+        await asyncio.sleep(every)
+
+
 def router(service: Service, *, api_key: str | None = None, files: ImageFiles | None = None):
     from fastapi import APIRouter, Request
     from fastapi.responses import FileResponse, JSONResponse
@@ -160,6 +172,13 @@ def router(service: Service, *, api_key: str | None = None, files: ImageFiles | 
     @routes.post("/v1/images/generations")
     async def generations(request: Request):
         request_id = request.headers.get("x-request-id") or new_request_id()
+        token = REQUEST_ID.set(request_id)  # this route's log lines carry it too
+        try:
+            return await generate_images(request, request_id)
+        finally:
+            REQUEST_ID.reset(token)
+
+    async def generate_images(request: Request, request_id: str):
         try:
             check_key(request)
             raw = await request.body()
@@ -178,11 +197,16 @@ def router(service: Service, *, api_key: str | None = None, files: ImageFiles | 
         except Busy as err:
             service.count_rejected("openai", "busy")
             return ApiError(503, str(err), kind="server_error", code="busy").response()
+        gone = threading.Event()  # the caller hung up: stop at the end of the current step
+        watcher = asyncio.create_task(_watch_disconnect(request, gone))
         try:
             results = []
             for generation in parsed["requests"]:
                 results.append(await run_in_threadpool(service.run, generation, route="openai",
-                                                       request_id=request_id))
+                                                       request_id=request_id, cancel=gone))
+        except GenerationCancelled as err:
+            log.info("the caller closed the connection: %s", err)
+            return ApiError(499, "the client closed the request", kind="server_error").response()
         except GenerationFailed as err:
             return ApiError(500, str(err), kind="server_error", code="generation_failed").response()
         except Exception as err:  # the log has the traceback, the caller one line
@@ -190,6 +214,7 @@ def router(service: Service, *, api_key: str | None = None, files: ImageFiles | 
             return ApiError(500, f"generation failed ({type(err).__name__}); the server log has the details",
                             kind="server_error").response()
         finally:
+            watcher.cancel()
             service.release()
         data = []
         for result in results:

@@ -120,6 +120,28 @@ def test_health_readiness_metrics_and_request_ids(extras_server, openai_client):
     assert "flux_steps_per_second" in metrics
 
 
+def test_a_caller_that_hangs_up_stops_its_generation(extras_server, openai_client):
+    import openai
+
+    steps = 28
+    with pytest.raises(openai.APITimeoutError):
+        openai_client.with_options(timeout=1.0).images.generate(
+            prompt="nobody waits for this", size="1024x1024", n=4, extra_headers={"x-request-id": "hung-up"},
+            extra_body={"seed": 11, "num_inference_steps": steps})
+    deadline = time.monotonic() + 30
+    while "[hung-up]" not in extras_server.log() or "closed the connection" not in extras_server.log():
+        assert time.monotonic() < deadline, extras_server.log()[-2000:]
+        time.sleep(0.2)
+    lines = [line for line in extras_server.log().splitlines() if "[hung-up]" in line]
+    # Stopped within the first of its four images: nothing was generated for a caller who left.
+    assert not [line for line in lines if "generated" in line], lines
+    assert any(f"of {steps}" in line for line in lines), lines
+    metrics = httpx.get(extras_server.url + "metrics").text
+    assert 'flux_requests_total{outcome="cancelled",route="openai"} 1.0' in metrics
+    response = openai_client.images.generate(prompt="still here", size="256x256", extra_body={"seed": 2, **TINY_ARGS})
+    assert response.data[0].model_extra["seed"] == 2
+
+
 def test_output_dir_keeps_every_image_with_its_settings(extras_server):
     extras_server.client().predict("a saved owl", 77, False, 256, 256, 3.5, 2, api_name="/infer")
     saved = sorted((extras_server.workdir / "outputs").glob("*-77-*.png"))
