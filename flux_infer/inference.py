@@ -148,8 +148,37 @@ def build_request(
     return request
 
 
+class FifoLock:
+    """A lock granted in the order it was asked for. threading.Lock promises no order, so with the
+    page and the OpenAI route waiting side by side a request could be overtaken again and again."""
+
+    def __init__(self):
+        self._turn = threading.Condition()
+        self._next_ticket = 0
+        self._serving = 0
+
+    def __enter__(self):
+        with self._turn:
+            ticket = self._next_ticket
+            self._next_ticket += 1
+            self._turn.wait_for(lambda: self._serving == ticket)
+        return self
+
+    def __exit__(self, *exc_info):
+        with self._turn:
+            self._serving += 1
+            self._turn.notify_all()
+
+    @property
+    def waiting(self) -> int:
+        """Callers that hold a ticket and have not had their turn yet (the holder not counted)."""
+        with self._turn:
+            return max(0, self._next_ticket - self._serving - 1)
+
+
 class FluxInference:
-    """A loaded FluxPipeline, its preview decoder, and the lock that lets one generation run at a time."""
+    """A loaded FluxPipeline, its preview decoder, and the lock that lets one generation run at a time
+    (in the order the generations were asked for, whichever door they came through)."""
 
     def __init__(self, pipeline, *, runtime=None, preview=None, preview_every: int = 1, progress_bar: bool = False):
         if preview_every < 1:
@@ -159,7 +188,7 @@ class FluxInference:
         self.preview = preview  # a flux_infer.previews decoder, or None
         self.preview_every = preview_every
         self.pipeline.set_progress_bar_config(disable=not progress_bar)
-        self._lock = threading.Lock()
+        self._lock = FifoLock()
 
     def _step_callback(self, request: GenerationRequest, on_step, cancel):
         from flux_infer.previews import Step
