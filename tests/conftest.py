@@ -46,7 +46,9 @@ class InProcessServer:
 
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}/"
-        self._server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=self.port, log_level="warning"))
+        # Open event streams (gradio_client heartbeats) would hold a graceful shutdown for ever.
+        self._server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=self.port, log_level="warning",
+                                                     timeout_graceful_shutdown=2))
         self._thread = threading.Thread(target=self._server.run, daemon=True)
         self._thread.start()
         deadline = time.monotonic() + 60
