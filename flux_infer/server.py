@@ -47,7 +47,7 @@ class BodyLimit:
         headers = dict(scope.get("headers") or [])
         declared = headers.get(b"content-length")
         if declared is not None and declared.isdigit() and int(declared) > self.limit:
-            return await self._refuse(send)
+            return await self._refuse(scope, receive, send)
         seen = 0
 
         async def limited_receive():
@@ -62,16 +62,13 @@ class BodyLimit:
         try:
             await self.app(scope, limited_receive, send)
         except _TooLarge:
-            await self._refuse(send)
+            await self._refuse(scope, receive, send)
 
-    async def _refuse(self, send):
-        from starlette.responses import JSONResponse
+    async def _refuse(self, scope, receive, send):
+        from flux_infer.openai_api import ApiError
 
-        body = {"error": {"message": f"the request body is over {self.limit} bytes", "type": "invalid_request_error",
-                          "param": None, "code": "body_too_large"}}
-        response = JSONResponse(body, status_code=413)
-        await send({"type": "http.response.start", "status": 413, "headers": response.raw_headers})
-        await send({"type": "http.response.body", "body": response.body})
+        response = ApiError(413, f"the request body is over {self.limit} bytes", code="body_too_large").response()
+        await response(scope, receive, send)
 
 
 class _TooLarge(Exception):
@@ -173,8 +170,6 @@ class _QuietStreamClose(logging.Filter):
     each as an error with a traceback; that is the expected end of a stream, not a fault."""
 
     def filter(self, record: logging.LogRecord) -> bool:
-        import asyncio
-
         if record.exc_info and isinstance(record.exc_info[1], asyncio.CancelledError):
             return False
         return "timeout graceful shutdown exceeded" not in record.getMessage()
