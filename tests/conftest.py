@@ -99,10 +99,10 @@ class Server:
 
         return Client(self.url, verbose=False, **kwargs)
 
-    def stop(self) -> None:
+    def stop(self, timeout: float = 20) -> None:
         self.process.terminate()
         try:
-            self.process.wait(timeout=20)
+            self.process.wait(timeout=timeout)
         except subprocess.TimeoutExpired:
             self.process.kill()
             self.process.wait()

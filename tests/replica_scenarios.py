@@ -1,7 +1,7 @@
 """The Ray Serve scenarios, run by tests/test_replicas.py inside a network namespace with only
 loopback (Ray probes outside addresses at start). Not collected by pytest on its own.
 
-    unshare -n sh -c 'ip link set lo up && python tests/replica_scenarios.py TINY_DIR WORKDIR'
+    unshare -n sh -c 'ip link set lo up && python tests/replica_scenarios.py TINY_DIR WORKDIR [main|autoscale]'
 """
 
 from __future__ import annotations
@@ -10,8 +10,6 @@ import concurrent.futures
 import os
 import re
 import signal
-import socket
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -20,51 +18,22 @@ import httpx
 import numpy as np
 from PIL import Image
 
-TELEMETRY_OFF = {"GRADIO_ANALYTICS_ENABLED": "False", "HF_HUB_DISABLE_TELEMETRY": "1", "HF_HUB_OFFLINE": "1",
-                 "RAY_USAGE_STATS_ENABLED": "0"}
+from conftest import Server
 
 
-def start_server(tiny: str, workdir: Path, *flags: str):
-    """`flux-infer serve` with Ray Serve replicas; returns (process, url, log path) once it answers."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    log_path = workdir / "replicas.log"
-    server = subprocess.Popen(
-        [sys.executable, "-m", "flux_infer", "serve", "--model", tiny, *flags, "--port", str(port),
-         "--preview", "latent"], stdout=open(log_path, "wb"), stderr=subprocess.STDOUT,
-        env={**os.environ, **TELEMETRY_OFF, "RAY_DEDUP_LOGS": "0"}, cwd=workdir)
-    url = f"http://127.0.0.1:{port}/"
-    deadline = time.monotonic() + 240
-    while True:
-        if server.poll() is not None or time.monotonic() > deadline:
-            stop(server)
-            raise AssertionError(log_path.read_text()[-3000:])
-        try:
-            if httpx.get(url + "healthz", timeout=2).status_code == 200:
-                return server, url, log_path
-        except httpx.HTTPError:
-            time.sleep(0.5)
-
-
-def stop(server) -> None:
-    server.send_signal(signal.SIGTERM)
-    try:
-        server.wait(timeout=60)
-    except subprocess.TimeoutExpired:
-        server.kill()
+def start_server(tiny: str, workdir: Path, *flags: str) -> Server:
+    """`flux-infer serve` with Ray Serve replicas and latent previews, once it answers."""
+    return Server(["--model", tiny, *flags, "--preview", "latent"], workdir, startup_s=240,
+                  env={"RAY_DEDUP_LOGS": "0"})
 
 
 def autoscale(tiny: str, workdir: Path) -> None:
     """--min-replicas 1 --max-replicas 2: one replica at start, a second under sustained load."""
-    from gradio_client import Client
-
-    server, url, log_path = start_server(tiny, workdir, "--min-replicas", "1", "--max-replicas", "2")
+    server = start_server(tiny, workdir, "--min-replicas", "1", "--max-replicas", "2")
+    log = server.log
     try:
-        log = lambda: log_path.read_text(errors="replace")  # noqa: E731
-        ready = lambda: set(re.findall(r"replica (\w+) ready", log()))  # noqa: E731
-        assert len(ready()) == 1, log()[-3000:]
-        client = Client(url, verbose=False)
+        assert len(set(re.findall(r"replica (\w+) ready", log()))) == 1, log()[-3000:]
+        client = server.client()
         started = time.monotonic()
         deadline = started + 240
         seed = 0
@@ -78,20 +47,19 @@ def autoscale(tiny: str, workdir: Path) -> None:
         print(f"autoscaling: a second replica served {time.monotonic() - started:.0f} s into a sustained load "
               f"of 4 concurrent requests ({seed} requests)")
     finally:
-        stop(server)
+        server.stop(timeout=60)  # Ray's processes end with the server
     print("OK")
 
 
 def main(tiny: str, workdir: Path) -> None:
-    from gradio_client import Client
     from gradio_client.exceptions import AppError
 
     from flux_infer.loading import InferenceSpec, load_inference
 
-    server, url, log_path = start_server(tiny, workdir, "--replicas", "2")
+    server = start_server(tiny, workdir, "--replicas", "2")
+    url, log = server.url, server.log
     try:
-        log = lambda: log_path.read_text(errors="replace")  # noqa: E731
-        client = Client(url, verbose=False)
+        client = server.client()
 
         # 4 concurrent requests are spread over both replicas.
         with concurrent.futures.ThreadPoolExecutor(4) as pool:
@@ -153,7 +121,7 @@ def main(tiny: str, workdir: Path) -> None:
             time.sleep(0.5)
         print(f"replacement ready {time.monotonic() - started:.0f} s after the kill")
     finally:
-        stop(server)
+        server.stop(timeout=60)  # Ray's processes end with the server
     print("OK")
 
 

@@ -17,8 +17,9 @@ def run_scenario(name: str, tiny_dir: Path, workdir: Path) -> None:
     command = f"ip link set lo up && exec {sys.executable} {SCENARIOS} {tiny_dir} {workdir} {name}"
     result = subprocess.run(["unshare", "-n", "sh", "-c", command], capture_output=True, text=True, timeout=900)
     print(result.stdout)
+    server_logs = "".join(path.read_text(errors="replace")[-4000:] for path in workdir.glob("server-*.log"))
     assert result.returncode == 0 and result.stdout.rstrip().endswith("OK"), (
-        result.stdout[-3000:] + result.stderr[-3000:] + (workdir / "replicas.log").read_text()[-4000:])
+        result.stdout[-3000:] + result.stderr[-3000:] + server_logs)
 
 
 def test_two_replicas_spread_stream_agree_and_survive_a_kill(tiny_dir, tmp_path):
