@@ -22,7 +22,9 @@ def _add_model_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--model",
         default=None,
-        help=f"a diffusers folder, a hub repo id, a .safetensors transformer, or 'tiny' "
+        help=f"a diffusers folder, a hub repo id, a .safetensors or .gguf transformer, 'tiny' (a tiny random "
+        f"pipeline), or 'random' (FLUX.1-dev's architecture with random weights: real speed and memory, images "
+        f"of noise; 'random-small' at CPU size) "
         f"(default: ${settings.MODEL_ENV}, else {settings.DEFAULT_LOCAL_MODEL} if it exists, "
         f"else {settings.DEFAULT_REPO_ID})",
     )
@@ -80,6 +82,9 @@ def _add_runtime_flags(parser: argparse.ArgumentParser) -> None:
                        "(default: torch's SDPA)")
     group.add_argument("--no-fuse-qkv", dest="fuse_qkv", action="store_false",
                        help="keep the Q, K, V projections separate (fused is the same maths in one matmul)")
+    group.add_argument("--gpu-memory", type=float, default=None, metavar="GIB",
+                       help="use at most this much GPU memory: --memory auto plans within it and torch's allocator "
+                       "enforces it, so the card can be shared (default: all that is free)")
     group.add_argument("--vae-tiling", choices=tuning.VAE_TILING_MODES, default="auto",
                        help="decode in tiles: auto when the decode would not fit in free memory (default: auto)")
 
@@ -88,7 +93,7 @@ def _options(args) -> tuning.Options:
     return tuning.Options(memory=args.memory, offload=args.offload, quantize=args.quantize,
                           quantize_text_encoder=args.quantize_text_encoder, compile=args.compile,
                           compile_sizes=args.compile_sizes, cache=args.cache, attention=args.attention,
-                          fuse_qkv=args.fuse_qkv, vae_tiling=args.vae_tiling)
+                          fuse_qkv=args.fuse_qkv, vae_tiling=args.vae_tiling, gpu_memory=args.gpu_memory)
 
 
 def _parser() -> argparse.ArgumentParser:

@@ -2,6 +2,8 @@
 
 Sources, in the order `--model` is read:
 - `tiny`: the random FLUX.1-dev-shaped pipeline of `flux_infer.tiny`, made once in a cache folder;
+- `random` / `random-small`: FLUX.1-dev's architecture with random weights, built in memory where
+  it will run (`flux_infer.random_weights`): true speed and memory, noise for images;
 - a path ending in `.safetensors` or `.gguf`: a single-file transformer checkpoint (e.g.
   `flux1-dev.safetensors`, `flux1-dev-Q8_0.gguf`), with the other components taken from `base_model`;
 - an existing folder: a diffusers-format pipeline (`model_index.json` at its root);
@@ -25,7 +27,7 @@ from flux_infer import settings
 
 log = logging.getLogger(__name__)
 
-SourceKind = Literal["tiny", "folder", "repo", "single_file"]
+SourceKind = Literal["tiny", "random", "folder", "repo", "single_file"]
 
 # A repo's files that a diffusers FluxPipeline reads. FLUX.1-dev's repo also holds BFL-format
 # single files at its root (flux1-dev.safetensors, ae.safetensors: 34 GB) that it does not need.
@@ -100,6 +102,8 @@ def resolve_source(model: str | None = None, *, base_model: str | None = None) -
     model = model or default_model()
     if model == settings.TINY_MODEL_NAME:
         return ModelSource("tiny", str(tiny_model_dir()))
+    if model in (settings.RANDOM_MODEL_NAME, settings.RANDOM_SMALL_MODEL_NAME):
+        return ModelSource("random", model)
     path = Path(model).expanduser()
     refuse_pickle(model)
     if model.endswith(SINGLE_FILE_SUFFIXES):
@@ -279,6 +283,7 @@ def load_pipeline(
     placement = resolve_placement(device, dtype)
     source = resolve_source(model, base_model=base_model)
     log.info("device %s, dtype %s: %s", placement.device, placement.dtype_name, placement.reason)
+    tuning.limit_gpu_memory(options.gpu_memory, placement.device)
     gguf = source.kind == "single_file" and source.location.endswith(".gguf")
     plan = tuning.resolve_plan(options, placement, gguf_bytes=Path(source.location).stat().st_size if gguf else None)
     log.info("memory: %s (%s)", plan.describe(), plan.reason)
@@ -286,6 +291,13 @@ def load_pipeline(
 
     from diffusers import FluxPipeline, FluxTransformer2DModel, PipelineQuantizationConfig
 
+    if source.kind == "random":
+        from flux_infer.random_weights import build_pipeline
+
+        pipeline = build_pipeline(source.location, placement=placement, plan=plan, gpu_memory_gib=options.gpu_memory)
+        apply_loras(pipeline, loras)
+        runtime = tuning.Runtime(pipeline, options, plan, placement.device).apply(placement)
+        return Loaded(pipeline, source, placement, runtime)
     components = {}
     if source.kind == "single_file":
         folder = _local_folder(source.base, transformer_weights=False)

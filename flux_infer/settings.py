@@ -68,6 +68,9 @@ DESCRIPTION = (
 DEFAULT_LOCAL_MODEL = Path("weights/FLUX.1-dev")
 DEFAULT_REPO_ID = "black-forest-labs/FLUX.1-dev"
 TINY_MODEL_NAME = "tiny"
+# FLUX.1-dev's architecture with random weights (flux_infer.random_weights): full size, and CPU size.
+RANDOM_MODEL_NAME = "random"
+RANDOM_SMALL_MODEL_NAME = "random-small"
 MODEL_ENV = "FLUX_MODEL"
 
 # Server.

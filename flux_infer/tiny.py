@@ -15,7 +15,8 @@ from pathlib import Path
 _CHARS = string.ascii_letters + string.digits + string.punctuation
 
 
-def _clip_tokenizer():
+def clip_tokenizer():
+    """CLIP's tokenizer over single bytes, made offline (ids below CLIP-L's vocabulary size)."""
     from transformers import CLIPTokenizer
 
     from tokenizers.pre_tokenizers import ByteLevel
@@ -33,7 +34,8 @@ def _clip_tokenizer():
     return CLIPTokenizer(vocab=vocab, merges=[], model_max_length=77)
 
 
-def _t5_tokenizer():
+def t5_tokenizer():
+    """T5's tokenizer over single characters, made offline (ids below T5-XXL's vocabulary size)."""
     from transformers import T5TokenizerFast
 
     pieces = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0), ("\u2581", -1.0)]
@@ -48,8 +50,10 @@ def build_tiny_pipeline(seed: int = 0):
     from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
     from transformers import CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel
 
-    clip_tokenizer = _clip_tokenizer()
-    t5_tokenizer = _t5_tokenizer()
+    from flux_infer.random_weights import SCHEDULER
+
+    clip = clip_tokenizer()
+    t5 = t5_tokenizer()
     text_width = 32
 
     torch.manual_seed(seed)
@@ -82,21 +86,21 @@ def build_tiny_pipeline(seed: int = 0):
     )
     text_encoder = CLIPTextModel(
         CLIPTextConfig(
-            vocab_size=len(clip_tokenizer),
+            vocab_size=len(clip),
             hidden_size=text_width,
             intermediate_size=37,
             num_hidden_layers=2,
             num_attention_heads=4,
             max_position_embeddings=77,
             projection_dim=text_width,
-            bos_token_id=clip_tokenizer.bos_token_id,
-            eos_token_id=clip_tokenizer.eos_token_id,
-            pad_token_id=clip_tokenizer.pad_token_id,
+            bos_token_id=clip.bos_token_id,
+            eos_token_id=clip.eos_token_id,
+            pad_token_id=clip.pad_token_id,
         )
     )
     text_encoder_2 = T5EncoderModel(
         T5Config(
-            vocab_size=len(t5_tokenizer),
+            vocab_size=len(t5),
             d_model=text_width,
             d_ff=37,
             d_kv=8,
@@ -104,28 +108,19 @@ def build_tiny_pipeline(seed: int = 0):
             num_heads=4,
             relative_attention_num_buckets=8,
             is_encoder_decoder=False,
-            pad_token_id=t5_tokenizer.pad_token_id,
-            eos_token_id=t5_tokenizer.eos_token_id,
-            decoder_start_token_id=t5_tokenizer.pad_token_id,
+            pad_token_id=t5.pad_token_id,
+            eos_token_id=t5.eos_token_id,
+            decoder_start_token_id=t5.pad_token_id,
         )
     )
-    # FLUX.1-dev's scheduler settings (its scheduler/scheduler_config.json).
-    scheduler = FlowMatchEulerDiscreteScheduler(
-        num_train_timesteps=1000,
-        shift=3.0,
-        use_dynamic_shifting=True,
-        base_shift=0.5,
-        max_shift=1.15,
-        base_image_seq_len=256,
-        max_image_seq_len=4096,
-    )
+    scheduler = FlowMatchEulerDiscreteScheduler(**SCHEDULER)  # FLUX.1-dev's
     return FluxPipeline(
         scheduler=scheduler,
         vae=vae,
         text_encoder=text_encoder,
-        tokenizer=clip_tokenizer,
+        tokenizer=clip,
         text_encoder_2=text_encoder_2,
-        tokenizer_2=t5_tokenizer,
+        tokenizer_2=t5,
         transformer=transformer,
     )
 

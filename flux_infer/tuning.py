@@ -105,6 +105,7 @@ class Options:
     attention: str | None = None
     fuse_qkv: bool = True
     vae_tiling: str = "auto"
+    gpu_memory: float | None = None  # GiB this process may use on the GPU (--gpu-memory)
 
     def __post_init__(self):
         for name, value, allowed in (("memory", self.memory, MEMORY_MODES), ("offload", self.offload, OFFLOAD_MODES),
@@ -112,6 +113,9 @@ class Options:
                                      ("vae-tiling", self.vae_tiling, VAE_TILING_MODES)):
             if value is not None and value not in allowed:
                 raise OptionError(f"--{name} must be one of {', '.join(allowed)}, got {value!r}")
+        if self.gpu_memory is not None and not self.gpu_memory > 0:
+            raise OptionError(f"--gpu-memory takes the GiB this server may use on the GPU, more than 0, "
+                              f"got {self.gpu_memory:g}")
 
     def warm_up_runs(self) -> tuple[int, int]:
         """(steps, images) per size that compile every graph before the first request.
@@ -208,11 +212,13 @@ def resolve_plan(options: Options, placement, *, gguf_bytes: int | None = None) 
                           bool(options.quantize_text_encoder), reason=why)
     else:
         index = torch.device(placement.device).index or 0
-        free, _ = torch.cuda.mem_get_info(index)
         capability = torch.cuda.get_device_capability(index)
-        plan = plan_memory(free / 1024**3, fp8=capability >= FP8_COMPUTE_CAPABILITY, nf4=_bitsandbytes_installed(),
-                           gguf_gib=gguf_bytes / 1024**3 if gguf_bytes else None,
-                           where=f"{torch.cuda.get_device_name(index)} (sm {capability[0]}.{capability[1]})")
+        where = f"{torch.cuda.get_device_name(index)} (sm {capability[0]}.{capability[1]})"
+        if options.gpu_memory is not None:
+            where += f" within --gpu-memory {options.gpu_memory:g}"
+        plan = plan_memory(free_bytes(placement.device, options.gpu_memory) / 1024**3,
+                           fp8=capability >= FP8_COMPUTE_CAPABILITY, nf4=_bitsandbytes_installed(),
+                           gguf_gib=gguf_bytes / 1024**3 if gguf_bytes else None, where=where)
     check_plan(plan, placement, gguf=gguf_bytes is not None)
     return plan
 
@@ -236,6 +242,11 @@ def check_plan(plan: MemoryPlan, placement, *, gguf: bool = False) -> None:
                           "add --quantize-text-encoder or leave --quantize at none")
 
 
+def plan_quantized(plan: MemoryPlan) -> bool:
+    """The transformer's weights are quantized tensors (not fp8-storage's plain float8 ones)."""
+    return plan.quantize in ("int8", "fp8", "nf4")
+
+
 def quantization_configs(plan: MemoryPlan, placement, *, transformer: bool = True) -> dict:
     """Load-time quantization configs per pipeline component, for int8/fp8/nf4 (fp8-storage is applied after)."""
     if plan.quantize in ("none", "fp8-storage"):
@@ -243,7 +254,6 @@ def quantization_configs(plan: MemoryPlan, placement, *, transformer: bool = Tru
     names = (["transformer"] if transformer else []) + (["text_encoder_2"] if plan.quantize_text_encoder else [])
     if not names:
         return {}
-    import torch
     from diffusers import BitsAndBytesConfig as DiffusersBnb
     from diffusers import TorchAoConfig as DiffusersAo
     from transformers import BitsAndBytesConfig as TransformersBnb
@@ -252,24 +262,51 @@ def quantization_configs(plan: MemoryPlan, placement, *, transformer: bool = Tru
     if plan.quantize == "nf4":
         kwargs = dict(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=placement.dtype)
         return {name: (DiffusersBnb if name == "transformer" else TransformersBnb)(**kwargs) for name in names}
+    config = torchao_config(plan.quantize, placement)
+    return {name: (DiffusersAo if name == "transformer" else TransformersAo)(config) for name in names}
+
+
+def torchao_config(quantize: str, placement):
+    """torchao's config for `--quantize int8` or `fp8` on this placement."""
+    import torch
     from torchao.quantization import (Float8DynamicActivationFloat8WeightConfig, Float8WeightOnlyConfig,
                                       Int8WeightOnlyConfig)
 
-    if plan.quantize == "int8":
-        make = Int8WeightOnlyConfig
-    elif placement.device.startswith("cuda") and torch.cuda.get_device_capability() >= FP8_COMPUTE_CAPABILITY:
-        make = Float8DynamicActivationFloat8WeightConfig  # float8 matmuls: faster as well as smaller
-    else:
-        make = Float8WeightOnlyConfig  # float8 weights, matmuls in the compute dtype
-    return {name: (DiffusersAo if name == "transformer" else TransformersAo)(make()) for name in names}
+    if quantize == "int8":
+        return Int8WeightOnlyConfig()
+    on_cuda = placement.device.startswith("cuda")
+    if on_cuda and torch.cuda.get_device_capability(torch.device(placement.device)) >= FP8_COMPUTE_CAPABILITY:
+        return Float8DynamicActivationFloat8WeightConfig()  # float8 matmuls: faster as well as smaller
+    return Float8WeightOnlyConfig()  # float8 weights, matmuls in the compute dtype
 
 
-def free_bytes(device: str) -> int:
-    """Free memory where the VAE decodes: the GPU's, or the machine's available RAM."""
+def limit_gpu_memory(gpu_memory: float | None, device: str) -> None:
+    """`--gpu-memory GIB`: cap what torch's allocator may take on this GPU, so the server can share
+    the card; an allocation past the cap is an out-of-memory error, as on a card of that size."""
+    if gpu_memory is None:
+        return
+    if not device.startswith("cuda"):
+        raise OptionError(f"--gpu-memory caps a CUDA GPU's memory and this run is on {device}: leave it out")
+    import torch
+
+    index = torch.device(device).index or 0
+    total = torch.cuda.get_device_properties(index).total_memory
+    if gpu_memory * 1024**3 > total:
+        raise OptionError(f"--gpu-memory {gpu_memory:g} is more than this GPU has ({total / 1024**3:.1f} GiB)")
+    torch.cuda.set_per_process_memory_fraction(gpu_memory * 1024**3 / total, index)
+    log.info("GPU memory capped at %g GiB of %.1f", gpu_memory, total / 1024**3)
+
+
+def free_bytes(device: str, gpu_memory: float | None = None) -> int:
+    """Free memory on `device`: the GPU's (within a --gpu-memory cap), or the machine's available RAM."""
     import torch
 
     if device.startswith("cuda"):
-        return torch.cuda.mem_get_info(torch.device(device).index or 0)[0]
+        index = torch.device(device).index or 0
+        free = torch.cuda.mem_get_info(index)[0]
+        if gpu_memory is not None:
+            free = min(free, int(gpu_memory * 1024**3) - torch.cuda.memory_allocated(index))
+        return free
     try:
         with open("/proc/meminfo") as meminfo:
             for line in meminfo:
@@ -298,7 +335,8 @@ class Runtime:
 
         pipe, options = self.pipeline, self.options
         transformer = pipe.transformer
-        quantized = getattr(transformer, "hf_quantizer", None) is not None
+        # Quantized weights (torchao, bitsandbytes, GGUF) cannot be concatenated into fused projections.
+        quantized = plan_quantized(self.plan) or getattr(transformer, "hf_quantizer", None) is not None
         if options.fuse_qkv and not quantized:
             transformer.fuse_qkv_projections()
         if self.plan.quantize == "fp8-storage":
@@ -407,7 +445,7 @@ class Runtime:
             return mode == "on"
         scale = 2 if self.pipeline.vae.dtype.itemsize >= 4 else 1
         needs = width * height * DECODE_BYTES_PER_PIXEL * scale
-        if needs <= free_bytes(self.device):
+        if needs <= free_bytes(self.device, self.options.gpu_memory):
             return False
         log.info("VAE tiling on for %dx%d: decoding needs ~%.1f GiB, more than is free", width, height, needs / 1024**3)
         return True

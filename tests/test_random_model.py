@@ -1,0 +1,170 @@
+"""`--model random`: FLUX.1-dev's real architecture with random weights, and the `--gpu-memory` cap."""
+
+from __future__ import annotations
+
+import types
+
+import numpy as np
+import psutil
+import pytest
+import torch
+
+from flux_infer import random_weights, settings, tuning
+from flux_infer.inference import FluxInference
+from flux_infer.loading import ModelLoadError, Placement, load_pipeline, resolve_source
+
+GIB = 1024**3
+
+
+def test_full_architecture_has_flux_dev_parameter_counts_without_allocating():
+    rss = psutil.Process().memory_info().rss
+    models = random_weights.empty_models(random_weights.architecture("random"))
+    # FLUX.1-dev's published component sizes (12B transformer, T5-XXL, CLIP-L, VAE).
+    counts = {name: random_weights.count_parameters(model) for name, model in models.items()}
+    assert counts == {"transformer": 11_901_408_320, "text_encoder_2": 4_762_310_656,
+                      "text_encoder": 123_060_480, "vae": 83_819_683}
+    assert counts == random_weights.PARAMETERS
+    assert all(p.is_meta for model in models.values() for p in model.parameters())
+    assert psutil.Process().memory_info().rss - rss < 2 * GIB  # 16.9 billion parameters, none of them made
+    sizes = random_weights.weight_bytes(models, dtype=torch.bfloat16, quantized={})
+    assert sum(sizes.values()) / GIB == pytest.approx(31.4, abs=0.05)  # FLUX-GPU.md: 31.4 GiB in all
+    eight_bit = random_weights.weight_bytes(models, dtype=torch.bfloat16, quantized={"transformer": "fp8"})
+    assert eight_bit["transformer"] / GIB == pytest.approx(11.1, abs=0.1)  # nearly all of it in Linear layers
+
+
+def test_sources_name_the_random_architectures():
+    assert resolve_source("random") == resolve_source(settings.RANDOM_MODEL_NAME)
+    assert resolve_source("random").kind == "random"
+    assert resolve_source("random-small").location == "random-small"
+    with pytest.raises(ValueError, match="use random or random-small"):
+        random_weights.architecture("random-huge")
+
+
+def _small(options=None, **kwargs):
+    loaded = load_pipeline("random-small", device="cpu", options=options or tuning.Options(), **kwargs)
+    return loaded, FluxInference(loaded.pipeline, runtime=loaded.runtime)
+
+
+def _image(inference, seed=5):
+    result = inference.infer("a red fox in snow", seed=seed, randomize_seed=False, width=256, height=256,
+                             num_inference_steps=2)
+    return np.asarray(result.image)
+
+
+def test_small_build_generates_the_same_noise_every_time(caplog):
+    loaded, inference = _small()
+    pipeline = loaded.pipeline
+    assert "random-small: a scaled-down FLUX.1-dev with RANDOM weights. Its images are noise" in caplog.text
+    # The same code path as the full size: FLUX.1-dev's head size, rope axes, vocabularies, scheduler.
+    assert pipeline.transformer.config.attention_head_dim == 128
+    assert tuple(pipeline.transformer.config.axes_dims_rope) == (16, 56, 56)
+    assert pipeline.text_encoder_2.config.vocab_size == 32128
+    assert pipeline.scheduler.config.max_shift == 1.15
+    t5 = pipeline.text_encoder_2
+    assert t5.shared.weight is t5.encoder.embed_tokens.weight  # tied, as in the checkpoint
+    params = [p for m in ("transformer", "text_encoder", "text_encoder_2", "vae")
+              for p in getattr(pipeline, m).parameters()]
+    assert all(p.device.type == "cpu" and p.dtype == torch.float32 for p in params)
+    weight = pipeline.transformer.transformer_blocks[0].ff.net[2].weight
+    assert weight.std().item() == pytest.approx(random_weights.INIT_STD, rel=0.05)
+    first = _image(inference)
+    assert first.shape == (256, 256, 3) and first.std() > 0
+    np.testing.assert_array_equal(first, _image(inference))
+    _, again = _small()  # weights drawn from a fixed seed: a second build is the same model
+    np.testing.assert_array_equal(first, _image(again))
+    assert np.abs(first.astype(int) - _image(inference, seed=6)).mean() > 1
+
+
+def test_small_build_quantizes_block_by_block_and_generates():
+    loaded, inference = _small(tuning.Options(quantize="int8", quantize_text_encoder=True))
+    pipeline = loaded.pipeline
+
+    def quantized(linear):
+        return type(linear.weight) is not torch.nn.Parameter or type(linear.weight.data) is not torch.Tensor
+
+    linears = {name: m for name, m in pipeline.transformer.named_modules() if isinstance(m, torch.nn.Linear)}
+    assert linears and all(quantized(m) for m in linears.values())  # in the blocks and outside them
+    assert quantized(pipeline.text_encoder_2.encoder.block[0].layer[1].DenseReluDense.wo)
+    assert not quantized(next(m for m in pipeline.text_encoder.modules() if isinstance(m, torch.nn.Linear)))  # CLIP stays as it is
+    # Quantized weights are never concatenated into fused projections.
+    assert not getattr(pipeline.transformer.transformer_blocks[0].attn, "fused_projections", False)
+    assert _image(inference).std() > 0
+
+
+def test_full_model_that_cannot_fit_fails_clearly_before_allocating(monkeypatch):
+    monkeypatch.setattr(tuning, "free_bytes", lambda device, gpu_memory=None: 20 * GIB)
+    rss = psutil.Process().memory_info().rss
+    with pytest.raises(ModelLoadError) as error:
+        load_pipeline("random", device="cpu", dtype="bfloat16")
+    message = str(error.value)
+    assert "--model random needs 31.4 GiB for its weights in bfloat16" in message
+    assert "this machine's RAM has 20.0 GiB free" in message
+    assert "use --model random-small to check the code path here, or run on a GPU" in message
+    assert psutil.Process().memory_info().rss - rss < 2 * GIB
+
+
+def test_cli_generates_with_random_small_and_refuses_the_full_model_on_this_cpu(tmp_path, capsys):
+    from flux_infer.cli import main
+
+    out = tmp_path / "noise.png"
+    assert main(["generate", "noise", "--model", "random-small", "--seed", "3", "--width", "256", "--height", "256",
+                 "--steps", "2", "-o", str(out)]) == 0
+    assert out.stat().st_size > 0 and "seed 3" in capsys.readouterr().out
+    needed = sum(random_weights.PARAMETERS.values()) * 4  # float32 on a CPU: 62.8 GiB
+    if tuning.free_bytes("cpu") < needed:
+        assert main(["generate", "x", "--model", "random"]) == 2
+        err = capsys.readouterr().err
+        assert f"flux-infer: error: --model random needs {needed / GIB:.1f} GiB for its weights in float32" in err
+
+
+# -- --gpu-memory ----------------------------------------------------------------------------------
+
+@pytest.fixture
+def fake_h100(monkeypatch):
+    """torch.cuda as an 80 GB H100 with 79.3 GiB free would answer; records the allocator cap set."""
+    cuda = types.SimpleNamespace(fraction=None)
+    total = 79.6 * GIB
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda index=0: (int(79.3 * GIB), int(total)))
+    monkeypatch.setattr(torch.cuda, "memory_allocated", lambda index=0: 0)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda index=0: (9, 0))
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda index=0: "NVIDIA H100 80GB HBM3")
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda index=0: types.SimpleNamespace(
+        total_memory=int(total)))
+    monkeypatch.setattr(torch.cuda, "set_per_process_memory_fraction",
+                        lambda fraction, index=0: setattr(cuda, "fraction", fraction))
+    monkeypatch.setattr(tuning, "_bitsandbytes_installed", lambda: True)
+    cuda.total = total
+    return cuda
+
+
+CUDA = Placement("cuda", "bfloat16", "a test GPU")
+
+
+@pytest.mark.parametrize("cap, expected", [
+    (None, ("none", "none", False)),
+    (24, ("none", "fp8", True)),
+    (16, ("model", "fp8", False)),
+    (12, ("model", "nf4", False)),
+    (8, ("group", "none", False)),
+])
+def test_gpu_memory_cap_plans_within_the_cap_and_sets_the_allocator_fraction(fake_h100, cap, expected):
+    options = tuning.Options(gpu_memory=cap)
+    tuning.limit_gpu_memory(options.gpu_memory, CUDA.device)
+    plan = tuning.resolve_plan(options, CUDA)
+    assert (plan.offload, plan.quantize, plan.quantize_text_encoder) == expected
+    if cap is None:
+        assert fake_h100.fraction is None and "79.3 GiB free" in plan.reason
+    else:
+        assert fake_h100.fraction == pytest.approx(cap * GIB / fake_h100.total)
+        assert f"{cap:.1f} GiB free on NVIDIA H100 80GB HBM3 (sm 9.0) within --gpu-memory {cap}" in plan.reason
+        assert tuning.estimate_gib(*expected) + tuning.HEADROOM_GIB <= cap
+        assert tuning.free_bytes("cuda", cap) == cap * GIB
+
+
+def test_gpu_memory_errors(fake_h100):
+    with pytest.raises(tuning.OptionError, match="--gpu-memory 100 is more than this GPU has \\(79.6 GiB\\)"):
+        tuning.limit_gpu_memory(100, "cuda")
+    with pytest.raises(tuning.OptionError, match="--gpu-memory takes the GiB this server may use on the GPU"):
+        tuning.Options(gpu_memory=0)
+    with pytest.raises(tuning.OptionError, match="--gpu-memory caps a CUDA GPU's memory and this run is on cpu"):
+        tuning.limit_gpu_memory(8, "cpu")
