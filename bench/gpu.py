@@ -1,163 +1,536 @@
-"""Memory and speed presets on a GPU: load time, first image, steady latency and peak VRAM.
+"""FLUX.1-dev on a GPU: every preset, step caches, the served path, memory caps and cold start.
 
-For each preset, one after another in this process: load FLUX.1-dev with its options (and warm up
-torch.compile), time the first image, then the median of `--runs` images at 1024x1024 and 28
-steps, and read the peak memory torch allocated. Prints a markdown table; ratios are to the first
-preset of the run. Goals on one H100: at most 3.9 s lossless, at most 2.5 s with
-fp8 + compile + cache at published quality (MagCache's published FLUX settings are diffusers'
-defaults: threshold 0.06, at most 3 skips in a row, first 20 % of steps never skipped).
+One script for a short GPU window. It installs what the machine lacks from wheels brought along,
+builds `--model random` (FLUX.1-dev's architecture, random weights: real shapes, kernels, seconds
+and bytes) or loads `--model`, and writes each figure to `--out` as soon as it is measured
+(`results.md`, a table a part; `results.jsonl`, a line a measurement), so a run cut short still
+leaves all it finished. The card, torch, CUDA and library versions head the report.
 
-    python bench/gpu.py [--model DIR_OR_REPO] [--presets bf16,fp8-compile-magcache] [--runs 5]
-    python bench/gpu.py --list
-    python bench/gpu.py --allow-cpu --model tiny --presets bf16,int8 --runs 1   # check the script
+Every measurement runs in its own process (its compiled graphs, its allocator cap and its peak
+memory are its own); the parent polls nvidia-smi for the card's peak while it runs. Ratios are to
+bf16 eager measured in the same run.
 
-Needs the weights (see the README) and, for every preset but the CPU-capable ones, a CUDA GPU.
+Parts (`--parts`, comma-separated; each sized for about 5 minutes on an H100 at 1024x1024, 28 steps):
+- presets: bf16 eager, fused QKV, fp8, int8, attention backends (cuDNN, FA3, FA2; those not
+  installed say so): build/load s, warm-up s, first image, median of --runs, s/step, peak memory;
+- compile: --compile in bf16 and with fp8, the same figures (compiling takes minutes);
+- offload: model offload and group offload, the same figures;
+- steps: the cost of a full step and of a step a cache skipped (fbcache, taylorseer, magcache;
+  skip counts on random weights mean nothing, the costs do);
+- served: `flux-infer serve` driven like the page (event stream, every preview fetched) and by
+  gradio_client, previews latent and a random-weight TAEF1, and one OpenAI-route request,
+  against the direct call (needs the `server` wheels);
+- memory: `--memory auto` within `--gpu-memory` 24, 16, 12 and 8 GiB: the plan, s/image, peaks;
+  nf4 needs the `nf4` wheels, else 12 GiB plans group offload;
+- cold: the random pipeline saved as a diffusers folder, page cache dropped, raw read time of its
+  safetensors against load_pipeline's time to ready (cold and warm cache); time to a first image on
+  a second `--compile` start with a kept TORCHINDUCTOR_CACHE_DIR.
+
+On the GPU machine (torch present, our other dependencies not):
+    ../shared/gpu/fetch-wheels nf4 .whl        # here, before the call; `server` for the served part
+    python3 bench/gpu.py --wheels .whl --out "$OUT" --parts presets
+Check the whole script on a CPU first (random-small, 256x256, 4 steps, 1 run):
+    python bench/gpu.py --allow-cpu --out /tmp/gpu-check --parts presets,offload,steps,served,memory,cold
 """
 
 from __future__ import annotations
 
 import argparse
-import gc
+import datetime
+import json
 import os
+import shlex
 import statistics
+import subprocess
 import sys
+import tempfile
+import threading
 import time
+from pathlib import Path
 
-os.environ.update(GRADIO_ANALYTICS_ENABLED="False", HF_HUB_DISABLE_TELEMETRY="1")
+REPO = Path(__file__).resolve().parent.parent
+os.environ.update(GRADIO_ANALYTICS_ENABLED="False", HF_HUB_DISABLE_TELEMETRY="1", HF_HUB_OFFLINE="1",
+                  PYTHONUNBUFFERED="1")
 
-LOSSLESS_GOAL_S = 3.9
-FAST_GOAL_S = 2.5
+COMPILE_GOAL_S = 3.9  # --compile, bf16, one H100
+FP8_GOAL_S = 2.4  # fastest preset whose only loss is fp8
+SERVED_GOAL = 1.03
+CAP_TIME_GOAL = 3.0  # 8 GiB within 3x bf16 on a free card
+COLD_GOAL = 1.3  # cold load within 1.3x the raw read
+SECOND_START_GOAL_S = 60
 
-# name: (command-line flags, changes pixels?)
+# Preset: the flags `flux-infer serve` would get.
 PRESETS = {
-    "bf16": ("--memory off", False),
-    "bf16-compile": ("--memory off --compile", False),
-    "fp8-storage": ("--quantize fp8-storage", True),
-    "int8": ("--quantize int8", True),
-    "fp8": ("--quantize fp8", True),
-    "fp8-compile": ("--quantize fp8 --compile", True),
-    "fp8-compile-fbcache": ("--quantize fp8 --compile --cache fbcache", True),
-    "fp8-compile-magcache": ("--quantize fp8 --compile --cache magcache", True),
-    "bf16-compile-magcache": ("--memory off --compile --cache magcache", True),
-    "fp8-t5-fp8": ("--quantize fp8 --quantize-text-encoder", True),
-    "model-offload": ("--offload model", False),
-    "fp8-model-offload": ("--quantize fp8 --offload model", True),
-    "nf4-model-offload": ("--quantize nf4 --offload model", True),
-    "group-offload": ("--offload group", False),
-    "sequential-offload": ("--offload sequential --quantize none", False),
-    "auto": ("", None),
+    "bf16": "--memory off --no-fuse-qkv",
+    "fused-qkv": "--memory off",
+    "compile": "--memory off --compile",
+    "fp8": "--quantize fp8",
+    "fp8-compile": "--quantize fp8 --compile",
+    "int8": "--quantize int8",
+    "cudnn-attention": "--memory off --attention _native_cudnn",
+    "flash3-attention": "--memory off --attention _flash_3",
+    "flash-attention": "--memory off --attention flash",
+    "model-offload": "--offload model",
+    "group-offload": "--offload group",
 }
-DEFAULT_PRESETS = ("bf16", "bf16-compile", "fp8", "fp8-compile", "fp8-compile-magcache", "fp8-compile-fbcache",
-                   "int8", "fp8-storage", "model-offload", "fp8-model-offload", "nf4-model-offload",
-                   "group-offload", "auto")
+PARTS = {
+    "presets": ["bf16", "fused-qkv", "fp8", "int8", "cudnn-attention", "flash3-attention", "flash-attention"],
+    "compile": ["bf16", "compile", "fp8-compile"],
+    "offload": ["bf16", "model-offload", "group-offload"],
+    "steps": ["bf16"],
+    "served": [],
+    "memory": ["bf16"],
+    "cold": [],
+}
+CACHES = {"fbcache": "--cache fbcache:1000", "taylorseer": "--cache taylorseer:4", "magcache": "--cache magcache:1000"}
+CAPS_GIB = (24, 16, 12, 8)
+PROMPT = "a tiny astronaut hatching from an egg on the moon"
 
 
-def options_for(flags: str):
-    """The tuning.Options the server would build from these flags."""
-    from flux_infer import cli
+# -- the machine ----------------------------------------------------------------------------------
 
-    parser = cli._parser()
-    args = parser.parse_args(["generate", "x", *flags.split()])
-    return cli._options(args)
+def ensure_dependencies(wheels: Path | None) -> None:
+    """Install the wheels brought along into a private folder when diffusers is missing; the
+    measurement processes inherit the path."""
+    paths = [str(REPO)]
+    try:
+        import diffusers  # noqa: F401
+    except ImportError:
+        if not wheels or not any(wheels.glob("*.whl")):
+            raise SystemExit("diffusers is not installed and no wheels were given: fetch them with "
+                             "../shared/gpu/fetch-wheels nf4 .whl and pass --wheels .whl") from None
+        site = Path(tempfile.gettempdir()) / "flux-bench-site"
+        subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-index", "--no-deps", "--no-compile",
+                        "--no-cache-dir", "--upgrade", "--target", str(site), *map(str, sorted(wheels.glob("*.whl")))],
+                       check=True)
+        paths.insert(0, str(site))
+        sys.path[:0] = paths
+    os.environ["PYTHONPATH"] = os.pathsep.join([*paths, os.environ.get("PYTHONPATH", "")]).rstrip(os.pathsep)
 
 
-def measure(name: str, model: str | None, device: str | None, size: int, steps: int, runs: int) -> dict:
+def versions() -> dict:
+    import importlib.metadata as metadata
+
     import torch
 
+    found = {"date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+             "card": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "CPU (no CUDA GPU)",
+             "torch": torch.__version__, "cuda": torch.version.cuda or "none", "python": sys.version.split()[0]}
+    for name in ("diffusers", "transformers", "torchao", "bitsandbytes", "gradio"):
+        try:
+            found[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            found[name] = "not installed"
+    if torch.cuda.is_available():
+        found["gpu_memory_gib"] = round(torch.cuda.get_device_properties(0).total_memory / 1024**3, 1)
+        try:
+            found["driver"] = subprocess.run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
+                                             capture_output=True, text=True, timeout=30).stdout.strip()
+        except (OSError, subprocess.TimeoutExpired):
+            pass
+    return found
+
+
+class SmiPeak:
+    """The card's used memory, polled by nvidia-smi while a measurement runs, above what was used before."""
+
+    def __init__(self):
+        self.peak = None
+        self._stop = threading.Event()
+        self._base = self._used()
+        self._thread = threading.Thread(target=self._poll, daemon=True) if self._base is not None else None
+
+    @staticmethod
+    def _used() -> float | None:
+        try:
+            out = subprocess.run(["nvidia-smi", "--query-gpu=memory.used", "--format=csv,noheader,nounits", "-i", "0"],
+                                 capture_output=True, text=True, timeout=10).stdout
+            return float(out.strip().splitlines()[0]) / 1024  # MiB -> GiB
+        except (OSError, ValueError, IndexError, subprocess.TimeoutExpired):
+            return None
+
+    def _poll(self):
+        while not self._stop.wait(0.25):
+            used = self._used()
+            if used is not None:
+                self.peak = max(self.peak or 0.0, used - self._base)
+
+    def __enter__(self):
+        if self._thread:
+            self._thread.start()
+        return self
+
+    def __exit__(self, *_):
+        self._stop.set()
+        if self._thread:
+            self._thread.join()
+
+
+# -- one measurement, in its own process ----------------------------------------------------------
+
+def measure_one(flags: str, *, model: str, device: str | None, size: int, steps: int, runs: int,
+                step_times: bool, started: float) -> dict:
+    """Load with `flags`, warm up, time a first image and `runs` more; the row as a dict."""
+    import torch
+
+    from flux_infer import cli
     from flux_infer.inference import FluxInference, build_request
     from flux_infer.loading import load_pipeline
 
-    flags, lossy = PRESETS[name]
-    options = options_for(flags)
+    options = cli._options(cli._parser().parse_args(["generate", "x", *shlex.split(flags)]))
     cuda = torch.cuda.is_available() and device != "cpu"
-    if cuda:
-        torch.cuda.empty_cache()
-        torch.cuda.reset_peak_memory_stats()
-    started = time.perf_counter()
+    sync = torch.cuda.synchronize if cuda else (lambda: None)
+    began = time.perf_counter()
     pipeline, _, placement, runtime = load_pipeline(model, device=device, options=options)
+    sync()
+    build_s = time.perf_counter() - began
     inference = FluxInference(pipeline, runtime=runtime)
+    began = time.perf_counter()
     if options.compile:
         inference.warm_up(((size, size),), *options.warm_up_runs())
-    if cuda:
-        torch.cuda.synchronize()
-    loaded = time.perf_counter() - started
+    sync()
+    warm_s = time.perf_counter() - began
+    steps_seen = []  # (seconds, full transformer pass?) per step after the first
+    previous = {}  # the last step's end and the transformer passes counted by then
+
+    def on_step(step):
+        sync()
+        now = time.perf_counter()
+        calls = runtime.full_passes if options.cache is not None else step.index  # no cache: every step is full
+        if step.index > 1:
+            steps_seen.append((now - previous["at"], calls > previous["calls"]))
+        previous.update(at=now, calls=calls)
 
     def one(seed: int):
-        request = build_request("a tiny astronaut hatching from an egg on the moon", seed=seed, randomize_seed=False,
-                                width=size, height=size, num_inference_steps=steps)
+        request = build_request(PROMPT, seed=seed, randomize_seed=False, width=size, height=size,
+                                num_inference_steps=steps)
         began = time.perf_counter()
-        result = inference.run(request)
-        if cuda:
-            torch.cuda.synchronize()
+        result = inference.run(request, on_step=on_step if step_times else None)
+        sync()
         return time.perf_counter() - began, result
 
-    first, result = one(0)
-    times = [one(seed)[0] for seed in range(1, runs + 1)]
-    row = dict(name=name, flags=flags or "(defaults)", lossy=lossy, plan=runtime.plan.describe(), load_s=loaded,
-               first_s=first, median_s=statistics.median(times), cached=result.cached_steps,
-               peak_gib=torch.cuda.max_memory_allocated() / 1024**3 if cuda else float("nan"))
-    del inference, pipeline, runtime
-    torch._dynamo.reset()  # the next preset compiles its own graphs, never reuses these
-    gc.collect()
+    first_s, result = one(0)
+    first_image_at = time.time() - started
     if cuda:
-        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+    steps_seen.clear()
+    times = [one(seed)[0] for seed in range(1, runs + 1)]
+    median = statistics.median(times) if times else first_s
+    row = dict(flags=flags, plan=runtime.plan.describe(), plan_reason=runtime.plan.reason, build_s=build_s,
+               warm_s=warm_s, first_s=first_s, median_s=median, times=times, per_step_s=median / steps,
+               cached_steps=result.cached_steps, first_image_after_start_s=first_image_at,
+               peak_alloc_gib=torch.cuda.max_memory_allocated() / 1024**3 if cuda else None,
+               device=placement.device, dtype=placement.dtype_name)
+    if step_times:
+        full = [s for s, computed in steps_seen if computed]
+        skipped = [s for s, computed in steps_seen if not computed]
+        row.update(full_step_s=statistics.median(full) if full else None,
+                   skipped_step_s=statistics.median(skipped) if skipped else None,
+                   full_steps=len(full), skipped_steps=len(skipped))
     return row
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", default=None, help="pipeline folder, repo id or single file (default: as serve)")
-    parser.add_argument("--presets", default=",".join(DEFAULT_PRESETS), help="comma-separated; see --list")
-    parser.add_argument("--list", action="store_true", help="print the presets and their flags")
-    parser.add_argument("--size", type=int, default=1024)
-    parser.add_argument("--steps", type=int, default=28)
-    parser.add_argument("--runs", type=int, default=5)
-    parser.add_argument("--allow-cpu", action="store_true", help="run on the CPU (to check the script on tiny weights)")
-    args = parser.parse_args()
-    if args.list:
-        for name, (flags, _) in PRESETS.items():
-            print(f"{name:<22} {flags or '(defaults: --memory auto)'}")
+class Run:
+    """One invocation: the settings, the output folder, and the figures so far."""
+
+    def __init__(self, args):
+        self.args = args
+        self.out = Path(args.out)
+        self.out.mkdir(parents=True, exist_ok=True)
+        self.rows: dict[str, dict] = {}
+        self.eager: dict | None = None
+
+    def write(self, text: str) -> None:
+        print(text, flush=True)
+        with open(self.out / "results.md", "a") as report:
+            report.write(text + "\n")
+
+    def record(self, part: str, name: str, row: dict) -> None:
+        with open(self.out / "results.jsonl", "a") as lines:
+            lines.write(json.dumps({"part": part, "name": name, **row}) + "\n")
+
+    def measure(self, part: str, name: str, flags: str, *, model: str | None = None, runs: int | None = None,
+                step_times: bool = False, env: dict | None = None) -> dict | None:
+        """Run one measurement in a child process; the row, or None (reason written) when it could not run."""
+        a = self.args
+        spec = dict(flags=flags, model=model or a.model, device=a.device, size=a.size, steps=a.steps,
+                    runs=a.runs if runs is None else runs, step_times=step_times, started=time.time())
+        began = time.perf_counter()
+        with SmiPeak() as smi:
+            child = subprocess.run([sys.executable, __file__, "--one", json.dumps(spec)], capture_output=True,
+                                   text=True, env={**os.environ, **(env or {})}, timeout=a.timeout)
+        wall = time.perf_counter() - began
+        with open(self.out / "children.log", "a") as log:
+            log.write(f"### {part} {name}: {flags}\n{child.stderr[-20000:]}\n")
+        lines = [line for line in child.stdout.splitlines() if line.startswith("{")]
+        if child.returncode != 0 or not lines:
+            tail = [line for line in child.stderr.strip().splitlines() if line.strip()]
+            reason = tail[-1][:300] if tail else f"exit {child.returncode}"
+            self.write(f"| {name} | `{flags}` | could not run: {reason} |")
+            self.record(part, name, {"flags": flags, "error": reason})
+            return None
+        row = {**json.loads(lines[-1]), "process_s": wall, "peak_smi_gib": smi.peak}
+        self.record(part, name, row)
+        self.rows[name] = row
+        return row
+
+    def baseline(self, part: str) -> dict | None:
+        """bf16 eager, measured once per run (the first part that needs it)."""
+        if self.eager is None:
+            self.eager = self.measure(part, "bf16", PRESETS["bf16"])
+        return self.eager
+
+    def ratio(self, value: float | None) -> str:
+        if value is None or not self.eager:
+            return ""
+        return f"{value / self.eager['median_s']:.2f}"
+
+
+def _gib(value) -> str:
+    return "" if value is None else f"{value:.1f}"
+
+
+PRESET_HEADER = ("| preset | flags | plan | build s | warm-up s | first image s | steady s (median) | s/step | "
+                 "vs bf16 eager | peak GiB (torch) | peak GiB (nvidia-smi) |\n|---|---|---|---:|---:|---:|---:|---:|"
+                 "---:|---:|---:|")
+
+
+def preset_line(run: Run, name: str, row: dict) -> str:
+    return (f"| {name} | `{row['flags']}` | {row['plan']} | {row['build_s']:.1f} | {row['warm_s']:.1f} | "
+            f"{row['first_s']:.2f} | {row['median_s']:.3f} | {row['per_step_s']:.3f} | {run.ratio(row['median_s'])} | "
+            f"{_gib(row['peak_alloc_gib'])} | {_gib(row['peak_smi_gib'])} |")
+
+
+def part_presets(run: Run, part: str, names: list[str]) -> None:
+    run.write(f"\n## {part.capitalize()}\n\n{PRESET_HEADER}")
+    for name in names:
+        row = run.baseline(part) if name == "bf16" else run.measure(part, name, PRESETS[name])
+        if row:
+            run.write(preset_line(run, name, row))
+    if "compile" in names and "compile" in run.rows:
+        run.write(f"\n--compile, bf16: {run.rows['compile']['median_s']:.3f} s (goal on an H100: <= {COMPILE_GOAL_S} s)")
+    fp8 = [run.rows[n]["median_s"] for n in ("fp8", "fp8-compile") if n in names and n in run.rows]
+    if fp8:
+        run.write(f"\nfastest fp8: {min(fp8):.3f} s (goal on an H100: <= {FP8_GOAL_S} s)")
+
+
+def part_steps(run: Run) -> None:
+    run.write("\n## A full step and a skipped step\n\n| cache | flags | full step s | skipped step s | full / skipped "
+              "steps | image s | vs bf16 eager |\n|---|---|---:|---:|---:|---:|---:|")
+    base = run.measure("steps", "no cache", "--memory off", step_times=True, runs=1)
+    if base:
+        run.write(f"| none | `--memory off` | {base['full_step_s']:.3f} | | {base['full_steps']} / 0 | "
+                  f"{base['median_s']:.3f} | {run.ratio(base['median_s'])} |")
+    for name, flags in CACHES.items():
+        row = run.measure("steps", name, f"--memory off {flags}", step_times=True, runs=1)
+        if row:
+            skipped = "" if row["skipped_step_s"] is None else f"{row['skipped_step_s']:.4f}"
+            full = "" if row["full_step_s"] is None else f"{row['full_step_s']:.3f}"
+            run.write(f"| {name} | `{flags}` | {full} | {skipped} | {row['full_steps']} / {row['skipped_steps']} | "
+                      f"{row['median_s']:.3f} | {run.ratio(row['median_s'])} |")
+
+
+def part_memory(run: Run) -> None:
+    run.write("\n## --memory auto within --gpu-memory\n\n" + PRESET_HEADER.replace("| preset |", "| cap |"))
+    for cap in CAPS_GIB:
+        row = run.measure("memory", f"{cap} GiB", f"--gpu-memory {cap}", runs=1)
+        if row:
+            run.write(preset_line(run, f"{cap} GiB", row))
+            under = row["peak_alloc_gib"] is not None and row["peak_alloc_gib"] <= cap
+            run.write(f"|  | plan: {row['plan_reason']} | peak under the cap: {'yes' if under else 'NO'} |")
+    if "8 GiB" in run.rows and run.eager:
+        run.write(f"\n8 GiB: {run.ratio(run.rows['8 GiB']['median_s'])}x bf16 on a free card (goal <= {CAP_TIME_GOAL})")
+
+
+def _drop_page_cache(folder: Path) -> str:
+    """Evict the folder's files from the page cache: all of it where allowed, else file by file."""
+    os.sync()
+    try:
+        Path("/proc/sys/vm/drop_caches").write_text("3\n")
+        return "dropped (drop_caches)"
+    except OSError:
+        for path in folder.rglob("*"):
+            if path.is_file():
+                fd = os.open(path, os.O_RDONLY)
+                try:
+                    os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+                finally:
+                    os.close(fd)
+        return "dropped file by file (posix_fadvise DONTNEED)"
+
+
+def _read_all(folder: Path) -> tuple[float, int]:
+    began, total = time.perf_counter(), 0
+    for path in sorted(folder.rglob("*.safetensors")):
+        with open(path, "rb", buffering=0) as f:
+            while chunk := f.read(64 * 1024**2):
+                total += len(chunk)
+    return time.perf_counter() - began, total
+
+
+def part_cold(run: Run) -> None:
+    a = run.args
+    folder = Path(a.scratch) / "flux-random-pipeline"
+    run.write("\n## Cold start\n")
+    if not (folder / "model_index.json").is_file():
+        began = time.perf_counter()
+        saved = subprocess.run([sys.executable, __file__, "--save", str(folder), "--model", a.model,
+                                *(["--allow-cpu"] if a.allow_cpu else [])], capture_output=True, text=True)
+        if saved.returncode != 0:
+            run.write(f"could not save the pipeline: {saved.stderr.strip().splitlines()[-1:]}")
+            return
+        run.write(f"saved `{a.model}` as a diffusers folder in {time.perf_counter() - began:.1f} s")
+    dropped = _drop_page_cache(folder)
+    read_s, size = _read_all(folder)
+    run.write(f"page cache {dropped}; raw read of its safetensors: {size / 1024**3:.1f} GiB in {read_s:.1f} s "
+              f"({size / 1024**3 / read_s:.2f} GiB/s)\n")
+    run.write("| start | build/load s (to ready) | vs raw read | first image s |\n|---|---:|---:|---:|")
+    for label in ("cold page cache", "warm page cache"):
+        if label.startswith("cold"):
+            _drop_page_cache(folder)
+        row = run.measure("cold", label, "--memory off --no-fuse-qkv", model=str(folder), runs=0)
+        if row:
+            run.write(f"| {label} | {row['build_s']:.1f} | {row['build_s'] / read_s:.2f} | {row['first_s']:.2f} |")
+    cache = Path(a.scratch) / "inductor-cache"
+    run.write(f"\n(goal: cold load <= {COLD_GOAL}x the raw read)\n\n| --compile start | process start to first "
+              "image s | compile/warm-up s |\n|---|---:|---:|")
+    for label in ("first (empty TORCHINDUCTOR_CACHE_DIR)", "second (kept cache)"):
+        row = run.measure("cold", label, "--memory off --compile", runs=0,
+                          env={"TORCHINDUCTOR_CACHE_DIR": str(cache)})
+        if row:
+            run.write(f"| {label} | {row['first_image_after_start_s']:.1f} | {row['warm_s']:.1f} |")
+    run.write(f"\n(goal: second start with --compile to its first image <= {SECOND_START_GOAL_S} s)")
+
+
+def part_served(run: Run) -> None:
+    """The served path against the direct call, at the Space's defaults with previews on."""
+    a = run.args
+    sys.path.insert(0, str(REPO / "bench"))
+    import httpx
+    from common import Server
+    from gradio_client import Client
+    from previews import page_outputs
+
+    run.write("\n## Served end to end\n")
+    direct = run.measure("served", "direct", "", runs=a.runs)  # the server's own defaults: --memory auto
+    if not direct:
         return
-    names = [n for n in args.presets.split(",") if n]
-    unknown = [n for n in names if n not in PRESETS]
-    if unknown:
-        raise SystemExit(f"unknown presets {', '.join(unknown)}: see --list")
+    from flux_infer.random_weights import save_taef1
+
+    workdir = Path(a.scratch) / "served"
+    taef1 = save_taef1(workdir / "taef1-random")
+    data = [PROMPT, 0, False, a.size, a.size, 3.5, a.steps]
+    run.write("| consumer | previews | median s | vs direct | runs |\n|---|---|---:|---:|---|")
+    run.write(f"| direct FluxInference.run | none | {direct['median_s']:.3f} | 1.00 | "
+              f"{' '.join(f'{t:.2f}' for t in direct['times'])} |")
+    extra = ["--device", a.device] if a.device else []
+    for preview, flags in (("latent", ["--preview", "latent"]), ("taef1", ["--preview", "taef1", "--taef1", str(taef1)])):
+        try:
+            server = Server(a.model, workdir / preview, [*flags, *extra], name=preview)
+        except SystemExit as err:
+            run.write(f"| server, previews {preview} | could not start: {str(err).splitlines()[-1][:300]} |")
+            continue
+        try:
+            browser = httpx.Client(base_url=server.url, timeout=600)
+            client = Client(server.url, verbose=False)
+            consumers = {
+                "page (event stream, every preview fetched)": lambda seed: len(set(page_outputs(
+                    browser, [data[0], seed, *data[2:]]))),
+                "gradio_client predict()": lambda seed: client.predict(data[0], seed, False, *data[3:],
+                                                                        api_name="/infer"),
+                "OpenAI route, b64_json": lambda seed: browser.post("v1/images/generations", json={
+                    "prompt": PROMPT, "size": f"{a.size}x{a.size}", "response_format": "b64_json", "seed": seed,
+                    "num_inference_steps": a.steps}).raise_for_status(),
+            }
+            for consumer, call in consumers.items():
+                call(100)  # warm-up
+                runs = 1 if consumer.startswith("OpenAI") else a.runs
+                times = []
+                for seed in range(runs):
+                    began = time.perf_counter()
+                    call(seed)
+                    times.append(time.perf_counter() - began)
+                median = statistics.median(times)
+                run.write(f"| {consumer} | {preview} | {median:.3f} | {median / direct['median_s']:.3f} | "
+                          f"{' '.join(f'{t:.2f}' for t in times)} |")
+                run.record("served", f"{consumer}, {preview}", {"times": times, "median_s": median,
+                                                                "ratio": median / direct["median_s"]})
+        finally:
+            server.stop()
+            (run.out / f"server-{preview}.log").write_bytes(server.log_path.read_bytes()[-200_000:])
+    run.write(f"\n(goal: served/direct <= {SERVED_GOAL} with previews on)")
+
+
+def save_pipeline(folder: str, model: str, allow_cpu: bool) -> None:
+    from flux_infer.loading import load_pipeline
+    from flux_infer.tuning import Options
+
+    loaded = load_pipeline(model, device=None if not allow_cpu else "cpu",
+                           options=Options(memory="off", fuse_qkv=False))
+    loaded.pipeline.save_pretrained(folder, safe_serialization=True)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
+    parser.add_argument("--parts", default="presets", help=f"comma-separated, from {', '.join(PARTS)} "
+                        "(default: presets)")
+    parser.add_argument("--out", default="gpu-results", help="folder for results.md, results.jsonl and logs")
+    parser.add_argument("--model", default=None, help="default: random (random-small with --allow-cpu)")
+    parser.add_argument("--wheels", type=Path, default=None, help="install these .whl files when diffusers is missing")
+    parser.add_argument("--size", type=int, default=None, help="default: 1024 (256 with --allow-cpu)")
+    parser.add_argument("--steps", type=int, default=None, help="default: 28 (4 with --allow-cpu)")
+    parser.add_argument("--runs", type=int, default=None, help="steady images per preset (default: 3; 1 on a CPU)")
+    parser.add_argument("--timeout", type=float, default=600, help="seconds one measurement may take")
+    parser.add_argument("--scratch", default=tempfile.gettempdir(), help="disk for the cold-start folder and caches")
+    parser.add_argument("--allow-cpu", action="store_true", help="run on the CPU at a small size, to check the script")
+    parser.add_argument("--one", help=argparse.SUPPRESS)
+    parser.add_argument("--save", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.one:  # a child: one measurement, one JSON line
+        spec = json.loads(args.one)
+        print(json.dumps(measure_one(spec.pop("flags"), **spec)))
+        return
+    if args.save:
+        save_pipeline(args.save, args.model, args.allow_cpu)
+        return
+    parts = [p for p in args.parts.split(",") if p]
+    if not set(parts) <= set(PARTS):
+        raise SystemExit(f"--parts takes {', '.join(PARTS)}; got {args.parts}")
+    ensure_dependencies(args.wheels)
 
     import torch
 
-    device = None
-    if not torch.cuda.is_available():
-        if not args.allow_cpu:
-            raise SystemExit("bench/gpu.py measures GPU memory and latency and this machine has no CUDA GPU. "
-                             "To check the script itself: --allow-cpu --model tiny --presets bf16,int8 --runs 1")
-        device = "cpu"
-    where = torch.cuda.get_device_name(0) if device is None else "CPU"
-    print(f"{where}, {args.size}x{args.size}, {args.steps} steps, median of {args.runs}, model {args.model or 'default'}")
-    rows = []
-    for name in names:
-        try:
-            rows.append(measure(name, args.model, device, args.size, args.steps, args.runs))
-        except Exception as err:  # one preset that cannot run here must not hide the others
-            print(f"{name}: skipped: {type(err).__name__}: {str(err).splitlines()[0][:200]}", file=sys.stderr)
-            continue
-        row = rows[-1]
-        print(f"  {name}: {row['median_s']:.3f} s, peak {row['peak_gib']:.1f} GiB", file=sys.stderr)
-    if not rows:
-        raise SystemExit("no preset ran")
-    base = rows[0]["median_s"]
-    print("\n| preset | flags | plan | pixels | load s | first image s | steady s | vs first | cached steps | peak GiB |")
-    print("|---|---|---|---|---:|---:|---:|---:|---:|---:|")
-    for row in rows:
-        pixels = {True: "change", False: "exact", None: "depends"}[row["lossy"]]
-        print(f"| {row['name']} | `{row['flags']}` | {row['plan']} | {pixels} | {row['load_s']:.1f} | "
-              f"{row['first_s']:.2f} | {row['median_s']:.3f} | {row['median_s'] / base:.2f} | {row['cached']} | "
-              f"{row['peak_gib']:.1f} |")
-    exact = [r["median_s"] for r in rows if r["lossy"] is False]
-    fast = [r["median_s"] for r in rows if r["name"] in ("fp8-compile-magcache", "fp8-compile-fbcache")]
-    if exact:
-        print(f"\nbest exact: {min(exact):.3f} s (goal on one H100: <= {LOSSLESS_GOAL_S} s)")
-    if fast:
-        print(f"best fp8 + compile + cache: {min(fast):.3f} s (goal on one H100: <= {FAST_GOAL_S} s)")
+    cpu = not torch.cuda.is_available()
+    if cpu and not args.allow_cpu:
+        raise SystemExit("bench/gpu.py measures a CUDA GPU and this machine has none; to check the script: --allow-cpu")
+    args.device = "cpu" if cpu else None
+    args.model = args.model or ("random-small" if cpu else "random")
+    args.size = args.size or (256 if cpu else 1024)
+    args.steps = args.steps or (4 if cpu else 28)
+    args.runs = args.runs if args.runs is not None else (1 if cpu else 3)
+    run = Run(args)
+    facts = versions()
+    run.write(f"# bench/gpu.py on {facts['card']}\n\n" + ", ".join(f"{k} {v}" for k, v in facts.items()) +
+              f"\n\n`python bench/gpu.py {' '.join(shlex.quote(x) for x in sys.argv[1:])}`: model {args.model}, "
+              f"{args.size}x{args.size}, {args.steps} steps, median of {args.runs}")
+    with open(run.out / "versions.json", "w") as f:
+        json.dump(facts, f, indent=1)
+    for part in parts:
+        began = time.perf_counter()
+        if part in ("presets", "compile", "offload"):
+            part_presets(run, part, PARTS[part])
+        elif part == "steps":
+            run.baseline(part)
+            part_steps(run)
+        elif part == "memory":
+            run.baseline(part)
+            part_memory(run)
+        elif part == "cold":
+            part_cold(run)
+        elif part == "served":
+            part_served(run)
+        run.write(f"\n({part}: {time.perf_counter() - began:.0f} s)")
 
 
 if __name__ == "__main__":

@@ -426,6 +426,11 @@ class Runtime:
     def _count_call(self, *_):
         self._calls += 1
 
+    @property
+    def full_passes(self) -> int:
+        """Full transformer passes so far in the current image (counted only with a cache)."""
+        return self._calls
+
     # -- per request -----------------------------------------------------------------------------
     def before(self, request) -> None:
         """Set what depends on the request: VAE tiling, MagCache's step count; reset the counter."""

@@ -1,0 +1,44 @@
+"""bench/gpu.py's own machinery on the CPU: step timing by kind, and a measurement that cannot run here."""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import time
+from pathlib import Path
+
+import pytest
+
+BENCH = Path(__file__).resolve().parent.parent / "bench" / "gpu.py"
+
+
+@pytest.fixture(scope="module")
+def gpu_bench():
+    spec = importlib.util.spec_from_file_location("gpu_bench", BENCH)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_steps_are_told_apart_by_whether_the_transformer_ran(gpu_bench):
+    common = dict(model="random-small", device="cpu", size=256, steps=5, runs=1, step_times=True,
+                  started=time.time())
+    plain = gpu_bench.measure_one("--memory off", **common)
+    assert (plain["full_steps"], plain["skipped_steps"]) == (4, 0)  # steps 2..5: the first holds text encoding
+    assert plain["full_step_s"] > 0 and plain["skipped_step_s"] is None
+    assert plain["plan"] == "transformer unquantized, offload none" and plain["device"] == "cpu"
+    # An unreachable threshold: every step after the first reuses the cached residual.
+    cached = gpu_bench.measure_one("--memory off --cache fbcache:1000", **common)
+    assert (cached["full_steps"], cached["skipped_steps"]) == (0, 4)
+    assert cached["cached_steps"] == 4
+
+
+def test_a_measurement_that_cannot_run_is_written_down_and_the_run_goes_on(gpu_bench, tmp_path):
+    args = argparse.Namespace(out=tmp_path, model="random-small", device="cpu", size=256, steps=2, runs=0,
+                              timeout=300)
+    run = gpu_bench.Run(args)
+    assert run.measure("offload", "model-offload", "--offload model") is None
+    report = (tmp_path / "results.md").read_text()
+    assert "| model-offload | `--offload model` | could not run: " in report
+    assert "--offload model moves weights between a GPU and the CPU: it needs a CUDA GPU" in report
+    assert '"error"' in (tmp_path / "results.jsonl").read_text()
