@@ -8,6 +8,8 @@ import numpy as np
 import psutil
 import pytest
 import torch
+from conftest import SMALL, Server
+from PIL import Image
 
 from flux_infer import random_weights, settings, tuning
 from flux_infer.inference import FluxInference
@@ -168,3 +170,14 @@ def test_gpu_memory_errors(fake_h100):
         tuning.Options(gpu_memory=0)
     with pytest.raises(tuning.OptionError, match="--gpu-memory caps a CUDA GPU's memory and this run is on cpu"):
         tuning.limit_gpu_memory(8, "cpu")
+
+
+def test_server_serves_random_weights_through_the_space_api(tmp_path):
+    server = Server(["--model", "random-small", "--preview", "none"], tmp_path)
+    try:
+        image, seed = server.client().predict("noise", 11, False, api_name="/infer", **SMALL)
+        assert seed == 11
+        assert Image.open(image).size == (SMALL["width"], SMALL["height"])
+        assert "with RANDOM weights. Its images are noise" in server.log()
+    finally:
+        server.stop()
