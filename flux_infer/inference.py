@@ -1,7 +1,8 @@
 """The one generation path: validate -> seed -> generate -> result.
 
-Every front end (Gradio app, CLI) turns its inputs into a call of `FluxInference.infer()` with the
-Space's arguments and gets back the image and the seed it used. Nothing here knows about Gradio.
+Every front end turns its inputs into a `GenerationRequest` with `build_request()` (the Space's
+seven arguments, validated) and generates through a `Backend`'s `run()`: `FluxInference` here, or
+the Ray Serve replicas. Nothing here knows about Gradio or HTTP.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ import secrets
 import threading
 import time
 from dataclasses import asdict, dataclass, replace
-from typing import Any
+from typing import Any, Protocol
 
 from flux_infer import settings
 from flux_infer.settings import Range
@@ -148,37 +149,20 @@ def build_request(
     return request
 
 
-class FifoLock:
-    """A lock granted in the order it was asked for. threading.Lock promises no order, so with the
-    page and the OpenAI route waiting side by side a request could be overtaken again and again."""
+class Backend(Protocol):
+    """What generates: `FluxInference` in this process, or `cluster.RemoteInference` on Ray Serve
+    replicas. The service layer and every front end see only this."""
 
-    def __init__(self):
-        self._turn = threading.Condition()
-        self._next_ticket = 0
-        self._serving = 0
-
-    def __enter__(self):
-        with self._turn:
-            ticket = self._next_ticket
-            self._next_ticket += 1
-            self._turn.wait_for(lambda: self._serving == ticket)
-        return self
-
-    def __exit__(self, *exc_info):
-        with self._turn:
-            self._serving += 1
-            self._turn.notify_all()
-
-    @property
-    def waiting(self) -> int:
-        """Callers that hold a ticket and have not had their turn yet (the holder not counted)."""
-        with self._turn:
-            return max(0, self._next_ticket - self._serving - 1)
+    def run(self, request: GenerationRequest, *, on_step=None,
+            cancel: threading.Event | None = None) -> GenerationResult:
+        """Generate for a validated request (blocking). `on_step(Step)` after each step; setting
+        `cancel` stops at the end of the current step with GenerationCancelled."""
 
 
 class FluxInference:
-    """A loaded FluxPipeline, its preview decoder, and the lock that lets one generation run at a time
-    (in the order the generations were asked for, whichever door they came through)."""
+    """A loaded FluxPipeline and its preview decoder. The server's scheduler decides which request
+    runs; the lock only keeps two callers in one process (a script, the warm-up) from sharing the
+    pipeline at once."""
 
     def __init__(self, pipeline, *, runtime=None, preview=None, preview_every: int = 1, progress_bar: bool = False):
         if preview_every < 1:
@@ -188,7 +172,7 @@ class FluxInference:
         self.preview = preview  # a flux_infer.previews decoder, or None
         self.preview_every = preview_every
         self.pipeline.set_progress_bar_config(disable=not progress_bar)
-        self._lock = FifoLock()
+        self._lock = threading.Lock()
 
     def _step_callback(self, request: GenerationRequest, on_step, cancel):
         from flux_infer.previews import Step
@@ -211,11 +195,7 @@ class FluxInference:
 
         return callback
 
-    def generate(self, request: GenerationRequest, *, on_step=None, cancel: threading.Event | None = None):
-        """The PIL image for a validated request (see `_generate`)."""
-        return self._generate(request, on_step=on_step, cancel=cancel)[0]
-
-    def _generate(self, request: GenerationRequest, *, on_step=None, cancel: threading.Event | None = None):
+    def _call_pipeline(self, request: GenerationRequest, *, on_step=None, cancel: threading.Event | None = None):
         """Run the pipeline for a validated request; return the PIL image and the runtime's stats.
 
         The noise comes from a CPU generator seeded with `request.seed`, as in the Space, so a seed
@@ -262,7 +242,7 @@ class FluxInference:
     def run(self, request: GenerationRequest, *, on_step=None, cancel: threading.Event | None = None):
         """Generate for a validated request; the image carries its settings in `image.info`."""
         started = time.perf_counter()
-        image, stats = self._generate(request, on_step=on_step, cancel=cancel)
+        image, stats = self._call_pipeline(request, on_step=on_step, cancel=cancel)
         seconds = time.perf_counter() - started
         image.info["parameters"] = request.parameters_text()
         image.info["flux_infer"] = json.dumps(asdict(request))
@@ -277,12 +257,12 @@ class FluxInference:
         for width, height in sizes:
             started = time.perf_counter()
             for seed in range(images):
-                self.generate(build_request("warm-up", seed=seed, width=width, height=height,
-                                            num_inference_steps=steps))
+                self.run(build_request("warm-up", seed=seed, width=width, height=height,
+                                       num_inference_steps=steps))
             log.info("warmed up at %dx%d in %.1f s", width, height, time.perf_counter() - started)
 
     def infer(self, prompt: Any, **arguments: Any) -> GenerationResult:
-        """The Space's infer() without previews: validate, pick the seed, generate."""
+        """The Space's infer() from a script: `build_request()` (validate, pick the seed), then `run()`."""
         return self.run(build_request(prompt, **arguments))
 
 
@@ -292,12 +272,13 @@ def _log_stopped(worker) -> None:
         log.info("generation stopped: %s", err)
 
 
-async def stream_run(run, request: GenerationRequest):
+async def stream_run(run, request: GenerationRequest, *, finished=None):
     """Run `run(request, on_step=..., cancel=...)` in a worker thread and yield, on the event loop,
     each Step as the denoising reports it and then the GenerationResult (or raise its error).
 
     When the consumer stops iterating (a cancelled job, a closed page, a cancelled Ray stream),
     the `finally` sets `cancel`, which stops the denoising at the end of the current step.
+    `finished()` is called on the loop once the worker has ended, however it ended.
     """
     import asyncio
     import functools
@@ -312,6 +293,8 @@ async def stream_run(run, request: GenerationRequest):
     worker = loop.run_in_executor(None, functools.partial(run, request, on_step=on_step, cancel=cancel))
     # The worker's end is queued after its last step (both arrive through the loop in order).
     worker.add_done_callback(lambda _: steps.put_nowait(None))
+    if finished is not None:
+        worker.add_done_callback(lambda _: finished())
     try:
         while (step := await steps.get()) is not None:
             yield step

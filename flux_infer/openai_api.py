@@ -150,6 +150,22 @@ def router(service: Service, *, api_key: str | None = None, files: ImageFiles | 
     files = files or ImageFiles()
     routes = APIRouter()
 
+    def encode(results, response_format: str) -> list[dict]:
+        """The response's items: PNG bytes (base64) or a file name for the url. Runs in a worker
+        thread: encoding a 1024x1024 PNG takes a good fraction of a second, which on the event loop
+        would stall every other door's streams."""
+        data = []
+        for result in results:
+            item = {"revised_prompt": result.request.prompt, "seed": result.seed}
+            if response_format == "url":
+                item["file"] = files.add(result.image)
+            else:
+                buffer = io.BytesIO()
+                result.image.save(buffer, format="PNG")
+                item["b64_json"] = base64.b64encode(buffer.getvalue()).decode("ascii")
+            data.append(item)
+        return data
+
     def check_key(request: Request) -> None:
         if api_key is None:
             return
@@ -193,17 +209,27 @@ def router(service: Service, *, api_key: str | None = None, files: ImageFiles | 
             service.count_rejected("openai", "invalid")
             return err.response()
         try:
-            service.admit()
-        except Busy as err:
-            service.count_rejected("openai", "busy")
+            ticket = service.admit("openai")
+        except Busy as err:  # counted by admit()
             return ApiError(503, str(err), kind="server_error", code="busy").response()
-        gone = threading.Event()  # the caller hung up: stop at the end of the current step
+        gone = threading.Event()  # the caller hung up: leave the line, or stop at the end of the current step
         watcher = asyncio.create_task(_watch_disconnect(request, gone))
         try:
-            results = []
-            for generation in parsed["requests"]:
-                results.append(await run_in_threadpool(service.run, generation, route="openai",
-                                                       request_id=request_id, cancel=gone))
+            turn = asyncio.ensure_future(service.wait_turn(ticket))
+            await asyncio.wait((turn, watcher), return_when=asyncio.FIRST_COMPLETED)
+            if not turn.done():  # the caller left while waiting: it never generates
+                turn.cancel()
+                await asyncio.gather(turn, return_exceptions=True)
+                service.count_rejected("openai", "cancelled")
+                log.info("the caller closed the connection while waiting in line")
+                return ApiError(499, "the client closed the request", kind="server_error").response()
+
+            def generate_all():  # one ticket, one slot, for the request's n images
+                return [service.run(generation, route="openai", request_id=request_id, cancel=gone)
+                        for generation in parsed["requests"]]
+
+            results = await run_in_threadpool(generate_all)
+            data = await run_in_threadpool(encode, results, parsed["response_format"])
         except GenerationCancelled as err:
             log.info("the caller closed the connection: %s", err)
             return ApiError(499, "the client closed the request", kind="server_error").response()
@@ -215,17 +241,10 @@ def router(service: Service, *, api_key: str | None = None, files: ImageFiles | 
                             kind="server_error").response()
         finally:
             watcher.cancel()
-            service.release()
-        data = []
-        for result in results:
-            item = {"revised_prompt": result.request.prompt, "seed": result.seed}
-            if parsed["response_format"] == "url":
-                item["url"] = str(request.url_for("image_file", name=files.add(result.image)))
-            else:
-                buffer = io.BytesIO()
-                result.image.save(buffer, format="PNG")
-                item["b64_json"] = base64.b64encode(buffer.getvalue()).decode("ascii")
-            data.append(item)
+            service.done(ticket)
+        for item in data:
+            if "file" in item:
+                item["url"] = str(request.url_for("image_file", name=item.pop("file")))
         return JSONResponse({"created": int(time.time()), "data": data, "seeds": [r.seed for r in results]},
                             headers={"x-request-id": request_id})
 

@@ -124,8 +124,9 @@ def build_app(service, demo, config: ServerConfig):
                 await asyncio.sleep(every)
                 try:
                     await asyncio.to_thread(sweep, config.keep_outputs)
-                except OSError as err:  # a full or read-only disk: say so, try again next time
-                    log.warning("could not delete old temporary images: %s", err)
+                except Exception as err:  # a full or read-only disk, anything: say so, try again next time
+                    log.warning("could not delete old temporary images (will try again): %s: %s",
+                                type(err).__name__, err)
 
         task = asyncio.create_task(sweep_forever(min(max(config.keep_outputs, 1.0), SWEEP_EVERY_S)))
         try:
@@ -143,8 +144,8 @@ def build_app(service, demo, config: ServerConfig):
     @app.get("/readyz")
     async def readyz():
         ready = service.ready
-        body = {"ready": ready, "model_loaded": ready, "queue_depth": service.queue_depth(),
-                "max_queue": service.max_queue}
+        body = {"ready": ready, "model_loaded": True, "queue_depth": service.queue_depth(),
+                "running": service.scheduler.running, "max_queue": service.max_queue}
         return JSONResponse(body, status_code=200 if ready else 503)
 
     @app.get("/metrics")
@@ -155,7 +156,9 @@ def build_app(service, demo, config: ServerConfig):
     app.include_router(openai_api.router(service, api_key=config.api_key, files=files))
 
     app.add_middleware(BodyLimit)
-    demo.queue(default_concurrency_limit=service.concurrency, max_size=service.max_queue)
+    # Gradio's queue holds nothing back and refuses nothing: every request reaches the handler at
+    # once and waits in the service's one line, which admits, orders and refuses for every door.
+    demo.queue(default_concurrency_limit=None, max_size=None)
     return gr.mount_gradio_app(
         app, demo, path="/", server_name=config.host, server_port=config.port,
         auth=config.auth, mcp_server=config.mcp or None, css=CSS,
@@ -196,23 +199,24 @@ def serve(service, demo, config: ServerConfig) -> None:
     class Server(uvicorn.Server):
         """uvicorn, draining on SIGTERM/SIGINT instead of closing the door on work in flight.
 
-        The first signal marks the service not ready (new generations are refused as "shutting
-        down", /readyz answers 503), waits up to DRAIN_SECONDS for the generation in flight and
-        the queue to finish, leaves DOWNLOAD_GRACE_S for clients to fetch their images, then
-        stops uvicorn; the process exits with 0. A second signal stops at once.
+        The first signal closes the line (new requests at every door are refused as "shutting
+        down", /readyz answers 503); every request already admitted, running or waiting, whatever
+        its door, is still served, for up to DRAIN_SECONDS; then DOWNLOAD_GRACE_S for clients to
+        fetch their images, and uvicorn stops; the process exits with 0. A second signal stops at once.
         """
 
         def handle_exit(self, sig, frame):
             if not service.ready:
                 self.should_exit = self.force_exit = True
                 return
-            service.ready = False
-            log.info("shutting down: draining (a generation in flight finishes first; a second signal stops now)")
+            service.close()
+            log.info("shutting down: draining %d running and %d waiting (a second signal stops now)",
+                     service.scheduler.running, service.scheduler.waiting)
             threading.Thread(target=self._drain, daemon=True).start()
 
         def _drain(self):
             deadline = time.monotonic() + DRAIN_SECONDS
-            while (service.active or service.queue_depth()) and time.monotonic() < deadline:
+            while (service.scheduler.running or service.scheduler.waiting) and time.monotonic() < deadline:
                 time.sleep(0.1)
             time.sleep(DOWNLOAD_GRACE_S)
             self.should_exit = True

@@ -1,32 +1,31 @@
-"""What every front end shares around a generation: request ids, metrics, saved outputs, admission.
+"""What every front end shares around a generation: the line, request ids, metrics, saved outputs.
 
-The Gradio page and API, the OpenAI route and MCP all call `Service.run()`, so each generation is
-counted, timed, logged with its request id and (with `--output-dir`) saved the same way,
-whichever door it came through. One generation runs at a time (FluxInference's lock); requests
-that wait are counted against `max_queue` across all front ends.
+Every door (the page and `/infer`, MCP, the OpenAI route) takes a ticket with `Service.admit()`,
+waits its turn in the one scheduler (`flux_infer.scheduler`), and generates through
+`Service.run()` (or `Service.stream()`, which does both and streams the steps), so each
+generation is admitted, ordered, counted, timed, logged with its request id and (with
+`--output-dir`) saved the same way whichever door it came through.
 """
 
 from __future__ import annotations
 
 import contextvars
+import functools
 import json
 import logging
-import threading
 import time
 import uuid
 from dataclasses import asdict
 from pathlib import Path
 
 from flux_infer import settings
-from flux_infer.inference import FluxInference, GenerationCancelled, InvalidRequest
+from flux_infer.inference import GenerationCancelled, InvalidRequest, stream_run
+from flux_infer.scheduler import Busy, Scheduler, Ticket
 
 log = logging.getLogger(__name__)
 
 REQUEST_ID = contextvars.ContextVar("request_id", default="-")
-
-
-class Busy(RuntimeError):
-    """Too many requests are waiting; the caller should try again later."""
+__all__ = ["Busy", "Service", "REQUEST_ID", "RequestIdFilter", "new_request_id"]
 
 
 class RequestIdFilter(logging.Filter):
@@ -52,8 +51,12 @@ class Metrics:
                                 ["route", "outcome"], registry=self.registry)
         self.failures = Counter("flux_failures", "Generations that failed on a valid request", ["route"],
                                 registry=self.registry)
-        self.seconds = Histogram("flux_generation_seconds", "Seconds per generated image", registry=self.registry,
+        self.seconds = Histogram("flux_generation_seconds", "Seconds per generated image, not counting the wait "
+                                 "in line", registry=self.registry,
                                  buckets=(0.5, 1, 2, 3, 5, 8, 13, 21, 34, 55, 89, 144, 300))
+        self.queue_wait = Histogram("flux_queue_wait_seconds", "Seconds a request waited in line before it started",
+                                    ["route"], registry=self.registry,
+                                    buckets=(0.01, 0.1, 0.5, 1, 2, 5, 10, 20, 40, 80, 160, 320))
         self.steps_per_second = Gauge("flux_steps_per_second", "Denoising steps per second of the last image",
                                       registry=self.registry)
         self.replica_images = Counter("flux_replica_images", "Images made by each Ray Serve replica (--replicas)",
@@ -68,49 +71,65 @@ class Metrics:
 
 
 class Service:
-    def __init__(self, inference: FluxInference, *, max_queue: int = settings.DEFAULT_MAX_QUEUE,
+    def __init__(self, inference, *, max_queue: int = settings.DEFAULT_MAX_QUEUE,
                  output_dir: Path | None = None, log_prompts: bool = True, concurrency: int = 1):
-        self.inference = inference
+        self.inference = inference  # a flux_infer.inference.Backend
         self.concurrency = concurrency  # generations at once: 1, or the Ray Serve replicas
         self.max_queue = max_queue
         self.output_dir = Path(output_dir) if output_dir else None
         self.log_prompts = log_prompts
-        self._waiting = 0
-        self.active = 0  # generations running now
-        self._count_lock = threading.Lock()
-        self.external_depth = lambda: 0  # set by the web layer: Gradio's own queue
-        self.waiting_changed = lambda waiting: None  # set by the web layer: Gradio's room shrinks with ours
+        self.scheduler = Scheduler(slots=concurrency, max_queue=max_queue)
         self.metrics = Metrics(self.queue_depth)
-        self.ready = True
+
+    @property
+    def ready(self) -> bool:
+        return not self.scheduler.closed
+
+    def close(self) -> None:
+        """Refuse new requests at every door; those admitted are still served."""
+        self.scheduler.close()
 
     def queue_depth(self) -> int:
-        return self._waiting + self.external_depth()
+        """Requests waiting in line, from every door."""
+        return self.scheduler.waiting
 
-    def check_open(self) -> None:
-        """Busy while the server drains for shutdown."""
-        if not self.ready:
-            raise Busy("the server is shutting down: try again when it is back")
+    def admit(self, route: str) -> Ticket:
+        """A place in line for a validated request; Busy (counted) when the line is full or closing.
+        Call it on the server's event loop."""
+        try:
+            return self.scheduler.admit(route)
+        except Busy:
+            self.count_rejected(route, "busy")
+            raise
 
-    def admit(self) -> None:
-        """Count a request (the OpenAI route's, until its images are done) against max_queue, with Gradio's
-        queue; Busy when the queue is full or closing."""
-        self.check_open()
-        with self._count_lock:
-            if self.queue_depth() >= self.max_queue:
-                raise Busy(f"the server is busy ({self.queue_depth()} requests waiting): try again shortly")
-            self._waiting += 1
-            self.waiting_changed(self._waiting)
+    async def wait_turn(self, ticket: Ticket, on_position=None) -> None:
+        """Wait in line (see Scheduler.turn); the wait is measured per route."""
+        await self.scheduler.turn(ticket, on_position)
+        self.metrics.queue_wait.labels(ticket.route).observe(ticket.waited)
 
-    def release(self) -> None:
-        with self._count_lock:
-            self._waiting -= 1
-            self.waiting_changed(self._waiting)
+    def done(self, ticket: Ticket) -> None:
+        """The ticket's generation is over (or it never started): the next in line may go."""
+        self.scheduler.leave(ticket)
+
+    async def stream(self, ticket: Ticket, request, *, request_id: str, on_position=None):
+        """Wait for `ticket`'s turn, then generate in a worker thread, yielding each Step and then the
+        GenerationResult. The slot is given back when the worker has really stopped, so a cancelled
+        generation still finishing its step never overlaps the next one."""
+        started = False
+        try:
+            await self.wait_turn(ticket, on_position)
+            started = True
+            run = functools.partial(self.run, route=ticket.route, request_id=request_id)
+            async for item in stream_run(run, request, finished=lambda: self.done(ticket)):
+                yield item
+        finally:
+            if not started:
+                self.done(ticket)
 
     def run(self, request, *, route: str, request_id: str | None = None, on_step=None, cancel=None):
-        """Generate for a validated request, counting, timing, logging and saving it."""
+        """Generate for a validated request whose ticket has its turn, counting, timing, logging and
+        saving it (in a worker thread: it blocks until the image is made)."""
         token = REQUEST_ID.set(request_id or new_request_id())
-        with self._count_lock:
-            self.active += 1
         try:
             prompt = request.prompt if self.log_prompts else f"<{len(request.prompt)} characters>"
             log.info("%s request: %r, %dx%d, %d steps, seed %d", route, prompt, request.width, request.height,
@@ -136,12 +155,10 @@ class Service:
                 self.save(result)
             return result
         finally:
-            with self._count_lock:
-                self.active -= 1
             REQUEST_ID.reset(token)
 
     def count_rejected(self, route: str, outcome: str) -> None:
-        """A request refused before it reached run(): invalid input or a full queue."""
+        """A request refused before it reached run(): invalid input, a full line, a closing server."""
         self.metrics.requests.labels(route, outcome).inc()
 
     def save(self, result) -> Path:

@@ -9,13 +9,12 @@ recent images (a private event: the API still has the one endpoint).
 
 from __future__ import annotations
 
-import functools
 import logging
 import os
 import time
 
 from flux_infer import settings
-from flux_infer.inference import GenerationFailed, InvalidRequest, build_request, stream_run
+from flux_infer.inference import GenerationFailed, InvalidRequest, build_request
 from flux_infer.previews import Step
 from flux_infer.service import Busy, Service, new_request_id
 
@@ -45,13 +44,19 @@ def _gradio_error(err: Exception):
                     title="Generation failed")
 
 
-def make_handler(service: Service, route: str = "gradio"):
+# gradio_client as Gradio's MCP server uses it to call the tool sends this header.
+MCP_USER_HEADER = ("x-gradio-user", "mcp")
+
+
+def make_handler(service: Service):
     """The function behind `/infer`, with the Space's signature, streaming (image, seed).
 
     Like the Space's, it yields a preview after each denoising step (every `preview_every`), then
     the full-quality image: `gradio_client`'s predict() gets the last, submit() iterates them all.
-    The pipeline runs in a worker thread; when the caller cancels or goes away, Gradio cancels
-    this generator and the `finally` stops the denoising at the end of the current step.
+    It waits in the service's one line (Gradio's queue holds nothing back: see build_app), showing
+    its place in line as progress. The pipeline runs in a worker thread; when the caller cancels
+    or goes away, Gradio cancels this generator: a request still waiting leaves the line, a
+    running one stops at the end of its current step.
 
     Its own defaults are the Space's infer() defaults (seed 42, fixed), which the lazily cached
     examples use; API callers get the components' defaults instead (seed 0, randomized).
@@ -67,6 +72,7 @@ def make_handler(service: Service, route: str = "gradio"):
         guidance_scale=settings.GUIDANCE_SCALE.default,
         num_inference_steps=settings.NUM_INFERENCE_STEPS.default,
         progress=gr.Progress(),
+        http: gr.Request = None,
     ):
         """Generate an image with FLUX.1 [dev] from a text prompt.
 
@@ -82,18 +88,22 @@ def make_handler(service: Service, route: str = "gradio"):
         Returns:
             The image, and the seed it was made with.
         """
+        mcp = http is not None and http.headers.get(MCP_USER_HEADER[0]) == MCP_USER_HEADER[1]
+        route = "mcp" if mcp else "gradio"
         try:
-            service.check_open()
             request = build_request(prompt, seed=seed, randomize_seed=randomize_seed, width=width, height=height,
                                     guidance_scale=guidance_scale, num_inference_steps=num_inference_steps)
-        except Busy as err:
-            service.count_rejected(route, "busy")
-            raise _gradio_error(err) from None
+            ticket = service.admit(route)
         except InvalidRequest as err:
             service.count_rejected(route, "invalid")
             raise _gradio_error(err) from None
-        run = functools.partial(service.run, route=route, request_id=new_request_id())
-        steps = stream_run(run, request)
+        except Busy as err:  # counted by admit()
+            raise _gradio_error(err) from None
+
+        def in_line(ahead: int) -> None:
+            progress(0, desc=f"Waiting in line: {ahead} ahead")
+
+        steps = service.stream(ticket, request, request_id=new_request_id(), on_position=in_line)
         try:
             async for item in steps:
                 if isinstance(item, Step):
@@ -107,6 +117,9 @@ def make_handler(service: Service, route: str = "gradio"):
         finally:
             await steps.aclose()
 
+    # This module's annotations are strings (`from __future__ import annotations`) and `gr` is not a
+    # module global, so Gradio could not resolve this one: give it the class.
+    infer.__annotations__["http"] = gr.Request
     return infer
 
 
@@ -201,13 +214,4 @@ def build_demo(service: Service, *, image_format: str = settings.DEFAULT_IMAGE_F
             preprocess=False,
         ).success(remember, inputs=[result, seed, history], outputs=[gallery, history], api_visibility="private",
                   show_progress="hidden", queue=False)
-    # One --max-queue for every door: requests waiting in Gradio's queue count against the OpenAI
-    # route's admission, and the OpenAI route's admitted requests shrink the room in Gradio's queue.
-    service.external_depth = lambda: len(demo._queue) if getattr(demo, "_queue", None) is not None else 0
-
-    def share_room(waiting: int) -> None:
-        if getattr(demo, "_queue", None) is not None and demo._queue.max_size is not None:
-            demo._queue.max_size = max(0, service.max_queue - waiting)
-
-    service.waiting_changed = share_room
     return demo

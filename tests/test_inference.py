@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import subprocess
 import sys
-import threading
-import time
 from pathlib import Path
 
 import pytest
@@ -85,34 +83,3 @@ def test_out_of_memory_is_a_clear_error_and_the_next_request_runs(monkeypatch):
         inference.infer("a", width=2048, height=2048)
     assert released == [True]  # the failed call's blocks go back to the GPU
     assert inference.infer("a", width=256, height=256).image.size == (256, 256)
-
-
-def test_the_generation_lock_is_granted_in_the_order_asked_even_after_a_failure():
-    from flux_infer.inference import FifoLock
-
-    lock, order = FifoLock(), []
-
-    def worker(index):
-        try:
-            with lock:
-                order.append(index)
-                if index == 2:
-                    raise RuntimeError("a generation that fails still passes the turn on")
-        except RuntimeError:
-            pass
-
-    threads = []
-    with lock:
-        for index in range(8):
-            thread = threading.Thread(target=worker, args=(index,))
-            thread.start()
-            threads.append(thread)
-            deadline = time.monotonic() + 10
-            while lock.waiting < index + 1:  # each asks only after the one before is in line
-                assert time.monotonic() < deadline
-                time.sleep(0.001)
-    for thread in threads:
-        thread.join(timeout=10)
-    assert order == list(range(8)) and lock.waiting == 0
-    with lock:  # and it is free again
-        pass

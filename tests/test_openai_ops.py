@@ -105,6 +105,17 @@ def test_openai_malformed_bodies(extras_server):
         assert response.status_code == status and message in response.json()["error"]["message"]
 
 
+def sample(server, name: str, **labels) -> float | None:
+    """One sample of the server's /metrics, read with prometheus_client's own parser."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    for family in text_string_to_metric_families(httpx.get(server.url + "metrics").text):
+        for found in family.samples:
+            if found.name == name and all(found.labels.get(k) == v for k, v in labels.items()):
+                return found.value
+    return None
+
+
 def test_health_readiness_metrics_and_request_ids(extras_server, openai_client):
     assert httpx.get(extras_server.url + "healthz").json() == {"status": "ok"}
     ready = httpx.get(extras_server.url + "readyz").json()
@@ -118,6 +129,10 @@ def test_health_readiness_metrics_and_request_ids(extras_server, openai_client):
     assert 'flux_requests_total{outcome="invalid",route="openai"}' in metrics
     assert "flux_generation_seconds_count" in metrics and "flux_queue_depth 0.0" in metrics
     assert "flux_steps_per_second" in metrics
+    # The wait in line and the generation are measured apart.
+    assert sample(extras_server, "flux_queue_wait_seconds_count", route="openai") >= 1
+    assert 0 <= sample(extras_server, "flux_queue_wait_seconds_sum", route="openai") < sample(
+        extras_server, "flux_generation_seconds_sum") + 1
 
 
 def test_a_caller_that_hangs_up_stops_its_generation(extras_server, openai_client):
@@ -183,6 +198,9 @@ def test_mcp_client_lists_and_calls_the_infer_tool(extras_server):
     assert not result.isError, result
     kinds = {content.type for content in result.content}
     assert "image" in kinds or any("9" in getattr(c, "text", "") for c in result.content), result.content
+    # Counted and logged as MCP, not as the page.
+    assert sample(extras_server, "flux_requests_total", route="mcp", outcome="ok") == 1
+    assert "mcp request: 'an mcp robot'" in extras_server.log()
 
 
 # -- auth ------------------------------------------------------------------------------------------
