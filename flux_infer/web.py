@@ -33,12 +33,13 @@ def _gradio_error(err: Exception):
     """A core exception as the one-line gr.Error the caller sees; never a stack trace."""
     import gradio as gr
 
+    # Expected outcomes, said to the caller: no traceback in the server's log for them.
     if isinstance(err, InvalidRequest):
-        return gr.Error(str(err), title="Invalid input")
+        return gr.Error(str(err), title="Invalid input", print_exception=False)
     if isinstance(err, GenerationFailed):
-        return gr.Error(str(err), title="Generation failed")
+        return gr.Error(str(err), title="Generation failed", print_exception=False)
     if isinstance(err, Busy):
-        return gr.Error(str(err), title="Busy")
+        return gr.Error(str(err), title="Busy", print_exception=False)
     log.error("generation failed", exc_info=err)
     return gr.Error(f"generation failed ({type(err).__name__}); the server log has the details",
                     title="Generation failed")

@@ -177,6 +177,44 @@ def test_sigterm_drains_the_generation_in_flight_and_exits_0(tiny_dir, tmp_path)
     srv._log.close()
 
 
+def test_sigterm_serves_what_waits_at_every_door_and_refuses_what_comes_after(tiny_dir, tmp_path):
+    import httpx
+    import openai
+    from gradio_client.exceptions import AppError
+
+    srv = Server(["--model", str(tiny_dir), "--preview", "none"], tmp_path)
+    api = openai.OpenAI(base_url=srv.url + "v1", api_key="-", max_retries=0, timeout=300)
+    running = srv.client().submit("running", 1, False, 1024, 1024, 3.5, 20, api_name="/infer")
+    deadline = time.monotonic() + 120
+    while "gradio request: 'running'" not in srv.log() and time.monotonic() < deadline:
+        time.sleep(0.02)
+    page = srv.client().submit("waiting page", 2, False, 256, 256, 3.5, 1, api_name="/infer")
+    while httpx.get(srv.url + "readyz").json()["queue_depth"] < 1 and time.monotonic() < deadline:
+        time.sleep(0.02)
+    answers = {}
+    waiter = threading.Thread(target=lambda: answers.update(v1=api.images.generate(
+        prompt="waiting /v1", size="256x256", extra_body={"seed": 3, "num_inference_steps": 1})))
+    waiter.start()
+    while httpx.get(srv.url + "readyz").json()["queue_depth"] < 2 and time.monotonic() < deadline:
+        time.sleep(0.02)
+    srv.process.send_signal(signal.SIGTERM)
+    while "shutting down: draining" not in srv.log() and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert "shutting down: draining 1 running and 2 waiting" in srv.log()
+    # New requests at either door are refused, clearly, while the admitted ones are still served.
+    refused = httpx.post(srv.url + "v1/images/generations", json={"prompt": "too late", "size": "256x256"})
+    assert refused.status_code == 503 and "shutting down" in refused.json()["error"]["message"]
+    with pytest.raises(AppError, match="shutting down: try again when it is back"):
+        srv.client().predict("too late", 4, False, 256, 256, 3.5, 1, api_name="/infer")
+    assert running.result(timeout=300)[1] == 1
+    assert page.result(timeout=300)[1] == 2
+    waiter.join(timeout=300)
+    assert answers["v1"].data[0].model_extra["seed"] == 3
+    assert srv.process.wait(timeout=90) == 0
+    assert "Traceback" not in srv.log()
+    srv._log.close()
+
+
 def test_the_file_sweep_goes_on_while_requests_add_files(tmp_path):
     # Gradio's own sweep dies for good when a request adds a file while it walks the set; ours must not.
     import gradio as gr
