@@ -3,7 +3,7 @@
 First one request per seed, alone, as the reference. Then N client threads, half through `/infer`
 and half through `/v1/images/generations`, each sending at most `--requests` requests for at most
 `--seconds`, seeds drawn from the reference set. Checks that every accepted request returns the
-reference image for its seed, that overflow beyond `--max-queue` is refused at once (QueueError /
+reference image for its seed, that overflow beyond `--max-queue` is refused at once ("busy" from `/infer` /
 HTTP 503) and never hangs. Prints throughput and p50/p95 latency; exits 1 on a wrong image, an
 unexpected error or a slow refusal. Loopback only.
 
@@ -43,7 +43,7 @@ def main() -> None:
     import numpy as np
     import openai
     from gradio_client import Client
-    from gradio_client.utils import QueueError
+    from gradio_client.exceptions import AppError
     from PIL import Image
 
     from flux_infer.tiny import make_tiny
@@ -82,9 +82,8 @@ def main() -> None:
                 try:
                     pixels = call(client, seed)
                     outcome = "ok" if np.array_equal(pixels, reference[seed]) else "wrong image"
-                except (QueueError, openai.InternalServerError) as err:
-                    outcome = "busy" if "busy" in str(err).lower() or "queue is full" in str(err).lower() else (
-                        f"error: {err}")
+                except (AppError, openai.InternalServerError) as err:
+                    outcome = "busy" if "busy" in str(err).lower() else f"error: {err}"
                 except Exception as err:  # noqa: BLE001 - every other failure is reported
                     outcome = f"error: {type(err).__name__}: {err}"
                 with lock:

@@ -133,7 +133,8 @@ def start(spec, config: ClusterConfig):
 
 
 class RemoteInference:
-    """FluxInference's run() over a Ray Serve handle: steps and previews stream back as they come."""
+    """The Backend (see inference.Backend) over a Ray Serve handle: steps and previews stream back as
+    they come; the result's `seconds` is the replica's own generation time."""
 
     def __init__(self, handle):
         self.handle = handle
@@ -160,9 +161,10 @@ class RemoteInference:
                 _, pixels, extra = item
                 image = Image.fromarray(pixels)
                 image.info.update(extra["info"])
-                log.info("replica %s served seed %d", extra["replica"], request.seed)
+                log.info("replica %s served seed %d: %.2f s there, %.2f s with the round trip", extra["replica"],
+                         request.seed, extra["seconds"], time.perf_counter() - started)
                 return GenerationResult(image=image, seed=request.seed, request=request,
-                                        seconds=time.perf_counter() - started, cached_steps=extra["cached_steps"],
+                                        seconds=extra["seconds"], cached_steps=extra["cached_steps"],
                                         replica=extra["replica"])
         except RayError as err:
             cause = type(getattr(err, "cause", None) or err).__name__

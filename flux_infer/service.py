@@ -61,6 +61,9 @@ class Metrics:
                                       registry=self.registry)
         self.replica_images = Counter("flux_replica_images", "Images made by each Ray Serve replica (--replicas)",
                                       ["replica"], registry=self.registry)
+        self.replica_seconds = Histogram("flux_replica_generation_seconds", "Seconds per image on each Ray Serve "
+                                         "replica, as the replica timed it", ["replica"], registry=self.registry,
+                                         buckets=(0.5, 1, 2, 3, 5, 8, 13, 21, 34, 55, 89, 144, 300))
         depth = Gauge("flux_queue_depth", "Requests waiting for a generation", registry=self.registry)
         depth.set_function(queue_depth)
 
@@ -151,6 +154,7 @@ class Service:
             self.metrics.steps_per_second.set(request.num_inference_steps / max(result.seconds, 1e-9))
             if result.replica:
                 self.metrics.replica_images.labels(result.replica).inc()
+                self.metrics.replica_seconds.labels(result.replica).observe(result.seconds)
             if self.output_dir is not None:
                 self.save(result)
             return result

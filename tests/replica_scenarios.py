@@ -72,6 +72,9 @@ def main(tiny: str, workdir: Path) -> None:
         metrics = httpx.get(url + "metrics").text
         counted = dict(re.findall(r'flux_replica_images_total\{replica="(\w+)"\} ([\d.]+)', metrics))
         assert set(counted) == served and sum(map(float, counted.values())) == 4, counted
+        # Each image is also timed by the replica that made it.
+        timed = dict(re.findall(r'flux_replica_generation_seconds_count\{replica="(\w+)"\} ([\d.]+)', metrics))
+        assert timed == counted, (timed, counted)
         print(f"4 concurrent requests served by replicas {sorted(served)}; /metrics counts {counted}")
 
         # The same seed gives the same pixels as a single process with the replicas' thread count
