@@ -3,16 +3,14 @@
 from __future__ import annotations
 
 import os
-import signal
-import socket
 import statistics
-import subprocess
-import sys
 import time
 from pathlib import Path
 
+from flux_infer.launcher import TELEMETRY_OFF, ServerProcess
+
 # Loopback only: no analytics, no hub look-ups.
-os.environ.update(GRADIO_ANALYTICS_ENABLED="False", HF_HUB_DISABLE_TELEMETRY="1", HF_HUB_OFFLINE="1")
+os.environ.update(TELEMETRY_OFF)
 
 PROMPT = "a tiny astronaut hatching from an egg on the moon"
 
@@ -33,51 +31,9 @@ def apply_thread_option(args) -> None:
         os.environ["OMP_NUM_THREADS"] = str(args.torch_threads)
 
 
-class Server:
-    def __init__(self, model: str | Path, workdir: Path, extra: list[str], name: str = "server"):
-        import httpx
-
-        with socket.socket() as sock:
-            sock.bind(("127.0.0.1", 0))
-            port = sock.getsockname()[1]
-        workdir.mkdir(parents=True, exist_ok=True)
-        self.log_path = workdir / f"{name}.log"
-        self._log = open(self.log_path, "wb")
-        self.process = subprocess.Popen(
-            [sys.executable, "-m", "flux_infer", "serve", "--model", str(model), "--port", str(port), *extra],
-            cwd=workdir, stdout=self._log, stderr=subprocess.STDOUT,
-        )
-        self.url = f"http://127.0.0.1:{port}/"
-        for _ in range(360):
-            if self.process.poll() is not None:
-                raise SystemExit(f"{name} exited:\n{self.log_path.read_text()}")
-            try:
-                if httpx.get(self.url + "gradio_api/info", timeout=2).status_code == 200:
-                    return
-            except httpx.HTTPError:
-                time.sleep(0.5)
-        self.stop()
-        raise SystemExit(f"{name} did not start")
-
-    def pause(self) -> None:
-        """Stop the process while another variant is timed: an idle Gradio server still polls its
-        queue every millisecond (several % of a core), which would tax whatever runs beside it."""
-        self.process.send_signal(signal.SIGSTOP)
-
-    def resume(self) -> None:
-        self.process.send_signal(signal.SIGCONT)
-
-    def cpu_seconds(self) -> float:
-        import psutil
-
-        times = psutil.Process(self.process.pid).cpu_times()
-        return times.user + times.system
-
-    def stop(self) -> None:
-        self.resume()
-        self.process.terminate()
-        self.process.wait(timeout=30)
-        self._log.close()
+def Server(model: str | Path, workdir: Path, extra: list[str], name: str = "server") -> ServerProcess:
+    """`flux-infer serve --model MODEL EXTRA...` on a free loopback port (flux_infer.launcher)."""
+    return ServerProcess(["--model", str(model), *extra], workdir, name=name)
 
 
 def interleaved(calls: dict, runs: int, servers: dict | None = None) -> dict[str, list[float]]:

@@ -427,8 +427,8 @@ def part_served(run: Run) -> None:
     for preview, flags in (("latent", ["--preview", "latent"]), ("taef1", ["--preview", "taef1", "--taef1", str(taef1)])):
         try:
             server = Server(a.model, workdir / preview, [*flags, *extra], name=preview)
-        except SystemExit as err:
-            run.write(f"| server, previews {preview} | could not start: {str(err).splitlines()[-1][:300]} |")
+        except RuntimeError as err:
+            run.write(f"| server, previews {preview} | could not start: {str(err).strip().splitlines()[-1][:300]} |")
             continue
         try:
             browser = httpx.Client(base_url=server.url, timeout=600)

@@ -3,29 +3,16 @@
 from __future__ import annotations
 
 import os
-import socket
-import subprocess
-import sys
 import time
 from pathlib import Path
 
-import httpx
 import pytest
 
+from flux_infer.launcher import TELEMETRY_OFF, ServerProcess, free_port
+
 # Nothing in the tests may talk to anything but 127.0.0.1.
-TELEMETRY_OFF = {
-    "GRADIO_ANALYTICS_ENABLED": "False",
-    "HF_HUB_DISABLE_TELEMETRY": "1",
-    "HF_HUB_OFFLINE": "1",
-    "RAY_USAGE_STATS_ENABLED": "0",
-}
 os.environ.update(TELEMETRY_OFF)
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+__all__ = ["TELEMETRY_OFF", "free_port", "Server", "InProcessServer", "SMALL"]
 
 
 @pytest.fixture(scope="session")
@@ -62,51 +49,12 @@ class InProcessServer:
         self._thread.join(timeout=30)
 
 
-class Server:
-    """A `flux-infer serve` subprocess, as a user would start it."""
+class Server(ServerProcess):
+    """A `flux-infer serve` subprocess, as a user would start it, with the tiny model's cache in `workdir`."""
 
     def __init__(self, args: list[str], workdir: Path, startup_s: float = 180, env: dict | None = None):
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}/"
-        self.log_path = workdir / f"server-{self.port}.log"
-        env = {**os.environ, **TELEMETRY_OFF, "XDG_CACHE_HOME": str(workdir / "cache"), **(env or {})}
-        self._log = open(self.log_path, "wb")
-        self.process = subprocess.Popen(
-            [sys.executable, "-m", "flux_infer", "serve", "--port", str(self.port), *args],
-            cwd=workdir,
-            env=env,
-            stdout=self._log,
-            stderr=subprocess.STDOUT,
-        )
-        deadline = time.monotonic() + startup_s
-        while time.monotonic() < deadline:
-            if self.process.poll() is not None:
-                raise RuntimeError(f"server exited with {self.process.returncode}:\n{self.log()}")
-            try:
-                if httpx.get(self.url + "healthz", timeout=2).status_code == 200:
-                    return
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.5)
-        self.stop()
-        raise RuntimeError(f"server did not start in {startup_s} s:\n{self.log()}")
-
-    def log(self) -> str:
-        return self.log_path.read_text(errors="replace")
-
-    def client(self, **kwargs):
-        from gradio_client import Client
-
-        return Client(self.url, verbose=False, **kwargs)
-
-    def stop(self, timeout: float = 20) -> None:
-        self.process.terminate()
-        try:
-            self.process.wait(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            self.process.kill()
-            self.process.wait()
-        self._log.close()
+        super().__init__(args, workdir, startup_s=startup_s,
+                         env={"XDG_CACHE_HOME": str(Path(workdir) / "cache"), **(env or {})})
 
 
 @pytest.fixture(scope="session")

@@ -16,9 +16,8 @@ from pathlib import Path
 
 import httpx
 import numpy as np
-from PIL import Image
-
 from conftest import Server
+from PIL import Image
 
 
 def start_server(tiny: str, workdir: Path, *flags: str) -> Server:

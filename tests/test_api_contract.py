@@ -7,9 +7,10 @@ import json
 import numpy as np
 import pytest
 import torch
+from conftest import SMALL
 from PIL import Image
 
-from conftest import SMALL
+pytestmark = pytest.mark.e2e  # starts servers
 
 CONTRACT = [
     # name, component, python type, default

@@ -8,6 +8,8 @@ import httpx
 import pytest
 from gradio_client.exceptions import AppError
 
+pytestmark = pytest.mark.e2e  # starts servers
+
 GOOD = dict(prompt="a red cube", seed=5, randomize_seed=False, width=256, height=256, guidance_scale=3.5,
             num_inference_steps=1)
 

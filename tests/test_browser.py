@@ -14,9 +14,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import Server
 from PIL import Image
 
-from conftest import Server
+pytestmark = pytest.mark.e2e  # starts a server and a browser
 
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 ARTIFACTS = Path(os.environ.get("FLUX_TEST_ARTIFACTS", "test-artifacts"))

@@ -10,9 +10,10 @@ import sys
 from pathlib import Path
 
 import pytest
+from conftest import TELEMETRY_OFF
 from PIL import Image
 
-from conftest import TELEMETRY_OFF
+pytestmark = pytest.mark.e2e  # runs `flux-infer` in child processes, as a user would
 
 
 def run_cli(*args: str, cwd: Path, env: dict | None = None, timeout: float = 300) -> subprocess.CompletedProcess:

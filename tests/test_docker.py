@@ -13,7 +13,6 @@ from pathlib import Path
 
 import httpx
 import pytest
-
 from conftest import TELEMETRY_OFF, free_port
 
 from flux_infer import settings
@@ -87,6 +86,7 @@ def test_dockerignore_keeps_weights_and_caches_out():
         assert pattern in ignored
 
 
+@pytest.mark.e2e
 def test_its_command_serves_and_passes_its_healthcheck(dockerfile, tiny_dir, tmp_path):
     """CMD and HEALTHCHECK with the image's environment; the weights volume is the tiny model and the
     address stays on loopback here (the image itself binds 0.0.0.0)."""

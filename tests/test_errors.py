@@ -7,10 +7,11 @@ import os
 from types import SimpleNamespace
 
 import pytest
+from conftest import InProcessServer
 from gradio_client.exceptions import AppError
 from PIL import Image
 
-from conftest import InProcessServer
+pytestmark = pytest.mark.e2e  # starts servers
 
 
 class FailsOnExplode:

@@ -12,9 +12,10 @@ import time
 import httpx
 import numpy as np
 import pytest
+from conftest import Server
 from PIL import Image
 
-from conftest import Server
+pytestmark = pytest.mark.e2e  # starts servers
 
 KEEP_S = 4
 TINY_ARGS = {"num_inference_steps": 2}

@@ -11,9 +11,10 @@ import httpx
 import numpy as np
 import pytest
 import torch
+from conftest import Server
 from PIL import Image
 
-from conftest import Server
+pytestmark = pytest.mark.e2e  # starts servers
 
 
 def _pixels(path) -> np.ndarray:
@@ -134,7 +135,11 @@ def test_taef1_previews_every_other_step(taef1_server):
 
 
 def test_latent_preview_maps_channels_to_colour():
-    from flux_infer.previews import FLUX_LATENT_RGB_BIAS, FLUX_LATENT_RGB_FACTORS, LatentPreview
+    from flux_infer.previews import (
+        FLUX_LATENT_RGB_BIAS,
+        FLUX_LATENT_RGB_FACTORS,
+        LatentPreview,
+    )
 
     latents = torch.zeros(16, 3, 5)
     latents[4, 0, 0] = 4.0  # channel 4 pushes all three colours up

@@ -6,8 +6,9 @@ import threading
 import time
 
 import pytest
-
 from conftest import Server
+
+pytestmark = pytest.mark.e2e  # starts servers
 
 
 @pytest.fixture(scope="module")

@@ -172,6 +172,7 @@ def test_gpu_memory_errors(fake_h100):
         tuning.limit_gpu_memory(8, "cpu")
 
 
+@pytest.mark.e2e
 def test_server_serves_random_weights_through_the_space_api(tmp_path):
     server = Server(["--model", "random-small", "--preview", "none"], tmp_path)
     try:

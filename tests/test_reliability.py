@@ -10,9 +10,10 @@ from pathlib import Path
 
 import httpx
 import pytest
-from hypothesis import HealthCheck, given, settings as hypothesis_settings, strategies as st
-
 from conftest import Server
+from hypothesis import HealthCheck, given
+from hypothesis import settings as hypothesis_settings
+from hypothesis import strategies as st
 
 from flux_infer import settings
 from flux_infer.inference import InvalidRequest, build_request
@@ -75,12 +76,14 @@ def fuzz_server(tiny_dir, tmp_path_factory):
 @hypothesis_settings(max_examples=60, deadline=None, suppress_health_check=list(HealthCheck))
 @given(body=JSON, route=st.sampled_from(["gradio_api/call/infer", "v1/images/generations", "gradio_api/queue/join",
                                           "gradio_api/run/predict"]))
+@pytest.mark.e2e
 def test_random_json_never_gets_a_500(fuzz_server, body, route):
     response = httpx.post(fuzz_server.url + route, json=body, timeout=60)
     assert response.status_code < 500, (route, body, response.status_code, response.text[:300])
     assert "Traceback" not in response.text
 
 
+@pytest.mark.e2e
 @pytest.mark.parametrize("content", [b"{", b"\xff\xfe\x00", b"null", b'{"data": ' + b"[" * 5000, b"0" * 10])
 def test_malformed_bodies_never_get_a_500(fuzz_server, content):
     for route in ["gradio_api/call/infer", "v1/images/generations", "gradio_api/queue/join"]:
@@ -88,6 +91,7 @@ def test_malformed_bodies_never_get_a_500(fuzz_server, content):
         assert response.status_code < 500, (route, content[:20], response.status_code, response.text[:200])
 
 
+@pytest.mark.e2e
 def test_bodies_over_the_limit_are_refused(fuzz_server):
     from flux_infer.server import MAX_BODY_BYTES
 
@@ -108,6 +112,7 @@ def test_bodies_over_the_limit_are_refused(fuzz_server):
 
 # -- security --------------------------------------------------------------------------------------
 
+@pytest.mark.e2e
 def test_the_file_route_serves_only_generated_outputs(fuzz_server, tiny_dir):
     source = Path(__file__).resolve().parents[1] / "flux_infer" / "server.py"
     secrets = [tiny_dir / "model_index.json", tiny_dir / "transformer" / "config.json", Path.home() / ".bashrc",
@@ -159,6 +164,7 @@ def test_a_folder_of_pickled_weights_is_refused(tmp_path, tiny_dir):
 
 # -- SIGTERM and soak ------------------------------------------------------------------------------
 
+@pytest.mark.e2e
 def test_sigterm_drains_the_generation_in_flight_and_exits_0(tiny_dir, tmp_path):
     temp = tmp_path / "gradio-tmp"
     srv = Server(["--model", str(tiny_dir), "--preview", "none"], tmp_path, env={"GRADIO_TEMP_DIR": str(temp)})
@@ -177,6 +183,7 @@ def test_sigterm_drains_the_generation_in_flight_and_exits_0(tiny_dir, tmp_path)
     srv._log.close()
 
 
+@pytest.mark.e2e
 def test_sigterm_serves_what_waits_at_every_door_and_refuses_what_comes_after(tiny_dir, tmp_path):
     import httpx
     import openai
@@ -228,7 +235,8 @@ def test_the_file_sweep_goes_on_while_requests_add_files(tmp_path):
     for path in old:
         path.touch()
     files.update(str(path) for path in old)
-    time.sleep(0.05)
+    while time.time() - old[-1].stat().st_ctime <= 0.02:  # until every old file is older than the sweep's age
+        pass
     stop = threading.Event()
 
     def add_files():
@@ -254,6 +262,7 @@ def test_the_file_sweep_goes_on_while_requests_add_files(tmp_path):
     assert not files and not list(tmp_path.iterdir())
 
 
+@pytest.mark.e2e
 def test_soak_300_requests_memory_and_temp_files_stay_bounded(tiny_dir, tmp_path):
     import psutil
     from openai import OpenAI

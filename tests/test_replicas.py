@@ -7,6 +7,10 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
+pytestmark = pytest.mark.e2e  # starts servers and Ray
+
 SCENARIOS = Path(__file__).with_name("replica_scenarios.py")
 
 

@@ -1,0 +1,98 @@
+"""`flux-infer serve` in a child process on a free loopback port: the one launcher of the tests and
+the benchmarks, which drive the server as a user would, over HTTP."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+# Nothing but 127.0.0.1: no analytics, no hub look-ups, no Ray usage reports.
+TELEMETRY_OFF = {
+    "GRADIO_ANALYTICS_ENABLED": "False",
+    "HF_HUB_DISABLE_TELEMETRY": "1",
+    "HF_HUB_OFFLINE": "1",
+    "RAY_USAGE_STATS_ENABLED": "0",
+}
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+class ServerProcess:
+    """`python -m flux_infer serve --port PORT ARGS...` run in `workdir`, its output in a log file there.
+
+    Returns once `/healthz` answers (the model is loaded); RuntimeError, with the log, if the
+    process exits or does not answer within `startup_s`.
+    """
+
+    def __init__(self, args: list[str], workdir: Path, *, env: dict | None = None, startup_s: float = 360,
+                 name: str = "server"):
+        import httpx
+
+        workdir = Path(workdir)
+        workdir.mkdir(parents=True, exist_ok=True)
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}/"
+        self.log_path = workdir / f"{name}-{self.port}.log"
+        self._log = open(self.log_path, "wb")
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "flux_infer", "serve", "--port", str(self.port), *map(str, args)],
+            cwd=workdir, env={**os.environ, **TELEMETRY_OFF, **(env or {})},
+            stdout=self._log, stderr=subprocess.STDOUT,
+        )
+        deadline = time.monotonic() + startup_s
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                self._log.close()
+                raise RuntimeError(f"{name} exited with {self.process.returncode}:\n{self.log()}")
+            try:
+                if httpx.get(self.url + "healthz", timeout=2).status_code == 200:
+                    return
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.5)  # polling a process that is loading a model
+        self.stop()
+        raise RuntimeError(f"{name} did not start in {startup_s:g} s:\n{self.log()}")
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def client(self, **kwargs):
+        """A gradio_client Client for this server."""
+        from gradio_client import Client
+
+        return Client(self.url, verbose=False, **kwargs)
+
+    def pause(self) -> None:
+        """Stop the process while something else is timed: an idle Gradio server still polls its
+        queue every millisecond (several % of a core), which would tax whatever runs beside it."""
+        self.process.send_signal(signal.SIGSTOP)
+
+    def resume(self) -> None:
+        self.process.send_signal(signal.SIGCONT)
+
+    def cpu_seconds(self) -> float:
+        import psutil
+
+        times = psutil.Process(self.process.pid).cpu_times()
+        return times.user + times.system
+
+    def stop(self, timeout: float = 20) -> None:
+        """SIGTERM (the server drains), then SIGKILL after `timeout` seconds."""
+        if self.process.poll() is None:
+            self.resume()
+            self.process.terminate()
+            try:
+                self.process.wait(timeout=timeout)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+        self._log.close()
