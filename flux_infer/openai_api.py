@@ -1,9 +1,11 @@
 """The OpenAI Images API: `POST /v1/images/generations`, `GET /v1/models`, and the files it links to.
 
-Requests go through the same validation (`build_request`) and the same `Service.run()` as `/infer`,
-so a seed gives the same image through either door. Every field is either used or refused with a
-400 in OpenAI's error shape: nothing is silently ignored. Extensions in the body: `seed`,
-`guidance_scale`, `num_inference_steps`; the response carries the seed of each image.
+The body is an `ImageRequest` (pydantic; unknown fields refused), then the same validation
+(`build_request`) and the same line and `Service.run()` as `/infer`, so a seed gives the same
+image through either door. Every field is either used or refused with a 400 in OpenAI's error
+shape (`ApiError`, turned into a response by the one handler `build_app` registers): nothing is
+silently ignored. Extensions in the body: `seed`, `guidance_scale`, `num_inference_steps`; the
+response carries the seed of each image. The API key is a dependency of every route.
 """
 
 # No `from __future__ import annotations`: FastAPI reads the route functions' annotations, and
@@ -12,7 +14,6 @@ so a seed gives the same image through either door. Every field is either used o
 import asyncio
 import base64
 import io
-import json
 import logging
 import re
 import secrets
@@ -21,6 +22,9 @@ import threading
 import time
 from dataclasses import replace
 from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, StrictInt, StrictStr, ValidationError, field_validator
 
 from flux_infer import settings
 from flux_infer.inference import GenerationCancelled, GenerationFailed, InvalidRequest, build_request, draw_seed
@@ -30,8 +34,7 @@ log = logging.getLogger(__name__)
 
 MODEL_IDS = ("flux.1-dev", "black-forest-labs/FLUX.1-dev")
 MAX_IMAGES = 4
-RESPONSE_FORMATS = ("b64_json", "url")
-FIELDS = ("prompt", "model", "n", "size", "response_format", "user", "seed", "guidance_scale", "num_inference_steps")
+# The largest body this route reads (server.BodyLimit enforces it): a prompt and a few numbers.
 MAX_BODY_BYTES = 64 * 1024
 _SIZE = re.compile(r"^(\d+)x(\d+)$")
 _FILE = re.compile(r"^[0-9a-f]{32}\.png$")
@@ -50,46 +53,89 @@ class ApiError(Exception):
         return JSONResponse(body, status_code=self.status)
 
 
-def parse_body(body: object) -> dict:
-    """The request's fields, checked; ApiError(400) naming the field otherwise."""
-    if not isinstance(body, dict):
-        raise ApiError(400, "the body must be a JSON object with at least a `prompt`")
-    unknown = sorted(set(body) - set(FIELDS))
-    if unknown:
-        raise ApiError(400, f"unsupported field(s) {', '.join(unknown)}: this server accepts {', '.join(FIELDS)}",
-                       param=unknown[0])
-    if "prompt" not in body:
-        raise ApiError(400, "`prompt` is required", param="prompt")
-    model = body.get("model", MODEL_IDS[0])
-    if model not in MODEL_IDS:
-        raise ApiError(400, f"unknown model {model!r}: this server serves {' or '.join(MODEL_IDS)}", param="model",
-                       code="model_not_found")
-    n = body.get("n", 1)
-    if isinstance(n, bool) or not isinstance(n, int) or not 1 <= n <= MAX_IMAGES:
-        raise ApiError(400, f"`n` must be a whole number from 1 to {MAX_IMAGES}, got {n!r}", param="n")
-    size = body.get("size", f"{int(settings.WIDTH.default)}x{int(settings.HEIGHT.default)}")
-    match = _SIZE.match(size) if isinstance(size, str) else None
-    if not match:
-        raise ApiError(400, f"`size` must be \"WIDTHxHEIGHT\" such as \"1024x768\", got {size!r}", param="size")
-    response_format = body.get("response_format", "b64_json")
-    if response_format not in RESPONSE_FORMATS:
-        raise ApiError(400, f"`response_format` must be b64_json or url, got {response_format!r}",
-                       param="response_format")
-    if "user" in body and not isinstance(body["user"], str):
-        raise ApiError(400, "`user` must be a string", param="user")
-    seed = body.get("seed")
-    arguments = dict(width=int(match.group(1)), height=int(match.group(2)),
-                     guidance_scale=body.get("guidance_scale", settings.GUIDANCE_SCALE.default),
-                     num_inference_steps=body.get("num_inference_steps", settings.NUM_INFERENCE_STEPS.default))
+class ImageRequest(BaseModel):
+    """`POST /v1/images/generations`'s body. The Space's own arguments (prompt, seed, guidance,
+    steps, the size's numbers) are checked by `build_request`, as on every door."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    prompt: Any
+    model: StrictStr = MODEL_IDS[0]
+    n: StrictInt = 1
+    size: StrictStr = f"{int(settings.WIDTH.default)}x{int(settings.HEIGHT.default)}"
+    response_format: Literal["b64_json", "url"] = "b64_json"
+    user: StrictStr | None = None
+    # Extensions: the Space's arguments that the OpenAI API has no field for.
+    seed: Any = None
+    guidance_scale: Any = settings.GUIDANCE_SCALE.default
+    num_inference_steps: Any = settings.NUM_INFERENCE_STEPS.default
+
+    @field_validator("model")
+    @classmethod
+    def _served(cls, model: str) -> str:
+        if model not in MODEL_IDS:
+            raise ValueError(f"unknown model {model!r}: this server serves {' or '.join(MODEL_IDS)}")
+        return model
+
+    @field_validator("n")
+    @classmethod
+    def _count(cls, n: int) -> int:
+        if not 1 <= n <= MAX_IMAGES:
+            raise ValueError(f"`n` must be a whole number from 1 to {MAX_IMAGES}, got {n}")
+        return n
+
+    @field_validator("size")
+    @classmethod
+    def _size(cls, size: str) -> str:
+        if not _SIZE.match(size):
+            raise ValueError(f"`size` must be \"WIDTHxHEIGHT\" such as \"1024x768\", got {size!r}")
+        return size
+
+    def generation_requests(self) -> list:
+        """The n validated GenerationRequests: seed, seed + 1, ... or a fresh random seed each."""
+        width, height = map(int, self.size.split("x"))
+        try:
+            base = build_request(self.prompt, seed=0 if self.seed is None else self.seed, randomize_seed=False,
+                                 width=width, height=height, guidance_scale=self.guidance_scale,
+                                 num_inference_steps=self.num_inference_steps)
+        except InvalidRequest as err:
+            param = str(err).split(" ", 1)[0]
+            raise ApiError(400, str(err), param=param if param in FIELDS else None) from None
+        # Image i gets seed + i (wrapping in the Space's range), or a fresh random seed each.
+        seeds = [draw_seed() if self.seed is None else (base.seed + index) % (settings.MAX_SEED + 1)
+                 for index in range(self.n)]
+        return [replace(base, seed=image_seed) for image_seed in seeds]
+
+
+FIELDS = (*ImageRequest.model_fields, "width", "height")
+# What pydantic's error types mean here, where the field's own message does not say.
+_MESSAGES = {
+    "missing": "`{field}` is required",
+    "extra_forbidden": "unsupported field(s) {field}: this server accepts " + ", ".join(ImageRequest.model_fields),
+    "literal_error": "`{field}` must be b64_json or url, got {value!r}",
+    "json_invalid": "the body is not valid JSON",
+    "model_type": "the body must be a JSON object with at least a `prompt`",
+}
+
+
+def parse_body(raw: bytes) -> ImageRequest:
+    """The request body as an ImageRequest; ApiError(400) naming the field otherwise."""
     try:
-        base = build_request(body["prompt"], seed=0 if seed is None else seed, randomize_seed=False, **arguments)
-    except InvalidRequest as err:
-        param = str(err).split(" ", 1)[0]
-        raise ApiError(400, str(err), param=param if param in FIELDS or param in ("width", "height") else None) from None
-    # Image i gets seed + i (wrapping in the Space's range), or a fresh random seed each.
-    seeds = [draw_seed() if seed is None else (base.seed + index) % (settings.MAX_SEED + 1) for index in range(n)]
-    requests = [replace(base, seed=image_seed) for image_seed in seeds]
-    return {"requests": requests, "response_format": response_format, "user": body.get("user")}
+        return ImageRequest.model_validate_json(raw)
+    except ValidationError as err:
+        errors = err.errors(include_url=False)
+        first = errors[0]
+        field = str(first["loc"][0]) if first["loc"] else None
+        if first["type"] == "extra_forbidden":
+            field = ", ".join(sorted(str(e["loc"][0]) for e in errors if e["type"] == "extra_forbidden"))
+        if first["type"] == "value_error":
+            message = str(first["ctx"]["error"])
+        elif first["type"] in _MESSAGES:
+            message = _MESSAGES[first["type"]].format(field=field, value=first.get("input"))
+        else:
+            message = f"`{field}`: {first['msg']}, got {first.get('input')!r}"
+        code = "model_not_found" if field == "model" and first["type"] == "value_error" else None
+        raise ApiError(400, message, param=field.split(", ")[0] if field else None, code=code) from None
 
 
 class ImageFiles:
@@ -142,45 +188,54 @@ async def _watch_disconnect(request, gone: threading.Event, every: float = 0.25)
         await asyncio.sleep(every)
 
 
-def router(service: Service, *, api_key: str | None = None, files: ImageFiles | None = None):
-    from fastapi import APIRouter, Request
-    from fastapi.responses import FileResponse, JSONResponse
-    from starlette.concurrency import run_in_threadpool
+def bearer_key(api_key: str | None):
+    """A FastAPI dependency: the request's `Authorization: Bearer` must carry `api_key` (when set)."""
+    from fastapi import Request
 
-    files = files or ImageFiles()
-    routes = APIRouter()
-
-    def encode(results, response_format: str) -> list[dict]:
-        """The response's items: PNG bytes (base64) or a file name for the url. Runs in a worker
-        thread: encoding a 1024x1024 PNG takes a good fraction of a second, which on the event loop
-        would stall every other door's streams."""
-        data = []
-        for result in results:
-            item = {"revised_prompt": result.request.prompt, "seed": result.seed}
-            if response_format == "url":
-                item["file"] = files.add(result.image)
-            else:
-                buffer = io.BytesIO()
-                result.image.save(buffer, format="PNG")
-                item["b64_json"] = base64.b64encode(buffer.getvalue()).decode("ascii")
-            data.append(item)
-        return data
-
-    def check_key(request: Request) -> None:
+    def check(request: Request) -> None:
         if api_key is None:
             return
-        header = request.headers.get("authorization", "")
-        scheme, _, token = header.partition(" ")
+        scheme, _, token = request.headers.get("authorization", "").partition(" ")
         if scheme.lower() != "bearer" or not secrets.compare_digest(token.strip(), api_key):
             raise ApiError(401, "missing or wrong API key: send `Authorization: Bearer <key>` (the server's --api-key)",
                            code="invalid_api_key")
 
+    return check
+
+
+async def api_error_handler(request, err: ApiError):
+    """The one place an ApiError becomes OpenAI's error shape (registered by server.build_app)."""
+    return err.response()
+
+
+def _encode(results, response_format: str, files: ImageFiles) -> list[dict]:
+    """The response's items: PNG bytes (base64) or a file name for the url. Called in a worker
+    thread: encoding a 1024x1024 PNG takes a good fraction of a second, which on the event loop
+    would stall every other door's streams."""
+    data = []
+    for result in results:
+        item = {"revised_prompt": result.request.prompt, "seed": result.seed}
+        if response_format == "url":
+            item["file"] = files.add(result.image)
+        else:
+            buffer = io.BytesIO()
+            result.image.save(buffer, format="PNG")
+            item["b64_json"] = base64.b64encode(buffer.getvalue()).decode("ascii")
+        data.append(item)
+    return data
+
+
+def router(service: Service, *, api_key: str | None = None, files: ImageFiles | None = None):
+    """`/v1`'s routes. Their ApiErrors need `api_error_handler` on the app (server.build_app)."""
+    from fastapi import APIRouter, Depends, Request
+    from fastapi.responses import FileResponse, JSONResponse
+    from starlette.concurrency import run_in_threadpool
+
+    files = files or ImageFiles()
+    routes = APIRouter(dependencies=[Depends(bearer_key(api_key))])
+
     @routes.get("/v1/models")
-    async def models(request: Request):
-        try:
-            check_key(request)
-        except ApiError as err:
-            return err.response()
+    async def models():
         created = 1722470400  # FLUX.1-dev's release, 2024-08-01
         return {"object": "list", "data": [{"id": MODEL_IDS[0], "object": "model", "created": created,
                                             "owned_by": "black-forest-labs"}]}
@@ -196,22 +251,15 @@ def router(service: Service, *, api_key: str | None = None, files: ImageFiles | 
 
     async def generate_images(request: Request, request_id: str):
         try:
-            check_key(request)
-            raw = await request.body()
-            if len(raw) > MAX_BODY_BYTES:
-                raise ApiError(413, f"the body is {len(raw)} bytes; the limit is {MAX_BODY_BYTES}")
-            try:
-                body = json.loads(raw)
-            except (ValueError, RecursionError):  # RecursionError: nested too deep to be a real request
-                raise ApiError(400, "the body is not valid JSON") from None
-            parsed = parse_body(body)
-        except ApiError as err:
+            body = parse_body(await request.body())
+            generation_requests = body.generation_requests()
+        except ApiError:
             service.count_rejected("openai", "invalid")
-            return err.response()
+            raise
         try:
             ticket = service.admit("openai")
         except Busy as err:  # counted by admit()
-            return ApiError(503, str(err), kind="server_error", code="busy").response()
+            raise ApiError(503, str(err), kind="server_error", code="busy") from None
         gone = threading.Event()  # the caller hung up: leave the line, or stop at the end of the current step
         watcher = asyncio.create_task(_watch_disconnect(request, gone))
         try:
@@ -222,23 +270,25 @@ def router(service: Service, *, api_key: str | None = None, files: ImageFiles | 
                 await asyncio.gather(turn, return_exceptions=True)
                 service.count_rejected("openai", "cancelled")
                 log.info("the caller closed the connection while waiting in line")
-                return ApiError(499, "the client closed the request", kind="server_error").response()
+                raise ApiError(499, "the client closed the request", kind="server_error")
 
             def generate_all():  # one ticket, one slot, for the request's n images
                 return [service.run(generation, route="openai", request_id=request_id, cancel=gone)
-                        for generation in parsed["requests"]]
+                        for generation in generation_requests]
 
             results = await run_in_threadpool(generate_all)
-            data = await run_in_threadpool(encode, results, parsed["response_format"])
+            data = await run_in_threadpool(_encode, results, body.response_format, files)
         except GenerationCancelled as err:
             log.info("the caller closed the connection: %s", err)
-            return ApiError(499, "the client closed the request", kind="server_error").response()
+            raise ApiError(499, "the client closed the request", kind="server_error") from None
         except GenerationFailed as err:
-            return ApiError(500, str(err), kind="server_error", code="generation_failed").response()
+            raise ApiError(500, str(err), kind="server_error", code="generation_failed") from None
+        except ApiError:
+            raise
         except Exception as err:  # the log has the traceback, the caller one line
             log.error("openai generation failed", exc_info=err)
-            return ApiError(500, f"generation failed ({type(err).__name__}); the server log has the details",
-                            kind="server_error").response()
+            raise ApiError(500, f"generation failed ({type(err).__name__}); the server log has the details",
+                           kind="server_error") from None
         finally:
             watcher.cancel()
             service.done(ticket)
@@ -249,16 +299,11 @@ def router(service: Service, *, api_key: str | None = None, files: ImageFiles | 
                             headers={"x-request-id": request_id})
 
     @routes.get("/v1/files/{name}", name="image_file")
-    async def image_file(name: str, request: Request):
-        try:
-            check_key(request)
-        except ApiError as err:
-            return err.response()
+    async def image_file(name: str):
         path = files.path(name)
         if path is None:
-            return ApiError(404, f"no image {name!r} here (they are kept for {files.keep_seconds:g} s)",
-                            code="not_found").response()
+            raise ApiError(404, f"no image {name!r} here (they are kept for {files.keep_seconds:g} s)",
+                           code="not_found")
         return FileResponse(path, media_type="image/png")
 
     return routes
-

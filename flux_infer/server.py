@@ -36,18 +36,23 @@ MAX_BODY_BYTES = 1024 * 1024
 
 
 class BodyLimit:
-    """ASGI middleware: a request body over `limit` bytes gets a 413 JSON answer, read no further."""
+    """ASGI middleware, the one body-size limit: a request body over its route's limit (`limits`:
+    path prefix -> bytes, else `default`) gets a 413 JSON answer and is read no further."""
 
-    def __init__(self, app, limit: int = MAX_BODY_BYTES):
-        self.app, self.limit = app, limit
+    def __init__(self, app, limits: dict[str, int] | None = None, default: int = MAX_BODY_BYTES):
+        self.app, self.limits, self.default = app, limits or {}, default
+
+    def limit(self, path: str) -> int:
+        return next((size for prefix, size in self.limits.items() if path.startswith(prefix)), self.default)
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
+        limit = self.limit(scope.get("path", ""))
         headers = dict(scope.get("headers") or [])
         declared = headers.get(b"content-length")
-        if declared is not None and declared.isdigit() and int(declared) > self.limit:
-            return await self._refuse(scope, receive, send)
+        if declared is not None and declared.isdigit() and int(declared) > limit:
+            return await self._refuse(limit, scope, receive, send)
         seen = 0
 
         async def limited_receive():
@@ -55,19 +60,21 @@ class BodyLimit:
             message = await receive()
             if message["type"] == "http.request":
                 seen += len(message.get("body", b""))
-                if seen > self.limit:
+                if seen > limit:
                     raise _TooLarge
             return message
 
         try:
             await self.app(scope, limited_receive, send)
         except _TooLarge:
-            await self._refuse(scope, receive, send)
+            await self._refuse(limit, scope, receive, send)
 
-    async def _refuse(self, scope, receive, send):
+    @staticmethod
+    async def _refuse(limit, scope, receive, send):
         from flux_infer.openai_api import ApiError
 
-        response = ApiError(413, f"the request body is over {self.limit} bytes", code="body_too_large").response()
+        response = ApiError(413, f"the request body is larger than this route takes: the limit is {limit} bytes",
+                            code="body_too_large").response()
         await response(scope, receive, send)
 
 
@@ -154,8 +161,9 @@ def build_app(service, demo, config: ServerConfig):
         return Response(payload, media_type=content_type)
 
     app.include_router(openai_api.router(service, api_key=config.api_key, files=files))
+    app.add_exception_handler(openai_api.ApiError, openai_api.api_error_handler)
 
-    app.add_middleware(BodyLimit)
+    app.add_middleware(BodyLimit, limits={"/v1/": openai_api.MAX_BODY_BYTES})
     # Gradio's queue holds nothing back and refuses nothing: every request reaches the handler at
     # once and waits in the service's one line, which admits, orders and refuses for every door.
     demo.queue(default_concurrency_limit=None, max_size=None)
