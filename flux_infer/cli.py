@@ -265,13 +265,14 @@ def main(argv: list[str] | None = None) -> int:
         handler.addFilter(RequestIdFilter())
     # Gradio checks its own start-up over HTTP; one log line per request is noise.
     logging.getLogger("httpx").setLevel(logging.WARNING)
+    from flux_infer.gradio_internals import GradioMismatch
     from flux_infer.inference import InvalidRequest
     from flux_infer.loading import DeviceError, ModelLoadError
 
     commands = {"serve": _serve, "generate": _generate, "make-tiny": _make_tiny}
     try:
         return commands[args.command](args)
-    except (ModelLoadError, DeviceError, InvalidRequest, ValueError) as err:
+    except (ModelLoadError, DeviceError, InvalidRequest, GradioMismatch, ValueError) as err:
         print(f"flux-infer: error: {err}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

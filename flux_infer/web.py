@@ -13,7 +13,7 @@ import logging
 import os
 import time
 
-from flux_infer import settings
+from flux_infer import gradio_internals, settings
 from flux_infer.inference import GenerationFailed, InvalidRequest, build_request
 from flux_infer.previews import Step
 from flux_infer.service import Busy, Service, new_request_id
@@ -43,10 +43,6 @@ def _gradio_error(err: Exception):
     log.error("generation failed", exc_info=err)
     return gr.Error(f"generation failed ({type(err).__name__}); the server log has the details",
                     title="Generation failed")
-
-
-# gradio_client as Gradio's MCP server uses it to call the tool sends this header.
-MCP_USER_HEADER = ("x-gradio-user", "mcp")
 
 
 def make_handler(service: Service):
@@ -89,8 +85,7 @@ def make_handler(service: Service):
         Returns:
             The image, and the seed it was made with.
         """
-        mcp = http is not None and http.headers.get(MCP_USER_HEADER[0]) == MCP_USER_HEADER[1]
-        route = "mcp" if mcp else "gradio"
+        route = "mcp" if gradio_internals.is_mcp_call(http) else "gradio"
         try:
             request = build_request(prompt, seed=seed, randomize_seed=randomize_seed, width=width, height=height,
                                     guidance_scale=guidance_scale, num_inference_steps=num_inference_steps)
@@ -147,12 +142,10 @@ def sweep_files(demo, age: float | None) -> int:
     the life of the process, after which the files pile up. This one walks a copy (copying a set is
     atomic under the GIL) and takes out only what it deleted. The server runs it on a timer.
     """
-    keep = set()
-    for block in demo.blocks.values():
-        keep.update(getattr(block, "keep_in_cache", ()))
+    keep = gradio_internals.kept_files(demo)
     cutoff = None if age is None else time.time() - age
     deleted = 0
-    for files in list(demo.temp_file_sets):
+    for files in list(gradio_internals.temp_file_sets(demo)):
         gone = set()
         for name in files.copy() - keep:
             try:
@@ -215,4 +208,5 @@ def build_demo(service: Service, *, image_format: str = settings.DEFAULT_IMAGE_F
             preprocess=False,
         ).success(remember, inputs=[result, seed, history], outputs=[gallery, history], api_visibility="private",
                   show_progress="hidden", queue=False)
+    gradio_internals.check(demo)
     return demo

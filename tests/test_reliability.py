@@ -222,6 +222,23 @@ def test_sigterm_serves_what_waits_at_every_door_and_refuses_what_comes_after(ti
     srv._log.close()
 
 
+def test_a_gradio_without_the_internals_we_read_stops_the_server_at_start_up():
+    import types
+
+    import gradio as gr
+
+    from flux_infer import gradio_internals
+
+    with gr.Blocks() as demo:
+        gr.Markdown("x")
+    gradio_internals.check(demo)  # the Gradio this project is tested with
+    changed = types.SimpleNamespace(blocks=demo.blocks)  # a release that renamed temp_file_sets
+    with pytest.raises(gradio_internals.GradioMismatch,
+                       match=r"this server needs gradio>=6\.31,<6\.32; gradio .* lacks Blocks.temp_file_sets: "
+                             r"pip install 'gradio\[mcp\]>=6\.31,<6\.32'"):
+        gradio_internals.check(changed)
+
+
 def test_the_file_sweep_goes_on_while_requests_add_files(tmp_path):
     # Gradio's own sweep dies for good when a request adds a file while it walks the set; ours must not.
     import gradio as gr

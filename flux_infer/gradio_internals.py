@@ -1,0 +1,53 @@
+"""The few parts of Gradio flux-infer relies on beyond Gradio's public API, read here and only here.
+
+- `Blocks.temp_file_sets`: the sets of temporary files (results, previews) Gradio made for an app,
+  which the server sweeps on its own timer (web.sweep_files: Gradio's own sweep dies under load);
+- `keep_in_cache` on a component: files Gradio must keep (cached examples);
+- the `x-gradio-user: mcp` header on the requests Gradio's MCP server makes through gradio_client,
+  which tells an MCP tool call from a page's.
+
+`check()` runs when the page is built: with a Gradio whose internals differ it stops the server
+at start-up with the version to install, rather than failing on the first request.
+"""
+
+from __future__ import annotations
+
+# The Gradio releases these were read from and tested with (pyproject pins the same range).
+REQUIRED = ">=6.31,<6.32"
+MCP_USER_HEADER = ("x-gradio-user", "mcp")
+
+
+class GradioMismatch(RuntimeError):
+    """The installed Gradio lacks an internal this server relies on."""
+
+
+def check(demo) -> None:
+    """GradioMismatch, saying what to install, when `demo` lacks what this module reads."""
+    import gradio as gr
+
+    missing = []
+    if not isinstance(getattr(demo, "temp_file_sets", None), list):
+        missing.append("Blocks.temp_file_sets")
+    if not any(hasattr(block, "keep_in_cache") for block in demo.blocks.values()):
+        missing.append("keep_in_cache on components")
+    if missing:
+        raise GradioMismatch(f"this server needs gradio{REQUIRED}; gradio {gr.__version__} lacks {', '.join(missing)}: "
+                             f"pip install 'gradio[mcp]{REQUIRED}'")
+
+
+def temp_file_sets(demo) -> list[set[str]]:
+    """The live sets of the temporary files Gradio made for `demo`."""
+    return demo.temp_file_sets
+
+
+def kept_files(demo) -> set[str]:
+    """Files Gradio must keep (cached examples)."""
+    kept = set()
+    for block in demo.blocks.values():
+        kept.update(getattr(block, "keep_in_cache", ()))
+    return kept
+
+
+def is_mcp_call(request) -> bool:
+    """Whether a gr.Request came from Gradio's MCP server."""
+    return request is not None and request.headers.get(MCP_USER_HEADER[0]) == MCP_USER_HEADER[1]
