@@ -2,11 +2,12 @@
 
 Layers, each in its own module:
 - `settings`: every default and limit;
-- `loading`: weights sources, device and dtype, `load_pipeline()`;
-- `tiny`: the random FLUX.1-dev-shaped pipeline for tests and smoke runs;
-- `inference`: request validation and the one generation path, `FluxInference.run()`;
-- `previews`: the latent and TAEF1 preview decoders;
-- `web` and `cli`: front ends that only translate their inputs into a request for `run()`.
+- `loading`: weights sources, device and dtype, `load_pipeline()`; `tuning`: memory and speed
+  options; `tiny` and `random_weights`: random pipelines (tiny, and FLUX.1-dev's real architecture);
+- `inference`: request validation and the one generation path, a `Backend`'s `run()`
+  (`FluxInference` here, `cluster.RemoteInference` on Ray Serve); `previews`: preview decoders;
+- `scheduler` and `service`: the one line every door waits in, and what the doors share;
+- `web`, `openai_api`, `server` and `cli`: front ends that only translate their inputs into a request.
 Importing the package loads nothing: no torch, no weights, no network.
 """
 
