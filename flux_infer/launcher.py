@@ -62,6 +62,12 @@ class ServerProcess:
         self.stop()
         raise RuntimeError(f"{name} did not start in {startup_s:g} s:\n{self.log()}")
 
+    def scheduler_depth(self) -> int:
+        """Requests waiting in the server's line (its /readyz)."""
+        import httpx
+
+        return httpx.get(self.url + "readyz", timeout=10).json()["queue_depth"]
+
     def log(self) -> str:
         return self.log_path.read_text(errors="replace")
 

@@ -9,6 +9,7 @@ recent images (a private event: the API still has the one endpoint).
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
 import time
@@ -108,6 +109,14 @@ def make_handler(service: Service):
                         yield item.preview.image(), request.seed
                 else:
                     yield item.image, item.seed
+        except asyncio.CancelledError:
+            if ticket.started is not None:
+                raise
+            # Cancelled while waiting in line (it has left it). Gradio cancels every running event
+            # of a session when one of them is cancelled, so this may be a gradio_client job whose
+            # neighbour was cancelled: answer it, or its caller would wait for ever.
+            raise gr.Error("cancelled while waiting in line (a job of the same client session was cancelled): "
+                           "submit it again", title="Cancelled", print_exception=False) from None
         except Exception as err:
             raise _gradio_error(err) from None
         finally:

@@ -80,9 +80,20 @@ def test_cancel_stops_the_denoising_and_frees_the_queue(server):
     while len(slow.outputs()) < 2 and time.monotonic() < deadline:
         time.sleep(0.05)
     assert len(slow.outputs()) >= 2, "no previews arrived"
-    waiting = client.submit("next in line", 6, False, 256, 256, 3.5, 2, api_name="/infer")
+    # The next in line is another user's: Gradio's cancel takes every running event of the
+    # cancelling client's session with it (see below).
+    waiting = server.client().submit("next in line", 6, False, 256, 256, 3.5, 2, api_name="/infer")
+    same_session = client.submit("same client, waiting", 7, False, 256, 256, 3.5, 2, api_name="/infer")
+    deadline = time.monotonic() + 120
+    while server.scheduler_depth() < 2 and time.monotonic() < deadline:
+        time.sleep(0.02)
     cancelled_at = time.monotonic()
     slow.cancel()
+    # A job of the same session that was waiting is told so at once, never left hanging.
+    from gradio_client.exceptions import AppError
+
+    with pytest.raises(AppError, match="cancelled while waiting in line"):
+        same_session.result(timeout=120)
     path, seed = waiting.result(timeout=120)
     waited = time.monotonic() - cancelled_at
     assert seed == 6
