@@ -12,7 +12,15 @@ from flux_infer.launcher import TELEMETRY_OFF, ServerProcess, free_port
 
 # Nothing in the tests may talk to anything but 127.0.0.1.
 os.environ.update(TELEMETRY_OFF)
-__all__ = ["TELEMETRY_OFF", "free_port", "Server", "InProcessServer", "SMALL"]
+__all__ = ["TELEMETRY_OFF", "free_port", "Server", "InProcessServer", "SMALL", "wait_for"]
+
+
+def wait_for(condition, what: str, timeout: float = 120) -> None:
+    """Poll `condition()` until it is true; fail naming `what` if it is not within `timeout` (a hang guard)."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.02)
 
 
 @pytest.fixture(scope="session")

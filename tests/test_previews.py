@@ -11,7 +11,7 @@ import httpx
 import numpy as np
 import pytest
 import torch
-from conftest import Server
+from conftest import Server, wait_for
 from PIL import Image
 
 pytestmark = pytest.mark.e2e  # starts servers
@@ -84,9 +84,7 @@ def test_cancel_stops_the_denoising_and_frees_the_queue(server):
     # cancelling client's session with it (see below).
     waiting = server.client().submit("next in line", 6, False, 256, 256, 3.5, 2, api_name="/infer")
     same_session = client.submit("same client, waiting", 7, False, 256, 256, 3.5, 2, api_name="/infer")
-    deadline = time.monotonic() + 120
-    while server.scheduler_depth() < 2 and time.monotonic() < deadline:
-        time.sleep(0.02)
+    wait_for(lambda: server.scheduler_depth() == 2, "both jobs to join the line")
     cancelled_at = time.monotonic()
     slow.cancel()
     # A job of the same session that was waiting is told so at once, never left hanging.

@@ -6,7 +6,7 @@ import threading
 import time
 
 import pytest
-from conftest import Server
+from conftest import Server, wait_for
 
 pytestmark = pytest.mark.e2e  # starts servers
 
@@ -97,19 +97,6 @@ def test_the_page_and_the_openai_route_share_one_max_queue(small_queue_server):
     assert client.predict("room again", 3, False, 256, 256, 3.5, 1, api_name="/infer")[1] == 3
 
 
-def _wait_for(condition, what: str, timeout: float = 120):
-    deadline = time.monotonic() + timeout
-    while not condition():
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.02)
-
-
-def _depth(srv) -> int:
-    import httpx
-
-    return httpx.get(srv.url + "readyz").json()["queue_depth"]
-
-
 @pytest.fixture(scope="module")
 def line_server(tiny_dir, tmp_path_factory):
     srv = Server(["--model", str(tiny_dir), "--max-queue", "8", "--preview", "none"], tmp_path_factory.mktemp("line"))
@@ -124,7 +111,7 @@ def test_mixed_doors_are_served_first_come_first_served(line_server):
     client = srv.client()
     api = openai.OpenAI(base_url=srv.url + "v1", api_key="-", max_retries=0, timeout=300)
     holder = client.submit("holder", 1, False, 1024, 1024, 3.5, 12, api_name="/infer")
-    _wait_for(lambda: "gradio request: 'holder'" in srv.log(), "the first generation to start")
+    wait_for(lambda: "gradio request: 'holder'" in srv.log(), "the first generation to start")
     threads, jobs = [], []
     for index in range(6):  # page, /v1, page, /v1, ...: each joins only after the one before is in line
         prompt = f"in line {index}"
@@ -135,7 +122,7 @@ def test_mixed_doors_are_served_first_come_first_served(line_server):
             threads.append(thread)
         else:
             jobs.append(client.submit(prompt, index, False, 256, 256, 3.5, 1, api_name="/infer"))
-        _wait_for(lambda: _depth(srv) == index + 1, f"request {index} to join the line")
+        wait_for(lambda: srv.scheduler_depth() == index + 1, f"request {index} to join the line")
     holder.result(timeout=300)
     for job in jobs:
         job.result(timeout=300)
@@ -155,17 +142,17 @@ def test_a_waiting_request_whose_caller_leaves_never_runs(line_server):
     client = srv.client()
     api = openai.OpenAI(base_url=srv.url + "v1", api_key="-", max_retries=0)
     holder = client.submit("hold on", 2, False, 1024, 1024, 3.5, 50, api_name="/infer")  # seconds long
-    _wait_for(lambda: "gradio request: 'hold on'" in srv.log(), "the first generation to start")
+    wait_for(lambda: "gradio request: 'hold on'" in srv.log(), "the first generation to start")
     # Another user (Gradio cancels by session: a second job of the same client would take the first with it).
     leaver = srv.client().submit("page that leaves", 3, False, 256, 256, 3.5, 1, api_name="/infer")
-    _wait_for(lambda: _depth(srv) == 1, "the page request to join the line")
+    wait_for(lambda: srv.scheduler_depth() == 1, "the page request to join the line")
     leaver.cancel()
-    _wait_for(lambda: _depth(srv) == 0, "the page request to leave the line")
+    wait_for(lambda: srv.scheduler_depth() == 0, "the page request to leave the line")
     with pytest.raises(openai.APITimeoutError):  # a /v1 caller that gives up while waiting
         api.with_options(timeout=1.0).images.generate(prompt="caller that hangs up", size="256x256",
                                                       extra_body={"seed": 4, "num_inference_steps": 1})
-    _wait_for(lambda: "closed the connection while waiting in line" in srv.log(), "the /v1 request to leave")
-    assert _depth(srv) == 0
+    wait_for(lambda: "closed the connection while waiting in line" in srv.log(), "the /v1 request to leave")
+    assert srv.scheduler_depth() == 0
     after = client.submit("after them", 5, False, 256, 256, 3.5, 1, api_name="/infer")
     assert after.result(timeout=300)[1] == 5 and holder.result(timeout=300)[1] == 2
     log = srv.log()

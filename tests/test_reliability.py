@@ -10,7 +10,7 @@ from pathlib import Path
 
 import httpx
 import pytest
-from conftest import Server
+from conftest import Server, wait_for
 from hypothesis import HealthCheck, given
 from hypothesis import settings as hypothesis_settings
 from hypothesis import strategies as st
@@ -192,21 +192,16 @@ def test_sigterm_serves_what_waits_at_every_door_and_refuses_what_comes_after(ti
     srv = Server(["--model", str(tiny_dir), "--preview", "none"], tmp_path)
     api = openai.OpenAI(base_url=srv.url + "v1", api_key="-", max_retries=0, timeout=300)
     running = srv.client().submit("running", 1, False, 1024, 1024, 3.5, 20, api_name="/infer")
-    deadline = time.monotonic() + 120
-    while "gradio request: 'running'" not in srv.log() and time.monotonic() < deadline:
-        time.sleep(0.02)
+    wait_for(lambda: "gradio request: 'running'" in srv.log(), "the first generation to start")
     page = srv.client().submit("waiting page", 2, False, 256, 256, 3.5, 1, api_name="/infer")
-    while httpx.get(srv.url + "readyz").json()["queue_depth"] < 1 and time.monotonic() < deadline:
-        time.sleep(0.02)
+    wait_for(lambda: srv.scheduler_depth() == 1, "the page request to join the line")
     answers = {}
     waiter = threading.Thread(target=lambda: answers.update(v1=api.images.generate(
         prompt="waiting /v1", size="256x256", extra_body={"seed": 3, "num_inference_steps": 1})))
     waiter.start()
-    while httpx.get(srv.url + "readyz").json()["queue_depth"] < 2 and time.monotonic() < deadline:
-        time.sleep(0.02)
+    wait_for(lambda: srv.scheduler_depth() == 2, "the /v1 request to join the line")
     srv.process.send_signal(signal.SIGTERM)
-    while "shutting down: draining" not in srv.log() and time.monotonic() < deadline:
-        time.sleep(0.02)
+    wait_for(lambda: "shutting down: draining" in srv.log(), "the drain to begin")
     assert "shutting down: draining 1 running and 2 waiting" in srv.log()
     # New requests at either door are refused, clearly, while the admitted ones are still served.
     refused = httpx.post(srv.url + "v1/images/generations", json={"prompt": "too late", "size": "256x256"})
