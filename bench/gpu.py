@@ -13,7 +13,7 @@ bf16 eager measured in the same run.
 Parts (`--parts`, comma-separated; each sized for about 5 minutes on an H100 at 1024x1024, 28 steps):
 - presets: bf16 eager, fused QKV, fp8, int8, attention backends (cuDNN, FA3, FA2; those not
   installed say so): build/load s, warm-up s, first image, median of --runs, s/step, peak memory;
-- compile: --compile in bf16 and with fp8, the same figures (compiling takes minutes);
+- compile: --compile in bf16, with fp8, and with fused QKV, the same figures (compiling takes minutes);
 - offload: model offload and group offload, the same figures;
 - steps: the cost of a full step and of a step a cache skipped (fbcache, taylorseer, magcache;
   skip counts on random weights mean nothing, the costs do);
@@ -37,7 +37,9 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import importlib.util
 import json
+import logging
 import os
 import shlex
 import statistics
@@ -62,8 +64,9 @@ SECOND_START_GOAL_S = 60
 # Preset: the flags `flux-infer serve` would get.
 PRESETS = {
     "bf16": "--memory off --no-fuse-qkv",
-    "fused-qkv": "--memory off",
+    "fused-qkv": "--memory off --fuse-qkv",
     "compile": "--memory off --compile",
+    "compile-fused": "--memory off --compile --fuse-qkv",
     "fp8": "--quantize fp8",
     "fp8-compile": "--quantize fp8 --compile",
     "int8": "--quantize int8",
@@ -75,13 +78,15 @@ PRESETS = {
 }
 PARTS = {
     "presets": ["bf16", "fused-qkv", "fp8", "int8", "cudnn-attention", "flash3-attention", "flash-attention"],
-    "compile": ["bf16", "compile", "fp8-compile"],
+    "compile": ["bf16", "compile", "fp8-compile", "compile-fused"],
     "offload": ["bf16", "model-offload", "group-offload"],
     "steps": ["bf16"],
     "served": [],
     "memory": ["bf16"],
     "cold": [],
 }
+# Backends that need a package torch does not bring; without it the preset is not measured.
+MODULES = {"flash3-attention": "flash_attn_interface", "flash-attention": "flash_attn"}
 CACHES = {"fbcache": "--cache fbcache:1000", "taylorseer": "--cache taylorseer:4", "magcache": "--cache magcache:1000"}
 CAPS_GIB = (24, 16, 12, 8)
 PROMPT = "a tiny astronaut hatching from an egg on the moon"
@@ -257,8 +262,14 @@ class Run:
                     runs=a.runs if runs is None else runs, step_times=step_times, started=time.time())
         began = time.perf_counter()
         with SmiPeak() as smi:
-            child = subprocess.run([sys.executable, __file__, "--one", json.dumps(spec)], capture_output=True,
-                                   text=True, env={**os.environ, **(env or {})}, timeout=a.timeout)
+            try:
+                child = subprocess.run([sys.executable, __file__, "--one", json.dumps(spec)], capture_output=True,
+                                       text=True, env={**os.environ, **(env or {})}, timeout=a.timeout)
+            except subprocess.TimeoutExpired as err:
+                child = subprocess.CompletedProcess(err.cmd, 124, err.stdout or "", (err.stderr or "") +
+                                                    f"\ntimed out after {a.timeout:.0f} s (--timeout)")
+                child.stdout = child.stdout.decode() if isinstance(child.stdout, bytes) else child.stdout
+                child.stderr = child.stderr.decode() if isinstance(child.stderr, bytes) else child.stderr
         wall = time.perf_counter() - began
         with open(self.out / "children.log", "a") as log:
             log.write(f"### {part} {name}: {flags}\n{child.stderr[-20000:]}\n")
@@ -304,6 +315,10 @@ def preset_line(run: Run, name: str, row: dict) -> str:
 def part_presets(run: Run, part: str, names: list[str]) -> None:
     run.write(f"\n## {part.capitalize()}\n\n{PRESET_HEADER}")
     for name in names:
+        missing = MODULES.get(name)
+        if missing and importlib.util.find_spec(missing) is None:
+            run.write(f"| {name} | `{PRESETS[name]}` | not measured: the {missing} package is not installed |")
+            continue
         row = run.baseline(part) if name == "bf16" else run.measure(part, name, PRESETS[name])
         if row:
             run.write(preset_line(run, name, row))
@@ -487,7 +502,8 @@ def main() -> None:
     parser.add_argument("--one", help=argparse.SUPPRESS)
     parser.add_argument("--save", help=argparse.SUPPRESS)
     args = parser.parse_args()
-    if args.one:  # a child: one measurement, one JSON line
+    if args.one:  # a child: one measurement, one JSON line; its log (the plan, any error) goes to children.log
+        logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(levelname)s %(name)s: %(message)s")
         spec = json.loads(args.one)
         print(json.dumps(measure_one(spec.pop("flags"), **spec)))
         return

@@ -80,8 +80,9 @@ def _add_runtime_flags(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--attention", default=None, metavar="BACKEND",
                        help="diffusers attention backend, e.g. flash, _flash_3, sage, xformers, _native_cudnn "
                        "(default: torch's SDPA)")
-    group.add_argument("--no-fuse-qkv", dest="fuse_qkv", action="store_false",
-                       help="keep the Q, K, V projections separate (fused is the same maths in one matmul)")
+    group.add_argument("--fuse-qkv", action=argparse.BooleanOptionalAction, default=tuning.Options.fuse_qkv,
+                       help="fuse the Q, K, V projections into one matmul: the same maths, but diffusers keeps the "
+                       "separate weights too (+4 GiB for FLUX.1-dev), and on an H100 it was not faster (default: off)")
     group.add_argument("--gpu-memory", type=float, default=None, metavar="GIB",
                        help="use at most this much GPU memory: --memory auto plans within it and torch's allocator "
                        "enforces it, so the card can be shared (default: all that is free)")

@@ -229,7 +229,10 @@ class FluxInference:
                     output_type="pil",
                     **hooks,
                 )
-            except torch.OutOfMemoryError:
+            except torch.OutOfMemoryError as err:
+                # The operator's log gets torch's account (where, how much); the client a way out.
+                log.warning("out of GPU memory at %dx%d: %s", request.width, request.height,
+                            str(err).split(". See documentation")[0], exc_info=True)
                 # Give the failed call's blocks back, so the next (smaller) request fits.
                 torch.cuda.empty_cache()
                 raise GenerationFailed(

@@ -168,23 +168,34 @@ def materialize(model, *, stage: str, home: str, dtype, quantize=None, seed: int
     """Allocate and fill `model`'s meta parameters on `stage`, block by block; quantize each block
     with `quantize(module, skip_prefixes)` if given, then move it to `home`.
 
-    Tied parameters (T5's shared embedding) stay tied: each is made once.
+    Tied parameters (T5's shared embedding) stay tied: each is made once. A real parameter is held
+    here only until every module that shares it has it, so a block's unquantized weights are freed
+    as soon as it is quantized: the peak is the final weights plus one block.
     """
     import torch
 
     generator = torch.Generator(device=stage).manual_seed(seed)
-    made = {}  # id(meta parameter) -> (meta parameter, its real one): the meta one kept alive for its id
+    # id(meta parameter) -> [meta parameter (kept alive for its id), modules still to get it, its real one]
+    pending = {}
+    for module in model.modules():
+        for param in module.parameters(recurse=False):
+            if param.is_meta:
+                pending.setdefault(id(param), [param, 0, None])[1] += 1
     units, block_prefixes = _units(model)
     for prefix, unit in units:
         for module_name, module in unit.named_modules():
             for name, param in list(module.named_parameters(recurse=False)):
                 if not param.is_meta:
                     continue
-                if id(param) not in made:
-                    tensor = torch.empty(param.shape, dtype=dtype, device=stage)
-                    _fill_(tensor, name, generator)
-                    made[id(param)] = (param, torch.nn.Parameter(tensor, requires_grad=False))
-                setattr(module, name, made[id(param)][1])
+                entry = pending[id(param)]
+                if entry[2] is None:
+                    entry[2] = torch.nn.Parameter(torch.empty(param.shape, dtype=dtype, device=stage),
+                                                  requires_grad=False)
+                    _fill_(entry[2].data, name, generator)
+                setattr(module, name, entry[2])
+                entry[1] -= 1
+                if entry[1] == 0:
+                    entry[2] = None  # every holder has it: drop this reference
         if quantize is not None:
             quantize(unit, block_prefixes if not prefix else ())
         if home != stage:

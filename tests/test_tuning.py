@@ -255,6 +255,37 @@ def test_vae_tiling_auto_follows_free_memory(tiny_dir, reference, monkeypatch, c
     assert abs(pixels(tiled).mean() - pixels(reference).mean()) < 8
 
 
+def _offload_groups(model) -> list[list]:
+    """The module groups diffusers' group offloading moves together, read from its hooks."""
+    from diffusers.hooks import HookRegistry
+
+    groups = {}
+    for module in model.modules():
+        hook = HookRegistry.check_if_exists_or_initialize(module).get_hook("group_offloading")
+        if hook is not None:
+            groups[id(hook.group)] = hook.group.modules
+    return list(groups.values())
+
+
+def test_group_offload_moves_t5_one_block_at_a_time(tiny_dir, reference):
+    # diffusers groups a component's ModuleList children; T5's blocks are one level down, and
+    # without being told, all of T5 (9 GB in FLUX.1-dev) was one group: out of memory at 8 GiB.
+    import torch
+    from diffusers import FluxPipeline
+
+    pipe = FluxPipeline.from_pretrained(tiny_dir)
+    tuning.group_offload(pipe, torch.device("cpu"), use_stream=False)  # the CPU stands in for the GPU
+    t5 = pipe.text_encoder_2
+    groups = _offload_groups(t5)
+    assert all([block] in groups for block in t5.encoder.block)
+    total = sum(p.numel() for p in t5.parameters())
+    largest = max(sum(p.numel() for m in group for p in m.parameters()) for group in groups)
+    assert largest < total / 2
+    assert all([block] in _offload_groups(pipe.transformer) for block in pipe.transformer.transformer_blocks)
+    offloaded = FluxInference(pipe).infer("a lighthouse at dusk", seed=7, randomize_seed=False, **SMALL)
+    np.testing.assert_array_equal(pixels(offloaded), pixels(reference))
+
+
 def test_cli_reports_option_errors(tiny_dir, capsys):
     from flux_infer.cli import main
 
