@@ -150,6 +150,9 @@ def _parser() -> argparse.ArgumentParser:
                          help="run generation on N Ray Serve replicas, one GPU each (default: in this process)")
     cluster.add_argument("--min-replicas", type=int, default=None, help="autoscale between these bounds")
     cluster.add_argument("--max-replicas", type=int, default=None, help="autoscale between these bounds")
+    cluster.add_argument("--upscale-delay", type=float, default=None, metavar="SECONDS",
+                         help="when autoscaling, add a replica after this long of sustained load "
+                         "(default: Ray Serve's, 30)")
     cluster.add_argument("--ray-address", default=os.environ.get("RAY_ADDRESS"),
                          help="join this Ray cluster (from `ray start --head`) instead of starting one here "
                          "(default: $RAY_ADDRESS)")
@@ -215,7 +218,7 @@ def _serve(args) -> int:
                              "--min-replicas/--max-replicas")
         cluster = ClusterConfig(replicas=1 if args.replicas is None else args.replicas,
                                 min_replicas=args.min_replicas, max_replicas=args.max_replicas,
-                                address=args.ray_address)
+                                upscale_delay_s=args.upscale_delay, address=args.ray_address)
         cluster.check()  # before the model or Ray is touched
         inference, concurrency = start(_spec(args, **preview), cluster), cluster.most_replicas
     service = Service(inference, max_queue=args.max_queue, output_dir=args.output_dir, log_prompts=args.log_prompts,

@@ -28,6 +28,7 @@ class ClusterConfig:
     replicas: int = 1
     min_replicas: int | None = None  # autoscaling bounds; both None: a fixed `replicas`
     max_replicas: int | None = None
+    upscale_delay_s: float | None = None  # autoscaling: sustained load before a replica is added; None: Ray's
     address: str | None = None  # an existing cluster (`ray start --head` prints it); None: start one here
     gpus_per_replica: float | None = None  # None: 1 when this machine has CUDA, else 0
     cpus_per_replica: float | None = None  # None: 1 with a GPU, else this machine's cores / replicas
@@ -43,6 +44,11 @@ class ClusterConfig:
             raise ValueError("--min-replicas and --max-replicas go together")
         if self.min_replicas is not None and not 0 <= self.min_replicas <= self.max_replicas >= 1:
             raise ValueError("autoscaling needs 0 <= --min-replicas <= --max-replicas and --max-replicas >= 1")
+        if self.upscale_delay_s is not None:
+            if self.max_replicas is None:
+                raise ValueError("--upscale-delay applies when autoscaling: add --min-replicas and --max-replicas")
+            if self.upscale_delay_s < 0:
+                raise ValueError(f"--upscale-delay takes seconds, 0 or more, got {self.upscale_delay_s:g}")
 
 
 class ArrayFrame:
@@ -116,8 +122,9 @@ def start(spec, config: ClusterConfig):
     else:
         ray.init(namespace=NAMESPACE, include_dashboard=False, log_to_driver=True)
     serve.start(proxy_location="Disabled")
+    delay = {} if config.upscale_delay_s is None else dict(upscale_delay_s=config.upscale_delay_s)
     scaling = (dict(autoscaling_config=dict(min_replicas=config.min_replicas, max_replicas=config.max_replicas,
-                                            target_ongoing_requests=1))
+                                            target_ongoing_requests=1, **delay))
                if config.max_replicas is not None else dict(num_replicas=config.replicas))
     deployment = _make_deployment().options(
         ray_actor_options=dict(num_gpus=gpus, num_cpus=cpus,

@@ -4,10 +4,14 @@
   which the server sweeps on its own timer (web.sweep_files: Gradio's own sweep dies under load);
 - `keep_in_cache` on a component: files Gradio must keep (cached examples);
 - the `x-gradio-user: mcp` header on the requests Gradio's MCP server makes through gradio_client,
-  which tells an MCP tool call from a page's.
+  which tells an MCP tool call from a page's;
+- `stop_event` on the mounted Gradio app: set, it ends the session heartbeat streams every page and
+  gradio_client keeps open (they never end on their own, so a shutdown would wait out uvicorn's
+  whole graceful timeout for them).
 
-`check()` runs when the page is built: with a Gradio whose internals differ it stops the server
-at start-up with the version to install, rather than failing on the first request.
+`check()` runs when the page is built and `check_mounted()` when it is mounted: with a Gradio whose
+internals differ they stop the server at start-up with the version to install, rather than failing
+on the first request or at shutdown.
 """
 
 from __future__ import annotations
@@ -23,16 +27,39 @@ class GradioMismatch(RuntimeError):
 
 def check(demo) -> None:
     """GradioMismatch, saying what to install, when `demo` lacks what this module reads."""
-    import gradio as gr
-
     missing = []
     if not isinstance(getattr(demo, "temp_file_sets", None), list):
         missing.append("Blocks.temp_file_sets")
     if not any(hasattr(block, "keep_in_cache") for block in demo.blocks.values()):
         missing.append("keep_in_cache on components")
+    _refuse(missing)
+
+
+def _refuse(missing: list[str]) -> None:
+    import gradio as gr
+
     if missing:
         raise GradioMismatch(f"this server needs gradio{REQUIRED}; gradio {gr.__version__} lacks {', '.join(missing)}: "
                              f"pip install 'gradio[mcp]{REQUIRED}'")
+
+
+def _stop_events(app) -> list:
+    """The stop events of the Gradio apps mounted on `app` (a FastAPI app)."""
+    import asyncio
+
+    events = (getattr(getattr(route, "app", None), "stop_event", None) for route in app.routes)
+    return [event for event in events if isinstance(event, asyncio.Event)]
+
+
+def check_mounted(app) -> None:
+    """GradioMismatch unless the Gradio app mounted on `app` has the stop event `end_streams` sets."""
+    _refuse([] if _stop_events(app) else ["App.stop_event"])
+
+
+def end_streams(app) -> None:
+    """End the session heartbeat streams of the Gradio app mounted on `app`; call on its event loop."""
+    for event in _stop_events(app):
+        event.set()
 
 
 def temp_file_sets(demo) -> list[set[str]]:

@@ -288,6 +288,12 @@ def load_pipeline(
     plan = tuning.resolve_plan(options, placement, gguf_bytes=Path(source.location).stat().st_size if gguf else None)
     log.info("memory: %s (%s)", plan.describe(), plan.reason)
     log.info("loading %s", source.describe())
+    # Find (or fetch) the files before importing diffusers: weights that are missing are said in a
+    # second rather than after diffusers' imports.
+    if source.kind == "single_file":
+        folder = _local_folder(source.base, transformer_weights=False)
+    elif source.kind != "random":
+        folder = _local_folder(source)
 
     from diffusers import FluxPipeline, FluxTransformer2DModel, PipelineQuantizationConfig
 
@@ -300,7 +306,6 @@ def load_pipeline(
         return Loaded(pipeline, source, placement, runtime)
     components = {}
     if source.kind == "single_file":
-        folder = _local_folder(source.base, transformer_weights=False)
         if gguf:
             from diffusers import GGUFQuantizationConfig
 
@@ -316,8 +321,6 @@ def load_pipeline(
             raise ModelLoadError(
                 f"could not read {source.location} as a FLUX transformer checkpoint: {err}"
             ) from None
-    else:
-        folder = _local_folder(source)
     configs = tuning.quantization_configs(plan, placement, transformer="transformer" not in components)
     quantization = PipelineQuantizationConfig(quant_mapping=configs) if configs else None
     try:

@@ -56,6 +56,7 @@ class Scheduler:
         self.slots = slots
         self.max_queue = max_queue
         self.closed = False
+        self.last_finished: float | None = None  # time.monotonic() when a generation last ended
         self._line: deque[Ticket] = deque()
         self._running: set[Ticket] = set()
         self._idle = asyncio.Event()
@@ -110,6 +111,7 @@ class Scheduler:
         ticket.finished = True
         if ticket in self._running:
             self._running.discard(ticket)
+            self.last_finished = time.monotonic()
         else:
             self._line.remove(ticket)
         if not ticket._turn.done():

@@ -10,11 +10,10 @@ import asyncio
 import contextlib
 import ipaddress
 import logging
-import threading
 import time
 from dataclasses import dataclass
 
-from flux_infer import settings
+from flux_infer import gradio_internals, settings
 
 log = logging.getLogger(__name__)
 
@@ -170,13 +169,15 @@ def build_app(service, demo, config: ServerConfig):
     # limit at all, one run of bench/overhead.py took ~0.3 s more per request).
     room = service.concurrency + service.max_queue
     demo.queue(default_concurrency_limit=room + 1, max_size=None)
-    return gr.mount_gradio_app(
+    app = gr.mount_gradio_app(
         app, demo, path="/", server_name=config.host, server_port=config.port,
         auth=config.auth, mcp_server=config.mcp or None, css=CSS,
         # Our own errors are gr.Error already; this lets Gradio's own checks (a raw HTTP call with
         # too few values, say) reach the caller as their message instead of a bare "error".
         show_error=True,
     )
+    gradio_internals.check_mounted(app)
+    return app
 
 
 class _QuietStreamClose(logging.Filter):
@@ -212,9 +213,14 @@ def serve(service, demo, config: ServerConfig) -> None:
 
         The first signal closes the line (new requests at every door are refused as "shutting
         down", /readyz answers 503); every request already admitted, running or waiting, whatever
-        its door, is still served, for up to DRAIN_SECONDS; then DOWNLOAD_GRACE_S for clients to
-        fetch their images, and uvicorn stops; the process exits with 0. A second signal stops at once.
+        its door, is still served, for up to DRAIN_SECONDS; then up to DOWNLOAD_GRACE_S after the last
+        generation ended for clients to fetch their images, the page and gradio_client heartbeat
+        streams are ended, and uvicorn stops; the process exits with 0. A second signal stops at once.
         """
+
+        async def startup(self, sockets=None):
+            self.loop = asyncio.get_running_loop()
+            await super().startup(sockets)
 
         def handle_exit(self, sig, frame):
             if not service.ready:
@@ -223,13 +229,16 @@ def serve(service, demo, config: ServerConfig) -> None:
             service.close()
             log.info("shutting down: draining %d running and %d waiting (a second signal stops now)",
                      service.scheduler.running, service.scheduler.waiting)
-            threading.Thread(target=self._drain, daemon=True).start()
+            self.loop.call_soon_threadsafe(lambda: self.loop.create_task(self._drain()))
 
-        def _drain(self):
-            deadline = time.monotonic() + DRAIN_SECONDS
-            while (service.scheduler.running or service.scheduler.waiting) and time.monotonic() < deadline:
-                time.sleep(0.1)
-            time.sleep(DOWNLOAD_GRACE_S)
+        async def _drain(self):
+            with contextlib.suppress(asyncio.TimeoutError):  # what is still running then is cut off
+                await asyncio.wait_for(service.scheduler.drained(), DRAIN_SECONDS)
+            # A client told its image is ready a moment ago may not have asked for the file yet.
+            if service.scheduler.last_finished is not None:
+                await asyncio.sleep(max(0.0, service.scheduler.last_finished + DOWNLOAD_GRACE_S - time.monotonic()))
+            # Pages and gradio_clients keep a heartbeat stream open; uvicorn would wait for them.
+            gradio_internals.end_streams(app)
             self.should_exit = True
 
     for warning in exposure_warnings(config):

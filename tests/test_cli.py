@@ -134,6 +134,7 @@ def test_folder_that_is_not_a_pipeline(tmp_path):
         (["--min-replicas", "1"], "--min-replicas and --max-replicas go together"),
         (["--replicas", "0"], "--replicas must be at least 1, got 0"),
         (["--replicas", "2", "--max-replicas", "3", "--min-replicas", "1"], "--replicas is a fixed count"),
+        (["--replicas", "2", "--upscale-delay", "5"], "--upscale-delay applies when autoscaling"),
     ],
 )
 def test_bad_replica_bounds_are_refused_before_ray_starts(tmp_path, tiny_dir, flags, expected):

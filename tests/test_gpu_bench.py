@@ -20,8 +20,8 @@ def gpu_bench():
     return module
 
 
-def test_steps_are_told_apart_by_whether_the_transformer_ran(gpu_bench):
-    common = dict(model="random-small", device="cpu", size=256, steps=3, runs=1, step_times=True,
+def test_steps_are_told_apart_by_whether_the_transformer_ran(gpu_bench, tiny_dir):
+    common = dict(model=str(tiny_dir), device="cpu", size=256, steps=3, runs=1, step_times=True,
                   started=time.time())
     plain = gpu_bench.measure_one("--memory off", **common)
     assert (plain["full_steps"], plain["skipped_steps"]) == (2, 0)  # steps 2..3: the first holds text encoding

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import concurrent.futures
 import json
 import signal
 import threading
@@ -67,10 +68,8 @@ JSON = st.recursive(st.none() | st.booleans() | st.integers() | st.floats(allow_
 
 
 @pytest.fixture(scope="module")
-def fuzz_server(tiny_dir, tmp_path_factory):
-    srv = Server(["--model", str(tiny_dir), "--preview", "none"], tmp_path_factory.mktemp("fuzz"))
-    yield srv
-    srv.stop()
+def fuzz_server(server):
+    return server  # the session's server: fuzzing must leave it serving the modules after this one
 
 
 @hypothesis_settings(max_examples=60, deadline=None, suppress_health_check=list(HealthCheck))
@@ -165,31 +164,13 @@ def test_a_folder_of_pickled_weights_is_refused(tmp_path, tiny_dir):
 # -- SIGTERM and soak ------------------------------------------------------------------------------
 
 @pytest.mark.e2e
-def test_sigterm_drains_the_generation_in_flight_and_exits_0(tiny_dir, tmp_path):
-    temp = tmp_path / "gradio-tmp"
-    srv = Server(["--model", str(tiny_dir), "--preview", "none"], tmp_path, env={"GRADIO_TEMP_DIR": str(temp)})
-    client = srv.client()
-    job = client.submit("finish me", 3, False, 1024, 1024, 3.5, 12, api_name="/infer")
-    deadline = time.monotonic() + 60
-    while "1024x1024, 12 steps" not in srv.log() and time.monotonic() < deadline:
-        time.sleep(0.05)
-    srv.process.send_signal(signal.SIGTERM)
-    path, seed = job.result(timeout=120)  # the generation in flight is delivered
-    assert seed == 3 and Path(path).is_file()
-    assert srv.process.wait(timeout=90) == 0
-    log = srv.log()
-    assert "shutting down: draining" in log and "generated 1024x1024" in log and "Traceback" not in log
-    assert not [path for path in temp.rglob("*") if path.is_file()]  # the server's temporary images go with it
-    srv._log.close()
-
-
-@pytest.mark.e2e
-def test_sigterm_serves_what_waits_at_every_door_and_refuses_what_comes_after(tiny_dir, tmp_path):
+def test_sigterm_drains_what_runs_and_waits_at_every_door_refuses_what_comes_after_and_exits_0(tiny_dir, tmp_path):
     import httpx
     import openai
     from gradio_client.exceptions import AppError
 
-    srv = Server(["--model", str(tiny_dir), "--preview", "none"], tmp_path)
+    temp = tmp_path / "gradio-tmp"
+    srv = Server(["--model", str(tiny_dir), "--preview", "none"], tmp_path, env={"GRADIO_TEMP_DIR": str(temp)})
     api = openai.OpenAI(base_url=srv.url + "v1", api_key="-", max_retries=0, timeout=300)
     running = srv.client().submit("running", 1, False, 1024, 1024, 3.5, 20, api_name="/infer")
     wait_for(lambda: "gradio request: 'running'" in srv.log(), "the first generation to start")
@@ -208,12 +189,15 @@ def test_sigterm_serves_what_waits_at_every_door_and_refuses_what_comes_after(ti
     assert refused.status_code == 503 and "shutting down" in refused.json()["error"]["message"]
     with pytest.raises(AppError, match="shutting down: try again when it is back"):
         srv.client().predict("too late", 4, False, 256, 256, 3.5, 1, api_name="/infer")
-    assert running.result(timeout=300)[1] == 1
+    path, seed = running.result(timeout=300)  # the generation in flight is delivered
+    assert seed == 1 and Path(path).is_file()
     assert page.result(timeout=300)[1] == 2
     waiter.join(timeout=300)
     assert answers["v1"].data[0].model_extra["seed"] == 3
     assert srv.process.wait(timeout=90) == 0
-    assert "Traceback" not in srv.log()
+    log = srv.log()
+    assert "generated 1024x1024" in log and "Traceback" not in log
+    assert not [path for path in temp.rglob("*") if path.is_file()]  # the server's temporary images go with it
     srv._log.close()
 
 
@@ -232,6 +216,13 @@ def test_a_gradio_without_the_internals_we_read_stops_the_server_at_start_up():
                        match=r"this server needs gradio>=6\.31,<6\.32; gradio .* lacks Blocks.temp_file_sets: "
                              r"pip install 'gradio\[mcp\]>=6\.31,<6\.32'"):
         gradio_internals.check(changed)
+    # Mounted, the app has the stop event that ends the page and gradio_client heartbeat streams.
+    from fastapi import FastAPI
+
+    mounted = gr.mount_gradio_app(FastAPI(), demo, path="/")
+    gradio_internals.check_mounted(mounted)
+    with pytest.raises(gradio_internals.GradioMismatch, match=r"lacks App\.stop_event"):
+        gradio_internals.check_mounted(FastAPI())
 
 
 def test_the_file_sweep_goes_on_while_requests_add_files(tmp_path):
@@ -288,29 +279,36 @@ def test_soak_300_requests_memory_and_temp_files_stay_bounded(tiny_dir, tmp_path
     def temporary_files():
         return sum(1 for root in (temp, scratch) for path in root.rglob("*") if path.is_file())
 
+    def one(index, client, api):
+        if index % 10 == 9:  # every tenth through the OpenAI route, as a url file
+            response = api.images.generate(prompt=f"soak {index}", size="256x256", response_format="url",
+                                           extra_body={"seed": index, "num_inference_steps": 1})
+            assert response.data[0].model_extra["seed"] == index and response.data[0].url
+        else:
+            _, seed = client.predict(f"soak {index}", index, False, 256, 256, 3.5, 1, api_name="/infer")
+            assert seed == index
+
     try:
         process = psutil.Process(srv.process.pid)
-        client = srv.client()
-        api = OpenAI(base_url=srv.url + "v1", api_key="not-needed", max_retries=0)
         rss, files, finished = [], [], []
         started = time.monotonic()
-        for index in range(300):
-            if index % 10 == 9:  # every tenth through the OpenAI route, as a url file
-                response = api.images.generate(prompt=f"soak {index}", size="256x256", response_format="url",
-                                               extra_body={"seed": index, "num_inference_steps": 1})
-                assert response.data[0].model_extra["seed"] == index and response.data[0].url
-            else:
-                _, seed = client.predict(f"soak {index}", index, False, 256, 256, 3.5, 1, api_name="/infer")
-                assert seed == index
-            finished.append(time.monotonic())
-            if index == 30:
-                baseline = process.memory_info().rss
-            if index % 30 == 0:
-                rss.append(process.memory_info().rss)
-                # Each request leaves one temporary file, deleted `keep` s later by a sweep every `keep` s:
-                # at most the requests of the last 2 * keep s (and some slack for a slow sweep) are there.
-                recent = sum(1 for at in finished if at > time.monotonic() - 2 * keep - 3)
-                files.append((temporary_files(), recent))
+        # Three callers at once, each with its own clients, so the server always has the next
+        # request waiting while it generates (a soak of the queue too).
+        callers = [(srv.client(), OpenAI(base_url=srv.url + "v1", api_key="not-needed", max_retries=0))
+                   for _ in range(3)]
+        with concurrent.futures.ThreadPoolExecutor(len(callers)) as pool:
+            jobs = [pool.submit(one, index, *callers[index % len(callers)]) for index in range(300)]
+            for count, job in enumerate(concurrent.futures.as_completed(jobs), 1):
+                job.result()
+                finished.append(time.monotonic())
+                if count == 60:  # warmed up: three sessions, their threads and buffers
+                    baseline = process.memory_info().rss
+                if count % 30 == 0:
+                    rss.append(process.memory_info().rss)
+                    # Each request leaves one temporary file, deleted `keep` s later by a sweep every `keep` s:
+                    # at most the requests of the last 2 * keep s (and some slack for a slow sweep) are there.
+                    recent = sum(1 for at in finished if at > time.monotonic() - 2 * keep - 3)
+                    files.append((temporary_files(), recent))
         growth = process.memory_info().rss - baseline
         seconds = time.monotonic() - started
         print(f"soak: 300 requests in {seconds:.0f} s, RSS {baseline / 2**20:.0f} -> "

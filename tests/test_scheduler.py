@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import time
 
 import pytest
 
@@ -66,6 +67,7 @@ def test_a_waiting_request_whose_caller_leaves_is_dropped_at_once_and_never_runs
         waits[1].cancel()  # the caller in the middle hangs up
         await _settle()
         assert waits[1].cancelled() and scheduler.waiting == 2
+        assert scheduler.last_finished is None  # a leaver is no generation that ended
         assert positions[2][-1] == 2  # the one behind moved up at once
         scheduler.leave(holder)
         await waits[0]
@@ -110,7 +112,9 @@ def test_closing_refuses_new_requests_and_serves_every_admitted_one():
             served.append(ticket.route)
             await _settle()
             assert not drained.done()
+            before = time.monotonic()
             scheduler.leave(ticket)
+            assert before <= scheduler.last_finished <= time.monotonic()  # when the last generation ended
         await drained
         assert served == ["gradio", "openai", "mcp"]
 
