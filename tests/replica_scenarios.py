@@ -28,7 +28,7 @@ def start_server(tiny: str, workdir: Path, *flags: str) -> Server:
 
 def autoscale(tiny: str, workdir: Path) -> None:
     """--min-replicas 1 --max-replicas 2: one replica at start, a second under sustained load."""
-    server = start_server(tiny, workdir, "--min-replicas", "1", "--max-replicas", "2", "--upscale-delay", "2")
+    server = start_server(tiny, workdir, "--min-replicas", "1", "--max-replicas", "2")
     log = server.log
     try:
         assert len(set(re.findall(r"replica (\w+) ready", log()))) == 1, log()[-3000:]
