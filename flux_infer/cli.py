@@ -138,6 +138,9 @@ def _parser() -> argparse.ArgumentParser:
                        help="log-in for the page and the Gradio API (default: $FLUX_AUTH, else none)")
     serve.add_argument("--api-key", default=os.environ.get("FLUX_API_KEY"), metavar="KEY",
                        help="Bearer key for the OpenAI route /v1 (default: $FLUX_API_KEY, else none)")
+    serve.add_argument("--model-alias", action="append", default=[], metavar="NAME",
+                       help="another model name the OpenAI route accepts and /v1/models lists, for clients "
+                       "that insist on one (e.g. dall-e-3, gpt-image-1); repeatable")
     serve.add_argument("--mcp", action="store_true", help="also serve /infer as an MCP tool at /gradio_api/mcp/")
     serve.add_argument("--output-dir", type=Path, default=None,
                        help="save every image here, with its settings in the PNG and a JSON sidecar")
@@ -206,7 +209,8 @@ def _serve(args) -> int:
     from flux_infer.web import build_demo
 
     config = ServerConfig(host=args.host, port=args.port, auth=parse_auth(args.auth) if args.auth else None,
-                          api_key=args.api_key, mcp=args.mcp, keep_outputs=args.keep_outputs)
+                          api_key=args.api_key, mcp=args.mcp, keep_outputs=args.keep_outputs,
+                          model_aliases=tuple(args.model_alias))
     preview = dict(preview=args.preview, preview_every=args.preview_every, taef1=args.taef1)
     if args.replicas is None and args.min_replicas is None and args.max_replicas is None and args.ray_address is None:
         inference, concurrency = _load(args, **preview), 1

@@ -5,23 +5,38 @@ from __future__ import annotations
 from pathlib import Path
 
 SUFFIX_FORMATS = {".png": "PNG", ".webp": "WEBP"}
+# The formats the OpenAI route can answer in (output_format), with their MIME types.
+MIME_TYPES = {"png": "image/png", "jpeg": "image/jpeg", "webp": "image/webp"}
 
 
-def save_image(image, path: str | Path) -> Path:
-    """Save `image` as PNG (its `info` text in PNG text chunks) or WebP, chosen by the suffix."""
+def encode(image, image_format: str, *, quality: int | None = None) -> bytes:
+    """`image` as PNG (its `info` text in PNG text chunks), JPEG or WebP bytes; `quality` (0-100)
+    for JPEG and WebP (default: Pillow's, 75 and 80), ignored for PNG."""
+    import io
+
     from PIL.PngImagePlugin import PngInfo
 
-    path = Path(path)
-    image_format = SUFFIX_FORMATS.get(path.suffix.lower())
-    if image_format is None:
-        raise ValueError(f"output must end in {' or '.join(SUFFIX_FORMATS)}, got {path.name}")
-    path.parent.mkdir(parents=True, exist_ok=True)
+    buffer = io.BytesIO()
+    image_format = image_format.upper()
     if image_format == "PNG":
         chunks = PngInfo()
         for key, value in image.info.items():
             if isinstance(value, str):
                 chunks.add_text(key, value)
-        image.save(path, format="PNG", pnginfo=chunks)
+        image.save(buffer, format="PNG", pnginfo=chunks)
+    elif image_format in ("JPEG", "WEBP"):
+        image.convert("RGB").save(buffer, format=image_format, **({} if quality is None else {"quality": quality}))
     else:
-        image.save(path, format="WEBP", lossless=False)
+        raise ValueError(f"cannot encode {image_format}: png, jpeg or webp")
+    return buffer.getvalue()
+
+
+def save_image(image, path: str | Path) -> Path:
+    """Save `image` as PNG (its `info` text in PNG text chunks) or WebP, chosen by the suffix."""
+    path = Path(path)
+    image_format = SUFFIX_FORMATS.get(path.suffix.lower())
+    if image_format is None:
+        raise ValueError(f"output must end in {' or '.join(SUFFIX_FORMATS)}, got {path.name}")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(encode(image, image_format))
     return path

@@ -1,11 +1,16 @@
 """The OpenAI Images API: `POST /v1/images/generations`, `GET /v1/models`, and the files it links to.
 
-The body is an `ImageRequest` (pydantic; unknown fields refused), then the same validation
-(`build_request`) and the same line and `Service.run()` as `/infer`, so a seed gives the same
-image through either door. Every field is either used or refused with a 400 in OpenAI's error
-shape (`ApiError`, turned into a response by the one handler `build_app` registers): nothing is
-silently ignored. Extensions in the body: `seed`, `guidance_scale`, `num_inference_steps`; the
-response carries the seed of each image. The API key is a dependency of every route.
+The body is an `ImageRequest` (pydantic): every field of OpenAI's request is accepted, then the
+same validation (`build_request`) and the same line and `Service.run()` as `/infer`, so a seed
+gives the same image through either door. Honoured: `prompt`, `n`, `size` ("auto": the Space's
+1024x1024), `quality` (as steps, QUALITY_STEPS), `response_format`, `output_format` and
+`output_compression`, `background` "auto"/"opaque", `model` (FLUX.1-dev's ids and the server's
+`--model-alias` names). Accepted without effect, and logged: `style`, `moderation`, `user`,
+`partial_images`. Refused with a 400 in OpenAI's error shape (`ApiError`, turned into a response
+by the one handler `build_app` registers) that names the field: what cannot be honoured
+(`background: "transparent"`, `stream: true`), values out of range, and fields the API does not
+have. Extensions in the body: `seed`, `guidance_scale`, `num_inference_steps` (it wins over
+`quality`); the response carries the seed of each image. The API key is a dependency of every route.
 """
 
 # No `from __future__ import annotations`: FastAPI reads the route functions' annotations, and
@@ -13,7 +18,6 @@ response carries the seed of each image. The API key is a dependency of every ro
 
 import asyncio
 import base64
-import io
 import logging
 import re
 import secrets
@@ -24,9 +28,11 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, StrictInt, StrictStr, ValidationError, field_validator
+from pydantic import (BaseModel, ConfigDict, StrictBool, StrictInt, StrictStr, ValidationError, ValidationInfo,
+                      field_validator, model_validator)
 
 from flux_infer import settings
+from flux_infer.images import MIME_TYPES, encode
 from flux_infer.inference import GenerationCancelled, GenerationFailed, InvalidRequest, build_request, draw_seed
 from flux_infer.service import REQUEST_ID, Busy, Service, new_request_id
 
@@ -36,8 +42,18 @@ MODEL_IDS = ("flux.1-dev", "black-forest-labs/FLUX.1-dev")
 MAX_IMAGES = 4
 # The largest body this route reads (server.BodyLimit enforces it): a prompt and a few numbers.
 MAX_BODY_BYTES = 64 * 1024
+# OpenAI's `quality` as denoising steps when the body has no `num_inference_steps` ("auto" and
+# dall-e-3's "standard": the Space's default; "hd" is dall-e-3's "high").
+QUALITY_STEPS = {"low": 12, "medium": 20, "auto": int(settings.NUM_INFERENCE_STEPS.default),
+                 "standard": int(settings.NUM_INFERENCE_STEPS.default), "high": 40, "hd": 40, "xhigh": 50,
+                 "max": 50}
+# Accepted so that clients sending them work, with no effect on a FLUX image (logged when sent).
+NO_EFFECT = ("style", "moderation", "user", "safety_identifier", "partial_images", "complexity", "frame_count",
+             "frame_duration_ms", "svg")
+# output_format values OpenAI has that a still raster image cannot be.
+_NOT_RASTER = ("gif", "svg")
 _SIZE = re.compile(r"^(\d+)x(\d+)$")
-_FILE = re.compile(r"^[0-9a-f]{32}\.png$")
+_FILE = re.compile(r"^[0-9a-f]{32}\.(png|jpeg|webp)$")
 
 
 class ApiError(Exception):
@@ -62,20 +78,73 @@ class ImageRequest(BaseModel):
     prompt: Any
     model: StrictStr = MODEL_IDS[0]
     n: StrictInt = 1
-    size: StrictStr = f"{int(settings.WIDTH.default)}x{int(settings.HEIGHT.default)}"
+    size: StrictStr = "auto"
+    quality: Literal[tuple(QUALITY_STEPS)] = "auto"
     response_format: Literal["b64_json", "url"] = "b64_json"
+    output_format: StrictStr = "png"
+    output_compression: StrictInt | None = None
+    background: Literal["auto", "opaque", "transparent"] = "auto"
+    stream: StrictBool = False
+    style: Literal["vivid", "natural"] | None = None
+    moderation: Literal["auto", "low"] = "auto"
+    partial_images: StrictInt | None = None
+    complexity: Literal["low", "medium", "high"] | None = None
+    frame_count: StrictInt | None = None
+    frame_duration_ms: StrictInt | None = None
+    svg: dict[str, Any] | None = None
+    safety_identifier: StrictStr | None = None
     user: StrictStr | None = None
     # Extensions: the Space's arguments that the OpenAI API has no field for.
     seed: Any = None
     guidance_scale: Any = settings.GUIDANCE_SCALE.default
-    num_inference_steps: Any = settings.NUM_INFERENCE_STEPS.default
+    num_inference_steps: Any = None  # default: `quality`'s steps
+
+    @model_validator(mode="before")
+    @classmethod
+    def _nulls_are_defaults(cls, body: Any) -> Any:
+        """OpenAI's fields are nullable: a client sending `"quality": null` means the default."""
+        return {key: value for key, value in body.items() if value is not None} if isinstance(body, dict) else body
 
     @field_validator("model")
     @classmethod
-    def _served(cls, model: str) -> str:
-        if model not in MODEL_IDS:
-            raise ValueError(f"unknown model {model!r}: this server serves {' or '.join(MODEL_IDS)}")
+    def _served(cls, model: str, info: ValidationInfo) -> str:
+        served = (info.context or {}).get("models", MODEL_IDS)
+        if model not in served:
+            raise ValueError(f"unknown model {model!r}: this server serves {', '.join(served)}")
         return model
+
+    @field_validator("background")
+    @classmethod
+    def _opaque(cls, background: str) -> str:
+        if background == "transparent":
+            raise ValueError("`background: \"transparent\"` cannot be honoured: FLUX.1-dev makes opaque images "
+                             "(use \"auto\" or \"opaque\")")
+        return background
+
+    @field_validator("output_format")
+    @classmethod
+    def _raster(cls, output_format: str) -> str:
+        if output_format in _NOT_RASTER:
+            raise ValueError(f"`output_format: \"{output_format}\"` cannot be honoured: FLUX.1-dev makes still "
+                             f"raster images (use {', '.join(MIME_TYPES)})")
+        if output_format not in MIME_TYPES:
+            raise ValueError(f"`output_format` must be {', '.join(MIME_TYPES)}, got {output_format!r}")
+        return output_format
+
+    @field_validator("stream")
+    @classmethod
+    def _whole(cls, stream: bool) -> bool:
+        if stream:
+            raise ValueError("`stream: true` is not supported: the image comes whole in the response "
+                             "(leave `stream` out or false)")
+        return stream
+
+    @field_validator("output_compression")
+    @classmethod
+    def _compression(cls, compression: int | None) -> int | None:
+        if compression is not None and not 0 <= compression <= 100:
+            raise ValueError(f"`output_compression` must be a whole number from 0 to 100, got {compression}")
+        return compression
 
     @field_validator("n")
     @classmethod
@@ -87,17 +156,33 @@ class ImageRequest(BaseModel):
     @field_validator("size")
     @classmethod
     def _size(cls, size: str) -> str:
-        if not _SIZE.match(size):
-            raise ValueError(f"`size` must be \"WIDTHxHEIGHT\" such as \"1024x768\", got {size!r}")
+        if size != "auto" and not _SIZE.match(size):
+            raise ValueError(f"`size` must be \"auto\" or \"WIDTHxHEIGHT\" such as \"1024x768\", got {size!r}")
         return size
+
+    @property
+    def dimensions(self) -> tuple[int, int]:
+        if self.size == "auto":
+            return int(settings.WIDTH.default), int(settings.HEIGHT.default)
+        width, height = map(int, self.size.split("x"))
+        return width, height
+
+    @property
+    def steps(self):
+        """`num_inference_steps` when given (validated later, with the rest), else `quality`'s."""
+        return QUALITY_STEPS[self.quality] if self.num_inference_steps is None else self.num_inference_steps
+
+    def without_effect(self) -> dict:
+        """The fields sent that change nothing in a FLUX image."""
+        return {name: getattr(self, name) for name in NO_EFFECT if name in self.model_fields_set}
 
     def generation_requests(self) -> list:
         """The n validated GenerationRequests: seed, seed + 1, ... or a fresh random seed each."""
-        width, height = map(int, self.size.split("x"))
+        width, height = self.dimensions
         try:
             base = build_request(self.prompt, seed=0 if self.seed is None else self.seed, randomize_seed=False,
                                  width=width, height=height, guidance_scale=self.guidance_scale,
-                                 num_inference_steps=self.num_inference_steps)
+                                 num_inference_steps=self.steps)
         except InvalidRequest as err:
             param = str(err).split(" ", 1)[0]
             raise ApiError(400, str(err), param=param if param in FIELDS else None) from None
@@ -112,16 +197,17 @@ FIELDS = (*ImageRequest.model_fields, "width", "height")
 _MESSAGES = {
     "missing": "`{field}` is required",
     "extra_forbidden": "unsupported field(s) {field}: this server accepts " + ", ".join(ImageRequest.model_fields),
-    "literal_error": "`{field}` must be b64_json or url, got {value!r}",
+    "literal_error": "`{field}` must be {expected}, got {value!r}",
     "json_invalid": "the body is not valid JSON",
     "model_type": "the body must be a JSON object with at least a `prompt`",
 }
 
 
-def parse_body(raw: bytes) -> ImageRequest:
-    """The request body as an ImageRequest; ApiError(400) naming the field otherwise."""
+def parse_body(raw: bytes, models: tuple[str, ...] = MODEL_IDS) -> ImageRequest:
+    """The request body as an ImageRequest; ApiError(400) naming the field otherwise. `models`: the
+    names a body may give as `model`."""
     try:
-        return ImageRequest.model_validate_json(raw)
+        return ImageRequest.model_validate_json(raw, context={"models": models})
     except ValidationError as err:
         errors = err.errors(include_url=False)
         first = errors[0]
@@ -131,7 +217,8 @@ def parse_body(raw: bytes) -> ImageRequest:
         if first["type"] == "value_error":
             message = str(first["ctx"]["error"])
         elif first["type"] in _MESSAGES:
-            message = _MESSAGES[first["type"]].format(field=field, value=first.get("input"))
+            message = _MESSAGES[first["type"]].format(field=field, value=first.get("input"),
+                                                      expected=first.get("ctx", {}).get("expected"))
         else:
             message = f"`{field}`: {first['msg']}, got {first.get('input')!r}"
         code = "model_not_found" if field == "model" and first["type"] == "value_error" else None
@@ -139,18 +226,16 @@ def parse_body(raw: bytes) -> ImageRequest:
 
 
 class ImageFiles:
-    """PNG files behind `response_format: url`, deleted after `keep_seconds`."""
+    """The image files behind `response_format: url`, deleted after `keep_seconds`."""
 
     def __init__(self, directory: Path | None = None, keep_seconds: float = settings.DEFAULT_KEEP_OUTPUTS_S):
         self.directory = Path(directory or tempfile.mkdtemp(prefix="flux-infer-v1-"))
         self.keep_seconds = keep_seconds
 
-    def add(self, image) -> str:
-        from flux_infer.images import save_image
-
+    def add(self, data: bytes, image_format: str) -> str:
         self.sweep(self.keep_seconds)
-        name = f"{secrets.token_hex(16)}.png"
-        save_image(image, self.directory / name)
+        name = f"{secrets.token_hex(16)}.{image_format}"
+        (self.directory / name).write_bytes(data)
         return name
 
     def path(self, name: str) -> Path | None:
@@ -168,7 +253,9 @@ class ImageFiles:
         """Delete the files older than `age` seconds (None: all of them); returns how many."""
         cutoff = None if age is None else time.time() - age
         deleted = 0
-        for path in self.directory.glob("*.png"):
+        for path in self.directory.iterdir():
+            if not _FILE.match(path.name):
+                continue
             try:
                 if cutoff is None or path.stat().st_mtime < cutoff:
                     path.unlink()
@@ -208,37 +295,39 @@ async def api_error_handler(request, err: ApiError):
     return err.response()
 
 
-def _encode(results, response_format: str, files: ImageFiles) -> list[dict]:
-    """The response's items: PNG bytes (base64) or a file name for the url. Called in a worker
-    thread: encoding a 1024x1024 PNG takes a good fraction of a second, which on the event loop
-    would stall every other door's streams."""
+def _encode(results, body: ImageRequest, files: ImageFiles) -> list[dict]:
+    """The response's items: the image's bytes in `output_format` (base64), or a file name for the
+    url. Called in a worker thread: encoding a 1024x1024 PNG takes a good fraction of a second,
+    which on the event loop would stall every other door's streams."""
     data = []
     for result in results:
         item = {"revised_prompt": result.request.prompt, "seed": result.seed}
-        if response_format == "url":
-            item["file"] = files.add(result.image)
+        encoded = encode(result.image, body.output_format, quality=body.output_compression)
+        if body.response_format == "url":
+            item["file"] = files.add(encoded, body.output_format)
         else:
-            buffer = io.BytesIO()
-            result.image.save(buffer, format="PNG")
-            item["b64_json"] = base64.b64encode(buffer.getvalue()).decode("ascii")
+            item["b64_json"] = base64.b64encode(encoded).decode("ascii")
         data.append(item)
     return data
 
 
-def router(service: Service, *, api_key: str | None = None, files: ImageFiles | None = None):
-    """`/v1`'s routes. Their ApiErrors need `api_error_handler` on the app (server.build_app)."""
+def router(service: Service, *, api_key: str | None = None, files: ImageFiles | None = None,
+           aliases: tuple[str, ...] = ()):
+    """`/v1`'s routes. Their ApiErrors need `api_error_handler` on the app (server.build_app).
+    `aliases`: more names clients may give as `model` (`--model-alias`)."""
     from fastapi import APIRouter, Depends, Request
     from fastapi.responses import FileResponse, JSONResponse
     from starlette.concurrency import run_in_threadpool
 
     files = files or ImageFiles()
+    served = tuple(dict.fromkeys((*MODEL_IDS, *aliases)))
     routes = APIRouter(dependencies=[Depends(bearer_key(api_key))])
 
     @routes.get("/v1/models")
     async def models():
         created = 1722470400  # FLUX.1-dev's release, 2024-08-01
-        return {"object": "list", "data": [{"id": MODEL_IDS[0], "object": "model", "created": created,
-                                            "owned_by": "black-forest-labs"}]}
+        return {"object": "list", "data": [{"id": name, "object": "model", "created": created,
+                                            "owned_by": "black-forest-labs"} for name in served]}
 
     @routes.post("/v1/images/generations")
     async def generations(request: Request):
@@ -251,11 +340,14 @@ def router(service: Service, *, api_key: str | None = None, files: ImageFiles | 
 
     async def generate_images(request: Request, request_id: str):
         try:
-            body = parse_body(await request.body())
+            body = parse_body(await request.body(), served)
             generation_requests = body.generation_requests()
         except ApiError:
             service.count_rejected("openai", "invalid")
             raise
+        if body.without_effect():
+            log.info("accepted without effect on the image: %s",
+                     ", ".join(f"{name}={value!r}" for name, value in body.without_effect().items()))
         try:
             ticket = service.admit("openai")
         except Busy as err:  # counted by admit()
@@ -277,7 +369,7 @@ def router(service: Service, *, api_key: str | None = None, files: ImageFiles | 
                         for generation in generation_requests]
 
             results = await run_in_threadpool(generate_all)
-            data = await run_in_threadpool(_encode, results, body.response_format, files)
+            data = await run_in_threadpool(_encode, results, body, files)
         except GenerationCancelled as err:
             log.info("the caller closed the connection: %s", err)
             raise ApiError(499, "the client closed the request", kind="server_error") from None
@@ -295,7 +387,10 @@ def router(service: Service, *, api_key: str | None = None, files: ImageFiles | 
         for item in data:
             if "file" in item:
                 item["url"] = str(request.url_for("image_file", name=item.pop("file")))
-        return JSONResponse({"created": int(time.time()), "data": data, "seeds": [r.seed for r in results]},
+        made = results[0].request  # the size as made (the Space floors sizes to multiples of 16)
+        return JSONResponse({"created": int(time.time()), "data": data, "seeds": [r.seed for r in results],
+                             "output_format": body.output_format, "quality": body.quality,
+                             "size": f"{made.width}x{made.height}", "background": "opaque"},
                             headers={"x-request-id": request_id})
 
     @routes.get("/v1/files/{name}", name="image_file")
@@ -304,6 +399,6 @@ def router(service: Service, *, api_key: str | None = None, files: ImageFiles | 
         if path is None:
             raise ApiError(404, f"no image {name!r} here (they are kept for {files.keep_seconds:g} s)",
                            code="not_found")
-        return FileResponse(path, media_type="image/png")
+        return FileResponse(path, media_type=MIME_TYPES[path.suffix.lstrip(".")])
 
     return routes

@@ -87,6 +87,7 @@ class ServerConfig:
     port: int = settings.DEFAULT_PORT
     auth: tuple[str, str] | None = None  # protects the page and the Gradio API
     api_key: str | None = None  # protects the OpenAI route
+    model_aliases: tuple[str, ...] = ()  # more `model` names the OpenAI route answers to
     mcp: bool = False
     keep_outputs: float = settings.DEFAULT_KEEP_OUTPUTS_S
 
@@ -159,7 +160,8 @@ def build_app(service, demo, config: ServerConfig):
         payload, content_type = service.metrics.render()
         return Response(payload, media_type=content_type)
 
-    app.include_router(openai_api.router(service, api_key=config.api_key, files=files))
+    app.include_router(openai_api.router(service, api_key=config.api_key, files=files,
+                                         aliases=config.model_aliases))
     app.add_exception_handler(openai_api.ApiError, openai_api.api_error_handler)
 
     app.add_middleware(BodyLimit, limits={"/v1/": openai_api.MAX_BODY_BYTES})

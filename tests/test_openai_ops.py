@@ -25,7 +25,8 @@ TINY_ARGS = {"num_inference_steps": 2}
 def extras_server(tiny_dir, tmp_path_factory):
     workdir = tmp_path_factory.mktemp("extras")
     srv = Server(["--model", str(tiny_dir), "--mcp", "--output-dir", str(workdir / "outputs"),
-                  "--keep-outputs", str(KEEP_S), "--preview", "none"], workdir,
+                  "--keep-outputs", str(KEEP_S), "--preview", "none", "--model-alias", "dall-e-3",
+                  "--model-alias", "gpt-image-1"], workdir,
                  env={"GRADIO_TEMP_DIR": str(workdir / "gradio-tmp")})
     srv.workdir = workdir
     yield srv
@@ -65,7 +66,8 @@ def test_openai_url_format_and_models(extras_server, openai_client):
     assert url.startswith(extras_server.url + "v1/files/")
     image = Image.open(io.BytesIO(httpx.get(url).raise_for_status().content))
     assert image.size == (256, 256)
-    assert [model.id for model in openai_client.models.list()] == ["flux.1-dev"]
+    assert [model.id for model in openai_client.models.list()] == [
+        "flux.1-dev", "black-forest-labs/FLUX.1-dev", "dall-e-3", "gpt-image-1"]  # with the --model-alias names
     # Kept for --keep-outputs seconds, then gone.
     made = time.monotonic()
     while (gone := httpx.get(url)).status_code == 200:
@@ -79,12 +81,19 @@ def test_openai_url_format_and_models(extras_server, openai_client):
 
 
 @pytest.mark.parametrize("fields, param, message", [
-    ({"model": "dall-e-3"}, "model", "unknown model 'dall-e-3'"),
-    ({"size": "big"}, "size", '`size` must be "WIDTHxHEIGHT"'),
+    ({"model": "sdxl"}, "model", "unknown model 'sdxl': this server serves flux.1-dev, black-forest-labs/FLUX.1-dev, "
+                                 "dall-e-3, gpt-image-1"),
+    ({"size": "big"}, "size", '`size` must be "auto" or "WIDTHxHEIGHT"'),
     ({"size": "100x100"}, "width", "width must be a number between 256 and 2048, got 100"),
     ({"n": 5}, "n", "`n` must be a whole number from 1 to 4"),
-    ({"response_format": "jpeg"}, "response_format", "must be b64_json or url"),
-    ({"quality": "hd"}, "quality", "unsupported field(s) quality"),
+    ({"response_format": "jpeg"}, "response_format", "must be 'b64_json' or 'url'"),
+    ({"quality": "ultra"}, "quality", "`quality` must be 'low', 'medium', 'auto', 'standard', 'high', 'hd'"),
+    ({"background": "transparent"}, "background", 'cannot be honoured: FLUX.1-dev makes opaque images'),
+    ({"output_format": "gif"}, "output_format", "cannot be honoured: FLUX.1-dev makes still raster images"),
+    ({"output_format": "bmp"}, "output_format", "`output_format` must be png, jpeg, webp, got 'bmp'"),
+    ({"output_compression": 101}, "output_compression", "from 0 to 100, got 101"),
+    ({"stream": True}, "stream", "`stream: true` is not supported"),
+    ({"colour": "red"}, "colour", "unsupported field(s) colour"),
     ({"seed": -3}, "seed", "seed must be a whole number between 0 and 2147483647"),
     ({"num_inference_steps": 500}, "num_inference_steps", "num_inference_steps must be a whole number between 1 and 50"),
 ])
@@ -98,6 +107,41 @@ def test_openai_bad_fields_get_a_400_naming_them(openai_client, fields, param, m
                                                   if k not in ("model", "size", "n", "response_format")})
     error = caught.value.body
     assert caught.value.status_code == 400 and error["param"] == param and message in error["message"], error
+
+
+def test_openai_fields_as_image_clients_send_them(extras_server, openai_client):
+    # The official client, as a gpt-image app calls it: a model name, quality, format, compression.
+    response = openai_client.images.generate(
+        model="gpt-image-1", prompt="a green vase", size="256x256", quality="low", output_format="jpeg",
+        output_compression=60, background="opaque", moderation="low", safety_identifier="user-7",
+        extra_body={"seed": 12})
+    image = decode(response.data[0])
+    assert image.format == "JPEG" and image.size == (256, 256)
+    # The response's own fields, as the openai package reads them.
+    assert (response.output_format, response.quality, response.size, response.background) == (
+        "jpeg", "low", "256x256", "opaque")
+    # output_compression is the JPEG quality: the same image at 5 is far smaller.
+    rough = openai_client.images.generate(model="gpt-image-1", prompt="a green vase", size="256x256", quality="low",
+                                          output_format="jpeg", output_compression=5, extra_body={"seed": 12})
+    assert len(base64.b64decode(rough.data[0].b64_json)) < len(base64.b64decode(response.data[0].b64_json)) / 2
+    log = extras_server.log()
+    assert "openai request: 'a green vase', 256x256, 12 steps, seed 12" in log  # quality low: 12 steps
+    assert "accepted without effect on the image: moderation='low', safety_identifier='user-7'" in log
+    # A raw body as other clients send it: dall-e-3's fields, nulls for defaults, an explicit step count.
+    body = {"prompt": "a red door", "model": "dall-e-3", "quality": "hd", "style": "vivid", "size": "256x256",
+            "n": None, "response_format": "url", "output_format": "webp", "user": None, "num_inference_steps": 2,
+            "seed": 13}
+    answer = httpx.post(extras_server.url + "v1/images/generations", json=body, timeout=120)
+    assert answer.status_code == 200, answer.text
+    assert answer.json()["quality"] == "hd" and answer.json()["seeds"] == [13]
+    assert "openai request: 'a red door', 256x256, 2 steps, seed 13" in extras_server.log()  # the steps given win
+    file = httpx.get(answer.json()["data"][0]["url"])
+    assert file.headers["content-type"] == "image/webp" and Image.open(io.BytesIO(file.content)).format == "WEBP"
+    # size "auto" is the Space's default size; png is the default format.
+    auto = httpx.post(extras_server.url + "v1/images/generations", timeout=120,
+                      json={"prompt": "a wide field", "size": "auto", "num_inference_steps": 1, "seed": 14}).json()
+    image = Image.open(io.BytesIO(base64.b64decode(auto["data"][0]["b64_json"])))
+    assert (image.format, image.size, auto["size"], auto["output_format"]) == ("PNG", (1024, 1024), "1024x1024", "png")
 
 
 def test_openai_malformed_bodies(extras_server):
