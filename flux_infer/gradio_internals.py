@@ -3,8 +3,6 @@
 - `Blocks.temp_file_sets`: the sets of temporary files (results, previews) Gradio made for an app,
   which the server sweeps on its own timer (web.sweep_files: Gradio's own sweep dies under load);
 - `keep_in_cache` on a component: files Gradio must keep (cached examples);
-- the `x-gradio-user: mcp` header on the requests Gradio's MCP server makes through gradio_client,
-  which tells an MCP tool call from a page's;
 - `stop_event` on the mounted Gradio app: set, it ends the session heartbeat streams every page and
   gradio_client keeps open (they never end on their own, so a shutdown would wait out uvicorn's
   whole graceful timeout for them).
@@ -18,7 +16,6 @@ from __future__ import annotations
 
 # The Gradio releases these were read from and tested with (pyproject pins the same range).
 REQUIRED = ">=6.31,<6.32"
-MCP_USER_HEADER = ("x-gradio-user", "mcp")
 
 
 class GradioMismatch(RuntimeError):
@@ -40,7 +37,7 @@ def _refuse(missing: list[str]) -> None:
 
     if missing:
         raise GradioMismatch(f"this server needs gradio{REQUIRED}; gradio {gr.__version__} lacks {', '.join(missing)}: "
-                             f"pip install 'gradio[mcp]{REQUIRED}'")
+                             f"pip install 'gradio{REQUIRED}'")
 
 
 def _stop_events(app) -> list:
@@ -73,8 +70,3 @@ def kept_files(demo) -> set[str]:
     for block in demo.blocks.values():
         kept.update(getattr(block, "keep_in_cache", ()))
     return kept
-
-
-def is_mcp_call(request) -> bool:
-    """Whether a gr.Request came from Gradio's MCP server."""
-    return request is not None and request.headers.get(MCP_USER_HEADER[0]) == MCP_USER_HEADER[1]

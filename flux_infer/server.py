@@ -117,6 +117,11 @@ def build_app(service, demo, config: ServerConfig):
     from flux_infer import openai_api, web
 
     files = openai_api.ImageFiles(keep_seconds=config.keep_outputs)
+    mcp = None
+    if config.mcp:
+        from flux_infer.mcp_tool import build_mcp
+
+        mcp = build_mcp(service, host=config.host)
 
     def sweep(age):
         deleted = web.sweep_files(demo, age) + files.sweep(age)
@@ -137,7 +142,8 @@ def build_app(service, demo, config: ServerConfig):
 
         task = asyncio.create_task(sweep_forever(min(max(config.keep_outputs, 1.0), SWEEP_EVERY_S)))
         try:
-            yield
+            async with mcp.session_manager.run() if mcp else contextlib.nullcontext():
+                yield
         finally:
             task.cancel()
             sweep(None)
@@ -164,6 +170,10 @@ def build_app(service, demo, config: ServerConfig):
                                          aliases=config.model_aliases))
     app.add_exception_handler(openai_api.ApiError, openai_api.api_error_handler)
 
+    if mcp:
+        from flux_infer.mcp_tool import MOUNT_PATH
+
+        app.mount(MOUNT_PATH, mcp.streamable_http_app())  # before the page's mount at `/`
     app.add_middleware(BodyLimit, limits={"/v1/": openai_api.MAX_BODY_BYTES})
     # Gradio's queue holds nothing back and refuses nothing: every request reaches the handler at
     # once and waits in the service's one line, which admits, orders and refuses for every door.
@@ -173,7 +183,7 @@ def build_app(service, demo, config: ServerConfig):
     demo.queue(default_concurrency_limit=room + 1, max_size=None)
     app = gr.mount_gradio_app(
         app, demo, path="/", server_name=config.host, server_port=config.port,
-        auth=config.auth, mcp_server=config.mcp or None, css=CSS,
+        auth=config.auth, css=CSS,
         # Our own errors are gr.Error already; this lets Gradio's own checks (a raw HTTP call with
         # too few values, say) reach the caller as their message instead of a bare "error".
         show_error=True,

@@ -70,7 +70,6 @@ def make_handler(service: Service):
         guidance_scale=settings.GUIDANCE_SCALE.default,
         num_inference_steps=settings.NUM_INFERENCE_STEPS.default,
         progress=gr.Progress(),
-        http: gr.Request = None,
     ):
         """Generate an image with FLUX.1 [dev] from a text prompt.
 
@@ -86,7 +85,7 @@ def make_handler(service: Service):
         Returns:
             The image, and the seed it was made with.
         """
-        route = "mcp" if gradio_internals.is_mcp_call(http) else "gradio"
+        route = "gradio"
         try:
             request = build_request(prompt, seed=seed, randomize_seed=randomize_seed, width=width, height=height,
                                     guidance_scale=guidance_scale, num_inference_steps=num_inference_steps)
@@ -122,9 +121,6 @@ def make_handler(service: Service):
         finally:
             await steps.aclose()
 
-    # This module's annotations are strings (`from __future__ import annotations`) and `gr` is not a
-    # module global, so Gradio could not resolve this one: give it the class.
-    infer.__annotations__["http"] = gr.Request
     return infer
 
 

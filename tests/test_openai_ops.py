@@ -225,29 +225,44 @@ def test_gradio_temporary_files_are_deleted_after_keep_outputs(extras_server):
     assert not list(temp.rglob("*.png"))
 
 
-def test_mcp_client_lists_and_calls_the_infer_tool(extras_server):
+def test_mcp_client_gets_the_image_its_seed_and_progress(extras_server):
     from mcp import ClientSession
-    from mcp.client.streamable_http import streamablehttp_client
+    from mcp.client.streamable_http import streamable_http_client
+
+    progress = []
+
+    async def on_progress(done, total, message):
+        progress.append((done, total, message))
 
     async def session():
-        async with streamablehttp_client(extras_server.url + "gradio_api/mcp/") as (read, write, _):
+        async with streamable_http_client(extras_server.url + "gradio_api/mcp/") as (read, write, _):
             async with ClientSession(read, write) as mcp:
                 await mcp.initialize()
                 tools = (await mcp.list_tools()).tools
-                tool = next(t for t in tools if "infer" in t.name)
-                assert {"prompt", "seed", "width", "num_inference_steps"} <= set(tool.inputSchema["properties"])
-                result = await mcp.call_tool(tool.name, {"prompt": "an mcp robot", "seed": 9, "randomize_seed": False,
-                                                         "width": 256, "height": 256, "guidance_scale": 3.5,
-                                                         "num_inference_steps": 2})
-                return tool, result
+                result = await mcp.call_tool("infer", {"prompt": "an mcp robot", "seed": 9, "randomize_seed": False,
+                                                       "width": 256, "height": 320, "guidance_scale": 3.5,
+                                                       "num_inference_steps": 2}, progress_callback=on_progress)
+                bad = await mcp.call_tool("infer", {"prompt": "an mcp robot", "width": 100})
+                return tools, result, bad
 
-    tool, result = asyncio.run(session())
-    assert "FLUX.1 [dev]" in tool.description
+    tools, result, bad = asyncio.run(session())
+    assert [tool.name for tool in tools] == ["infer"] and "FLUX.1 [dev]" in tools[0].description
+    assert {"prompt", "seed", "randomize_seed", "width", "height", "guidance_scale",
+            "num_inference_steps"} == set(tools[0].inputSchema["properties"])
     assert not result.isError, result
-    kinds = {content.type for content in result.content}
-    assert "image" in kinds or any("9" in getattr(c, "text", "") for c in result.content), result.content
-    # Counted and logged as MCP, not as the page.
+    image, text = result.content
+    assert image.type == "image" and image.mimeType == "image/png"
+    assert Image.open(io.BytesIO(base64.b64decode(image.data))).size == (256, 320)
+    assert text.type == "text" and text.text == "seed 9, 256x320, 2 steps, guidance 3.5"
+    assert progress == [(1, 2, "denoising step 1 of 2"), (2, 2, "denoising step 2 of 2")]
+    # A bad value is a tool error that names the argument; the next call is served.
+    assert bad.isError and "width must be a number between 256 and 2048, got 100" in bad.content[0].text
+    # The same seed through /infer gives the same pixels; counted and logged as MCP, not as the page.
+    path, _ = extras_server.client().predict("an mcp robot", 9, False, 256, 320, 3.5, 2, api_name="/infer")
+    np.testing.assert_array_equal(np.asarray(Image.open(path).convert("RGB")),
+                                  np.asarray(Image.open(io.BytesIO(base64.b64decode(image.data))).convert("RGB")))
     assert sample(extras_server, "flux_requests_total", route="mcp", outcome="ok") == 1
+    assert sample(extras_server, "flux_requests_total", route="mcp", outcome="invalid") == 1
     assert "mcp request: 'an mcp robot'" in extras_server.log()
 
 

@@ -214,7 +214,7 @@ def test_a_gradio_without_the_internals_we_read_stops_the_server_at_start_up():
     changed = types.SimpleNamespace(blocks=demo.blocks)  # a release that renamed temp_file_sets
     with pytest.raises(gradio_internals.GradioMismatch,
                        match=r"this server needs gradio>=6\.31,<6\.32; gradio .* lacks Blocks.temp_file_sets: "
-                             r"pip install 'gradio\[mcp\]>=6\.31,<6\.32'"):
+                             r"pip install 'gradio>=6\.31,<6\.32'"):
         gradio_internals.check(changed)
     # Mounted, the app has the stop event that ends the page and gradio_client heartbeat streams.
     from fastapi import FastAPI
