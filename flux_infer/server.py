@@ -22,6 +22,14 @@ CSS = """
     margin: 0 auto;
     max-width: 520px;
 }
+/* Previews (latent: 1/8 of the image; TAEF1: up to 512 px) fill the result box at the final
+   image's aspect ratio, scaled by the browser, so the box keeps its size when the image arrives. */
+#result .image-frame, #result img {
+    width: 100%;
+    height: auto;
+    max-height: none;
+    object-fit: contain;
+}
 """
 
 

@@ -100,10 +100,25 @@ def set_slider(page, label: str, value: str) -> None:
 def test_prompt_enter_previews_then_the_image(page, ui_server):
     page.get_by_placeholder("Enter your prompt").fill("a lighthouse on a cliff")
     page.get_by_placeholder("Enter your prompt").press("Enter")
+    # A middle step (the fifth preview of 28): the preview fills the result box.
+    page.wait_for_function("""() => {
+        const src = document.querySelector('#result img')?.getAttribute('src');
+        if (src && src !== window.lastPreview) { window.lastPreview = src; window.previews = (window.previews || 0) + 1; }
+        return window.previews >= 5;
+    }""", timeout=300_000, polling=20)
+    middle = page.locator("#result img").first.bounding_box()
+    ARTIFACTS.mkdir(parents=True, exist_ok=True)
+    page.screenshot(path=str(ARTIFACTS / "preview-middle.png"))
     images, final = watch_result(page, ui_server, size=(1024, 1024))
     previews = [image for image in images if image.size == (128, 128)]  # latent previews: 1/8 size
     assert len(previews) >= 2, [image.size for image in images]
     assert final.size == (1024, 1024)
+    end = page.locator("#result img").first.bounding_box()
+    page.screenshot(path=str(ARTIFACTS / "preview-end.png"))
+    # Shown at the box's width (128 px scaled up), the preview takes the final image's place exactly:
+    # nothing jumps when the image arrives.
+    assert middle["width"] > 4 * 128 - 20 and (middle["width"], middle["height"]) == (end["width"], end["height"]), (
+        middle, end)
 
 
 def test_advanced_settings_seed_and_no_randomize(page, ui_server):
