@@ -265,11 +265,9 @@ class Run:
             try:
                 child = subprocess.run([sys.executable, __file__, "--one", json.dumps(spec)], capture_output=True,
                                        text=True, env={**os.environ, **(env or {})}, timeout=a.timeout)
-            except subprocess.TimeoutExpired as err:
-                child = subprocess.CompletedProcess(err.cmd, 124, err.stdout or "", (err.stderr or "") +
+            except subprocess.TimeoutExpired as err:  # its output is bytes, whatever text= said
+                child = subprocess.CompletedProcess(err.cmd, 124, _text(err.stdout), _text(err.stderr) +
                                                     f"\ntimed out after {a.timeout:.0f} s (--timeout)")
-                child.stdout = child.stdout.decode() if isinstance(child.stdout, bytes) else child.stdout
-                child.stderr = child.stderr.decode() if isinstance(child.stderr, bytes) else child.stderr
         wall = time.perf_counter() - began
         with open(self.out / "children.log", "a") as log:
             log.write(f"### {part} {name}: {flags}\n{child.stderr[-20000:]}\n")
@@ -295,6 +293,10 @@ class Run:
         if value is None or not self.eager:
             return ""
         return f"{value / self.eager['median_s']:.2f}"
+
+
+def _text(output) -> str:
+    return output.decode(errors="replace") if isinstance(output, bytes) else (output or "")
 
 
 def _gib(value) -> str:

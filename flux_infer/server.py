@@ -249,7 +249,10 @@ def serve(service, demo, config: ServerConfig) -> None:
             service.close()
             log.info("shutting down: draining %d running and %d waiting (a second signal stops now)",
                      service.scheduler.running, service.scheduler.waiting)
-            self.loop.call_soon_threadsafe(lambda: self.loop.create_task(self._drain()))
+            self.loop.call_soon_threadsafe(self._start_drain)
+
+        def _start_drain(self):
+            self.draining = self.loop.create_task(self._drain())  # held: the loop keeps tasks only weakly
 
         async def _drain(self):
             with contextlib.suppress(asyncio.TimeoutError):  # what is still running then is cut off

@@ -43,3 +43,17 @@ def test_a_measurement_that_cannot_run_is_written_down_and_the_run_goes_on(gpu_b
     assert "| model-offload | `--offload model` | could not run: " in report
     assert "--offload model moves weights between a GPU and the CPU: it needs a CUDA GPU" in report
     assert '"error"' in (tmp_path / "results.jsonl").read_text()
+
+
+def test_a_measurement_past_its_timeout_is_written_down_with_what_it_printed(gpu_bench, tmp_path, monkeypatch):
+    import subprocess
+
+    def hangs(command, **kwargs):  # what subprocess.run raises: the output so far, as bytes
+        raise subprocess.TimeoutExpired(command, kwargs["timeout"], output=b"", stderr=b"building the pipeline\n")
+
+    monkeypatch.setattr(gpu_bench.subprocess, "run", hangs)
+    args = argparse.Namespace(out=tmp_path, model="random", device=None, size=1024, steps=28, runs=3, timeout=240)
+    assert gpu_bench.Run(args).measure("compile", "fp8-compile", "--quantize fp8 --compile") is None
+    assert "| fp8-compile | `--quantize fp8 --compile` | could not run: timed out after 240 s (--timeout) |" in (
+        tmp_path / "results.md").read_text()
+    assert "building the pipeline" in (tmp_path / "children.log").read_text()
