@@ -15,7 +15,7 @@ import logging
 
 from flux_infer import settings
 from flux_infer.images import encode
-from flux_infer.inference import InvalidRequest, build_request
+from flux_infer.inference import InvalidRequest
 from flux_infer.previews import Step
 from flux_infer.service import Busy, new_request_id
 
@@ -49,13 +49,10 @@ def build_mcp(service, *, host: str):
                     guidance_scale: float = settings.GUIDANCE_SCALE.default,
                     num_inference_steps: int = int(settings.NUM_INFERENCE_STEPS.default)) -> list:
         try:
-            request = build_request(prompt, seed=seed, randomize_seed=randomize_seed, width=width, height=height,
-                                    guidance_scale=guidance_scale, num_inference_steps=num_inference_steps)
-            ticket = service.admit("mcp")
-        except InvalidRequest as err:
-            service.count_rejected("mcp", "invalid")
-            raise ToolError(str(err)) from None
-        except Busy as err:  # counted by admit()
+            request, ticket = service.admit_request(
+                "mcp", prompt=prompt, seed=seed, randomize_seed=randomize_seed, width=width, height=height,
+                guidance_scale=guidance_scale, num_inference_steps=num_inference_steps)
+        except (InvalidRequest, Busy) as err:  # counted by admit_request()
             raise ToolError(str(err)) from None
         result = None
         steps = service.stream(ticket, request, request_id=new_request_id())
@@ -65,8 +62,6 @@ def build_mcp(service, *, host: str):
                     await ctx.report_progress(item.index, item.total, f"denoising step {item.index} of {item.total}")
                 else:
                     result = item
-        except ToolError:
-            raise
         except Exception as err:  # the log has the details, the client one line
             log.warning("mcp generation failed: %s: %s", type(err).__name__, err)
             raise ToolError(f"generation failed: {err}") from None

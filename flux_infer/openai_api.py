@@ -5,11 +5,11 @@ same validation (`build_request`) and the same line and `Service.run()` as `/inf
 gives the same image through either door. Honoured: `prompt`, `n`, `size` ("auto": the Space's
 1024x1024), `quality` (as steps, QUALITY_STEPS), `response_format`, `output_format` and
 `output_compression`, `background` "auto"/"opaque", `model` (FLUX.1-dev's ids and the server's
-`--model-alias` names). Accepted without effect, and logged: `style`, `moderation`, `user`,
-`partial_images`. Refused with a 400 in OpenAI's error shape (`ApiError`, turned into a response
-by the one handler `build_app` registers) that names the field: what cannot be honoured
-(`background: "transparent"`, `stream: true`), values out of range, and fields the API does not
-have. Extensions in the body: `seed`, `guidance_scale`, `num_inference_steps` (it wins over
+`--model-alias` names). Accepted without effect, and logged: the fields in NO_EFFECT (`style`,
+`moderation`, `user`, ...). Refused with a 400 in OpenAI's error shape (`ApiError`, turned into a
+response by the one handler `build_app` registers) that names the field: what cannot be honoured
+(`background: "transparent"`, `output_format` gif/svg, `stream: true`), values out of range, and
+fields the API does not have. Extensions in the body: `seed`, `guidance_scale`, `num_inference_steps` (it wins over
 `quality`); the response carries the seed of each image. The API key is a dependency of every route.
 """
 
@@ -345,9 +345,9 @@ def router(service: Service, *, api_key: str | None = None, files: ImageFiles | 
         except ApiError:
             service.count_rejected("openai", "invalid")
             raise
-        if body.without_effect():
+        if ignored := body.without_effect():
             log.info("accepted without effect on the image: %s",
-                     ", ".join(f"{name}={value!r}" for name, value in body.without_effect().items()))
+                     ", ".join(f"{name}={value!r}" for name, value in ignored.items()))
         try:
             ticket = service.admit("openai")
         except Busy as err:  # counted by admit()

@@ -19,7 +19,7 @@ from dataclasses import asdict
 from pathlib import Path
 
 from flux_infer import settings
-from flux_infer.inference import GenerationCancelled, InvalidRequest, stream_run
+from flux_infer.inference import GenerationCancelled, InvalidRequest, build_request, stream_run
 from flux_infer.scheduler import Busy, Scheduler, Ticket
 
 log = logging.getLogger(__name__)
@@ -104,6 +104,16 @@ class Service:
         except Busy:
             self.count_rejected(route, "busy")
             raise
+
+    def admit_request(self, route: str, **arguments):
+        """The Space's arguments (build_request's) validated, and a place in line for them:
+        (request, ticket); InvalidRequest or Busy, each counted, otherwise. On the event loop."""
+        try:
+            request = build_request(**arguments)
+        except InvalidRequest:
+            self.count_rejected(route, "invalid")
+            raise
+        return request, self.admit(route)
 
     async def wait_turn(self, ticket: Ticket, on_position=None) -> None:
         """Wait in line (see Scheduler.turn); the wait is measured per route."""

@@ -2,9 +2,10 @@
 
 The layout, labels, ranges and defaults are the Space's, so `gradio_client` scripts written for
 `black-forest-labs/FLUX.1-dev` run unchanged against this server. The handler only translates:
-raw values in, `build_request()` and `Service.run()`, previews and the final (image, seed) out,
-core errors to `gr.Error`. Below the Space's layout the page keeps a gallery of the session's
-recent images (a private event: the API still has the one endpoint).
+raw values in, `Service.admit_request()` (build_request, the line) and `Service.stream()`,
+previews and the final (image, seed) out, core errors to `gr.Error`. Below the Space's layout the
+page keeps a gallery of the session's recent images (a private event: the API still has the one
+endpoint).
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ import os
 import time
 
 from flux_infer import gradio_internals, settings
-from flux_infer.inference import GenerationFailed, InvalidRequest, build_request
+from flux_infer.inference import GenerationFailed, InvalidRequest
 from flux_infer.previews import Step
 from flux_infer.service import Busy, Service, new_request_id
 
@@ -85,15 +86,11 @@ def make_handler(service: Service):
         Returns:
             The image, and the seed it was made with.
         """
-        route = "gradio"
         try:
-            request = build_request(prompt, seed=seed, randomize_seed=randomize_seed, width=width, height=height,
-                                    guidance_scale=guidance_scale, num_inference_steps=num_inference_steps)
-            ticket = service.admit(route)
-        except InvalidRequest as err:
-            service.count_rejected(route, "invalid")
-            raise _gradio_error(err) from None
-        except Busy as err:  # counted by admit()
+            request, ticket = service.admit_request(
+                "gradio", prompt=prompt, seed=seed, randomize_seed=randomize_seed, width=width, height=height,
+                guidance_scale=guidance_scale, num_inference_steps=num_inference_steps)
+        except (InvalidRequest, Busy) as err:  # counted by admit_request()
             raise _gradio_error(err) from None
 
         def in_line(ahead: int) -> None:
