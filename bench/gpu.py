@@ -186,7 +186,7 @@ def measure_one(flags: str, *, model: str, device: str | None, size: int, steps:
     cuda = torch.cuda.is_available() and device != "cpu"
     sync = torch.cuda.synchronize if cuda else (lambda: None)
     began = time.perf_counter()
-    pipeline, _, placement, runtime = load_pipeline(model, device=device, options=options)
+    pipeline, _, placement, runtime, _ = load_pipeline(model, device=device, options=options)
     sync()
     build_s = time.perf_counter() - began
     inference = FluxInference(pipeline, runtime=runtime)

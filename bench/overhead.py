@@ -53,7 +53,7 @@ def main() -> None:
         client = Client(server.url, verbose=False)
         plain_client = Client(plain.url, verbose=False)
         # The same loader and device choice as the server.
-        pipe, _, placement, _ = load_pipeline(str(model))
+        pipe, _, placement, _, _ = load_pipeline(str(model))
         pipe.set_progress_bar_config(disable=True)
 
         def direct(seed: int) -> None:

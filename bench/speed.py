@@ -65,7 +65,7 @@ def main() -> None:
     for name in names:
         flags = VARIANTS[name] + (" --compile" if args.compile_all and name != "eager" else "")
         options = options_for(flags)
-        pipeline, _, placement, runtime = load_pipeline(model, options=options)
+        pipeline, _, placement, runtime, _ = load_pipeline(model, options=options)
         inferences[name] = FluxInference(pipeline, runtime=runtime)
         if options.compile:
             inferences[name].warm_up(((args.size, args.size),), *options.warm_up_runs())

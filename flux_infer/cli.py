@@ -35,7 +35,17 @@ def _add_model_flags(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--lora", action="append", default=[], type=parse_lora, metavar="PATH[:SCALE]",
                         help="a LoRA .safetensors to fuse into the model at start-up, at SCALE (default 1); "
-                        "repeatable")
+                        "repeatable. For `generate` with --lora-dir: NAME[:SCALE], a LoRA of that folder "
+                        "used for the image")
+    loras = parser.add_argument_group("LoRAs chosen per request")
+    loras.add_argument("--lora-dir", type=Path, default=None, metavar="DIR",
+                       help="the LoRA .safetensors files requests may name (re-read when it changes; nothing "
+                       "outside it is read) (default: none)")
+    loras.add_argument("--lora-cache", type=int, default=settings.DEFAULT_LORA_CACHE, metavar="N",
+                       help="LoRAs kept loaded; the least recently used is dropped (default: %(default)s)")
+    loras.add_argument("--lora-rank", type=int, default=settings.DEFAULT_LORA_RANK, metavar="R",
+                       help="with --compile: the largest LoRA rank that can be switched in without a recompile "
+                       "(default: %(default)s)")
     parser.add_argument("--device", default=None, help="cuda, mps or cpu (default: cuda when available)")
     parser.add_argument(
         "--dtype", default=None, help="bfloat16, float16 or float32 (default: bfloat16 on a GPU, float32 on CPU)"
@@ -183,11 +193,28 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _lora_folder(args):
+    from flux_infer.loras import LoraFolder
+
+    if args.lora_dir is None:
+        return None
+    if args.lora_cache < settings.MAX_LORAS:
+        raise ValueError(f"--lora-cache must be at least {settings.MAX_LORAS} (the LoRAs one image may use), "
+                         f"got {args.lora_cache}")
+    if args.lora_rank < 1:
+        raise ValueError(f"--lora-rank must be at least 1, got {args.lora_rank}")
+    folder = LoraFolder(str(args.lora_dir), cache=args.lora_cache, rank=args.lora_rank)
+    folder.library()  # the folder exists
+    return folder
+
+
 def _spec(args, *, preview: str = "none", preview_every: int = 1, taef1: str | None = None):
     from flux_infer.loading import InferenceSpec
 
+    # `generate --lora-dir D --lora NAME`: the LoRA is the request's, not fused at start-up.
+    fused = () if args.command == "generate" and args.lora_dir is not None else tuple(args.lora)
     return InferenceSpec(model=args.model, base_model=args.base_model, device=args.device, dtype=args.dtype,
-                         options=_options(args), loras=tuple(args.lora), preview=preview,
+                         options=_options(args), loras=fused, lora_folder=_lora_folder(args), preview=preview,
                          preview_every=preview_every, taef1=taef1, progress_bar=args.command == "generate")
 
 
@@ -212,6 +239,7 @@ def _serve(args) -> int:
                           api_key=args.api_key, mcp=args.mcp, keep_outputs=args.keep_outputs,
                           model_aliases=tuple(args.model_alias))
     preview = dict(preview=args.preview, preview_every=args.preview_every, taef1=args.taef1)
+    folder = _lora_folder(args)
     if args.replicas is None and args.min_replicas is None and args.max_replicas is None and args.ray_address is None:
         inference, concurrency = _load(args, **preview), 1
     else:
@@ -226,15 +254,18 @@ def _serve(args) -> int:
         cluster.check()  # before the model or Ray is touched
         inference, concurrency = start(_spec(args, **preview), cluster), cluster.most_replicas
     service = Service(inference, max_queue=args.max_queue, output_dir=args.output_dir, log_prompts=args.log_prompts,
-                      concurrency=concurrency)
+                      concurrency=concurrency, loras=folder.library() if folder is not None else None)
     demo = build_demo(service, image_format=args.image_format)
     serve(service, demo, config)
     return 0
 
 
 def _generate(args) -> int:
+    from dataclasses import replace
+
     from flux_infer.images import SUFFIX_FORMATS, save_image
     from flux_infer.inference import build_request
+    from flux_infer.loras import parse_loras
 
     # Validated before the (slow) load, so a typo costs nothing.
     request = build_request(
@@ -246,6 +277,10 @@ def _generate(args) -> int:
         guidance_scale=args.guidance,
         num_inference_steps=args.steps,
     )
+    if args.lora_dir is not None:
+        folder = _lora_folder(args)
+        request = replace(request, loras=parse_loras([f"{name}:{scale}" for name, scale in args.lora],
+                                                     folder.library()))
     if args.output.suffix.lower() not in SUFFIX_FORMATS:
         raise ValueError(f"-o must end in {' or '.join(SUFFIX_FORMATS)}, got {args.output.name}")
     result = _load(args).run(request)

@@ -85,7 +85,7 @@ def _make_deployment():
             from flux_infer.inference import stream_run
 
             log.info("replica %s (pid %d) starting seed %d", self.replica, os.getpid(), request["seed"])
-            steps = stream_run(self.inference.run, GenerationRequest(**request))
+            steps = stream_run(self.inference.run, GenerationRequest.from_dict(request))
             try:
                 async for item in steps:
                     if isinstance(item, GenerationResult):

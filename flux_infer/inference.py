@@ -35,6 +35,14 @@ class GenerationCancelled(Exception):
 
 
 @dataclass(frozen=True)
+class LoraChoice:
+    """A LoRA of the server's --lora-dir (by name) and the scale one request uses it at."""
+
+    name: str
+    scale: float
+
+
+@dataclass(frozen=True)
 class GenerationRequest:
     """A validated request. `seed` is the seed that will be used (already drawn if randomized)."""
 
@@ -44,13 +52,21 @@ class GenerationRequest:
     height: int
     guidance_scale: float
     num_inference_steps: int
+    # Per-request LoRAs, from --lora-dir (see flux_infer.loras); () for the base model.
+    loras: tuple[LoraChoice, ...] = ()
+
+    @classmethod
+    def from_dict(cls, fields: dict) -> GenerationRequest:
+        """The inverse of dataclasses.asdict() (how a request travels to a Ray Serve replica)."""
+        return cls(**{**fields, "loras": tuple(LoraChoice(**lora) for lora in fields.get("loras", ()))})
 
     def parameters_text(self) -> str:
         """The generation settings in the common `parameters` PNG-chunk layout."""
+        loras = "".join(f", Lora: {lora.name}:{lora.scale:g}" for lora in self.loras)
         return (
             f"{self.prompt}\nSteps: {self.num_inference_steps}, Sampler: FlowMatchEuler, "
             f"Guidance: {self.guidance_scale}, Seed: {self.seed}, Size: {self.width}x{self.height}, "
-            "Model: FLUX.1-dev"
+            f"Model: FLUX.1-dev{loras}"
         )
 
 
@@ -164,13 +180,15 @@ class FluxInference:
     runs; the lock only keeps two callers in one process (a script, the warm-up) from sharing the
     pipeline at once."""
 
-    def __init__(self, pipeline, *, runtime=None, preview=None, preview_every: int = 1, progress_bar: bool = False):
+    def __init__(self, pipeline, *, runtime=None, preview=None, preview_every: int = 1, progress_bar: bool = False,
+                 adapters=None):
         if preview_every < 1:
             raise ValueError(f"preview_every must be at least 1, got {preview_every}")
         self.pipeline = pipeline
         self.runtime = runtime  # a flux_infer.tuning.Runtime: per-request tiling, cache counting
         self.preview = preview  # a flux_infer.previews decoder, or None
         self.preview_every = preview_every
+        self.adapters = adapters  # a flux_infer.loras.LoraAdapters (--lora-dir), or None
         self.pipeline.set_progress_bar_config(disable=not progress_bar)
         self._lock = threading.Lock()
 
@@ -216,6 +234,10 @@ class FluxInference:
         with self._lock:
             if cancel is not None and cancel.is_set():
                 raise GenerationCancelled("cancelled before it started")
+            if request.loras and self.adapters is None:
+                raise InvalidRequest("loras: this server has no LoRA folder; start it with --lora-dir DIR")
+            if self.adapters is not None:
+                self.adapters.use(request.loras)
             if self.runtime is not None:
                 self.runtime.before(request)
             try:

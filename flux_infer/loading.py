@@ -259,6 +259,7 @@ class Loaded(NamedTuple):
     source: ModelSource
     placement: Placement
     runtime: object  # flux_infer.tuning.Runtime
+    adapters: object  # flux_infer.loras.LoraAdapters with a LoRA folder, else None
 
 
 def load_pipeline(
@@ -269,12 +270,14 @@ def load_pipeline(
     dtype: str | None = None,
     options=None,
     loras: tuple[tuple[str, float], ...] = (),
+    lora_folder=None,
 ) -> Loaded:
     """Load a FluxPipeline from `model` (see the module docstring) and apply `options`.
 
     `options` (flux_infer.tuning.Options, default: its defaults) choose quantization at load time,
     then placement or offloading, attention, cache and compilation. `loras` ((path, scale), ...) are
-    fused into the weights before any of that. Raises ModelLoadError,
+    fused into the weights before any of that. `lora_folder` (flux_infer.loras.LoraFolder) sets up the
+    per-request LoRAs, hot-swap slots included, before compiling. Raises ModelLoadError,
     DeviceError or tuning.OptionError with a message that says what to do.
     """
     from flux_infer import tuning
@@ -301,9 +304,7 @@ def load_pipeline(
         from flux_infer.random_weights import build_pipeline
 
         pipeline = build_pipeline(source.location, placement=placement, plan=plan, gpu_memory_gib=options.gpu_memory)
-        apply_loras(pipeline, loras)
-        runtime = tuning.Runtime(pipeline, options, plan, placement.device).apply(placement)
-        return Loaded(pipeline, source, placement, runtime)
+        return _finish(pipeline, source, placement, plan, options, loras, lora_folder)
     components = {}
     if source.kind == "single_file":
         if gguf:
@@ -328,9 +329,17 @@ def load_pipeline(
                                                 quantization_config=quantization, **components)
     except (OSError, ValueError) as err:
         raise ModelLoadError(f"could not load a FluxPipeline from {folder}: {err}. {settings.DOWNLOAD_HINT}") from None
+    return _finish(pipeline, source, placement, plan, options, loras, lora_folder)
+
+
+def _finish(pipeline, source, placement, plan, options, loras, lora_folder) -> Loaded:
+    """Fuse the start-up LoRAs, set up the per-request ones, then tune (compile last)."""
+    from flux_infer import tuning
+
     apply_loras(pipeline, loras)
+    adapters = lora_folder.adapters(pipeline, compiled=options.compile) if lora_folder is not None else None
     runtime = tuning.Runtime(pipeline, options, plan, placement.device).apply(placement)
-    return Loaded(pipeline, source, placement, runtime)
+    return Loaded(pipeline, source, placement, runtime, adapters)
 
 
 @dataclass(frozen=True)
@@ -344,6 +353,7 @@ class InferenceSpec:
     dtype: str | None = None
     options: object = None  # flux_infer.tuning.Options
     loras: tuple[tuple[str, float], ...] = ()
+    lora_folder: object = None  # flux_infer.loras.LoraFolder (--lora-dir)
     preview: str = "none"
     preview_every: int = 1
     taef1: str | None = None
@@ -357,11 +367,12 @@ def load_inference(spec: InferenceSpec):
     from flux_infer.previews import load_preview_decoder
 
     options = spec.options or tuning.Options()
-    pipeline, _, placement, runtime = load_pipeline(spec.model, base_model=spec.base_model, device=spec.device,
-                                                    dtype=spec.dtype, options=options, loras=spec.loras)
+    pipeline, _, placement, runtime, adapters = load_pipeline(
+        spec.model, base_model=spec.base_model, device=spec.device, dtype=spec.dtype, options=options,
+        loras=spec.loras, lora_folder=spec.lora_folder)
     decoder = load_preview_decoder(spec.preview, taef1=spec.taef1, device=placement.device, dtype=placement.dtype)
     inference = FluxInference(pipeline, runtime=runtime, preview=decoder, preview_every=spec.preview_every,
-                              progress_bar=spec.progress_bar)
+                              progress_bar=spec.progress_bar, adapters=adapters)
     if options.compile:
         inference.warm_up(options.compile_sizes, *options.warm_up_runs())
     return inference

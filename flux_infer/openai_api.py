@@ -10,7 +10,8 @@ gives the same image through either door. Honoured: `prompt`, `n`, `size` ("auto
 response by the one handler `build_app` registers) that names the field: what cannot be honoured
 (`background: "transparent"`, `output_format` gif/svg, `stream: true`), values out of range, and
 fields the API does not have. Extensions in the body: `seed`, `guidance_scale`, `num_inference_steps` (it wins over
-`quality`); the response carries the seed of each image. The API key is a dependency of every route.
+`quality`), `loras` ([{"name", "scale"}] from `--lora-dir`, listed by `GET /v1/loras`); the response
+carries the seed of each image. The API key is a dependency of every route.
 """
 
 # No `from __future__ import annotations`: FastAPI reads the route functions' annotations, and
@@ -98,6 +99,7 @@ class ImageRequest(BaseModel):
     seed: Any = None
     guidance_scale: Any = settings.GUIDANCE_SCALE.default
     num_inference_steps: Any = None  # default: `quality`'s steps
+    loras: Any = None  # [{"name": ..., "scale": ...}] from the server's --lora-dir
 
     @model_validator(mode="before")
     @classmethod
@@ -176,16 +178,20 @@ class ImageRequest(BaseModel):
         """The fields sent that change nothing in a FLUX image."""
         return {name: getattr(self, name) for name in NO_EFFECT if name in self.model_fields_set}
 
-    def generation_requests(self) -> list:
-        """The n validated GenerationRequests: seed, seed + 1, ... or a fresh random seed each."""
+    def generation_requests(self, service: Service) -> list:
+        """The n validated GenerationRequests: seed, seed + 1, ... or a fresh random seed each, with
+        the LoRAs chosen from the service's --lora-dir."""
         width, height = self.dimensions
         try:
             base = build_request(self.prompt, seed=0 if self.seed is None else self.seed, randomize_seed=False,
                                  width=width, height=height, guidance_scale=self.guidance_scale,
                                  num_inference_steps=self.steps)
+            base = replace(base, loras=service.choose_loras(self.loras))
         except InvalidRequest as err:
-            param = str(err).split(" ", 1)[0]
-            raise ApiError(400, str(err), param=param if param in FIELDS else None) from None
+            param = str(err).split(" ", 1)[0].rstrip(":")
+            if param not in FIELDS:
+                param = "loras" if "LoRA" in str(err) else None
+            raise ApiError(400, str(err), param=param) from None
         # Image i gets seed + i (wrapping in the Space's range), or a fresh random seed each.
         seeds = [draw_seed() if self.seed is None else (base.seed + index) % (settings.MAX_SEED + 1)
                  for index in range(self.n)]
@@ -329,6 +335,15 @@ def router(service: Service, *, api_key: str | None = None, files: ImageFiles | 
         return {"object": "list", "data": [{"id": name, "object": "model", "created": created,
                                             "owned_by": "black-forest-labs"} for name in served]}
 
+    @routes.get("/v1/loras")
+    async def loras():
+        """The LoRAs a request may name in `loras`, with their rank and the layers they touch."""
+        library = service.loras
+        if library is None:
+            return {"object": "list", "data": [], "lora_dir": None}
+        listed = await run_in_threadpool(library.describe)  # reads file headers
+        return {"object": "list", "data": listed, "lora_dir": str(library.folder)}
+
     @routes.post("/v1/images/generations")
     async def generations(request: Request):
         request_id = request.headers.get("x-request-id") or new_request_id()
@@ -341,7 +356,7 @@ def router(service: Service, *, api_key: str | None = None, files: ImageFiles | 
     async def generate_images(request: Request, request_id: str):
         try:
             body = parse_body(await request.body(), served)
-            generation_requests = body.generation_requests()
+            generation_requests = body.generation_requests(service)
         except ApiError:
             service.count_rejected("openai", "invalid")
             raise

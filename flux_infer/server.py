@@ -30,6 +30,7 @@ CSS = """
     max-height: none;
     object-fit: contain;
 }
+#steps { min-height: 1.5em; text-align: center; }
 """
 
 

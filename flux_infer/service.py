@@ -15,7 +15,7 @@ import json
 import logging
 import time
 import uuid
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 
 from flux_infer import settings
@@ -75,8 +75,9 @@ class Metrics:
 
 class Service:
     def __init__(self, inference, *, max_queue: int = settings.DEFAULT_MAX_QUEUE,
-                 output_dir: Path | None = None, log_prompts: bool = True, concurrency: int = 1):
+                 output_dir: Path | None = None, log_prompts: bool = True, concurrency: int = 1, loras=None):
         self.inference = inference  # a flux_infer.inference.Backend
+        self.loras = loras  # the flux_infer.loras.LoraLibrary requests may choose from (--lora-dir), or None
         self.concurrency = concurrency  # generations at once: 1, or the Ray Serve replicas
         self.max_queue = max_queue
         self.output_dir = Path(output_dir) if output_dir else None
@@ -105,15 +106,22 @@ class Service:
             self.count_rejected(route, "busy")
             raise
 
-    def admit_request(self, route: str, **arguments):
-        """The Space's arguments (build_request's) validated, and a place in line for them:
-        (request, ticket); InvalidRequest or Busy, each counted, otherwise. On the event loop."""
+    def admit_request(self, route: str, *, loras=None, **arguments):
+        """The Space's arguments (build_request's) and the request's LoRAs validated, and a place in
+        line for them: (request, ticket); InvalidRequest or Busy, each counted, otherwise. On the
+        event loop."""
         try:
-            request = build_request(**arguments)
+            request = replace(build_request(**arguments), loras=self.choose_loras(loras))
         except InvalidRequest:
             self.count_rejected(route, "invalid")
             raise
         return request, self.admit(route)
+
+    def choose_loras(self, loras):
+        """A request's LoRAs (see flux_infer.loras.parse_loras) validated against --lora-dir."""
+        from flux_infer.loras import parse_loras
+
+        return parse_loras(loras, self.loras)
 
     async def wait_turn(self, ticket: Ticket, on_position=None) -> None:
         """Wait in line (see Scheduler.turn); the wait is measured per route."""
@@ -145,8 +153,9 @@ class Service:
         token = REQUEST_ID.set(request_id or new_request_id())
         try:
             prompt = request.prompt if self.log_prompts else f"<{len(request.prompt)} characters>"
-            log.info("%s request: %r, %dx%d, %d steps, seed %d", route, prompt, request.width, request.height,
-                     request.num_inference_steps, request.seed)
+            log.info("%s request: %r, %dx%d, %d steps, seed %d%s", route, prompt, request.width, request.height,
+                     request.num_inference_steps, request.seed,
+                     "".join(f", LoRA {lora.name}:{lora.scale:g}" for lora in request.loras))
             try:
                 result = self.inference.run(request, on_step=on_step, cancel=cancel)
             except GenerationCancelled:

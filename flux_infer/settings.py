@@ -38,6 +38,13 @@ GUIDANCE_SCALE = Range(minimum=1, maximum=15, step=0.1, default=3.5)
 NUM_INFERENCE_STEPS = Range(minimum=1, maximum=50, step=1, default=28)
 RANDOMIZE_SEED_DEFAULT = True
 
+# Per-request LoRAs from --lora-dir: the scale each may have, how many one image may use, how many
+# are kept loaded (--lora-cache), and the rank the --compile hot-swap slots are padded to (--lora-rank).
+LORA_SCALE = Range(minimum=-2, maximum=2, step=0.05, default=1.0)
+MAX_LORAS = 4
+DEFAULT_LORA_CACHE = 8
+DEFAULT_LORA_RANK = 64
+
 # FLUX packs 2x2 latent patches and its VAE downsamples 8x, so pixel sizes must be multiples of 16.
 # FluxPipeline floors other sizes (with a warning); infer() floors them first, so the size it
 # reports is the size it made.
@@ -82,6 +89,8 @@ DEFAULT_MAX_QUEUE = 16
 DEFAULT_KEEP_OUTPUTS_S = 3600
 # Recent images shown in the page's gallery, per browser session.
 HISTORY_SIZE = 12
+# How often the page asks which step its running request is at (seconds).
+STEP_LINE_EVERY_S = 0.5
 IMAGE_FORMATS = ("png", "webp")
 DEFAULT_IMAGE_FORMAT = "png"
 

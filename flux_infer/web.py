@@ -8,7 +8,8 @@ page keeps a gallery of the session's recent images (a private event: the API st
 endpoint).
 """
 
-from __future__ import annotations
+# No `from __future__ import annotations`: Gradio finds the `gr.Request` parameters of the handlers
+# by their evaluated annotations, and `gr` is imported inside the functions that define them.
 
 import asyncio
 import logging
@@ -47,7 +48,29 @@ def _gradio_error(err: Exception):
                     title="Generation failed")
 
 
-def make_handler(service: Service):
+class PerSession:
+    """A value per browser session (Gradio's session hash), beside the `/infer` event rather than in
+    it, so `/infer` keeps the Space's parameters and outputs exactly: the step line the page shows
+    while a request runs, and the LoRAs picked on the page. Private events write and read it; a
+    session's values go when its page closes."""
+
+    def __init__(self, default=None):
+        self.default = default
+        self._values: dict[str, object] = {}
+
+    def set(self, session: str | None, value) -> None:
+        if session:
+            self._values[session] = value
+
+    def clear(self, session: str | None) -> None:
+        if session:
+            self._values.pop(session, None)
+
+    def get(self, session: str | None):
+        return self._values.get(session, self.default) if session else self.default
+
+
+def make_handler(service: Service, steps_shown: PerSession | None = None, loras_picked: PerSession | None = None):
     """The function behind `/infer`, with the Space's signature, streaming (image, seed).
 
     Like the Space's, it yields a preview after each denoising step (every `preview_every`), then
@@ -55,7 +78,8 @@ def make_handler(service: Service):
     It waits in the service's one line (Gradio's queue holds nothing back: see build_app), showing
     its place in line as progress. The pipeline runs in a worker thread; when the caller cancels
     or goes away, Gradio cancels this generator: a request still waiting leaves the line, a
-    running one stops at the end of its current step.
+    running one stops at the end of its current step. Where it was called from the page, it uses the
+    session's `loras_picked` and tells `steps_shown` which step it is on (shown under the image).
 
     Its own defaults are the Space's infer() defaults (seed 42, fixed), which the lazily cached
     examples use; API callers get the components' defaults instead (seed 0, randomized).
@@ -71,6 +95,7 @@ def make_handler(service: Service):
         guidance_scale=settings.GUIDANCE_SCALE.default,
         num_inference_steps=settings.NUM_INFERENCE_STEPS.default,
         progress=gr.Progress(),
+        caller: gr.Request = None,
     ):
         """Generate an image with FLUX.1 [dev] from a text prompt.
 
@@ -86,21 +111,27 @@ def make_handler(service: Service):
         Returns:
             The image, and the seed it was made with.
         """
+        session = getattr(caller, "session_hash", None)
         try:
             request, ticket = service.admit_request(
                 "gradio", prompt=prompt, seed=seed, randomize_seed=randomize_seed, width=width, height=height,
-                guidance_scale=guidance_scale, num_inference_steps=num_inference_steps)
+                guidance_scale=guidance_scale, num_inference_steps=num_inference_steps,
+                loras=loras_picked.get(session) if loras_picked is not None else None)
         except (InvalidRequest, Busy) as err:  # counted by admit_request()
             raise _gradio_error(err) from None
 
+        shown = steps_shown or PerSession()
+
         def in_line(ahead: int) -> None:
             progress(0, desc=f"Waiting in line: {ahead} ahead")
+            shown.set(session, f"Waiting in line: {ahead} ahead")
 
         steps = service.stream(ticket, request, request_id=new_request_id(), on_position=in_line)
         try:
             async for item in steps:
                 if isinstance(item, Step):
                     progress((item.index, item.total), desc="Denoising", unit="steps")
+                    shown.set(session, f"Step {item.index} of {item.total}")
                     if item.preview is not None:
                         yield item.preview.image(), request.seed
                 else:
@@ -116,6 +147,7 @@ def make_handler(service: Service):
         except Exception as err:
             raise _gradio_error(err) from None
         finally:
+            shown.clear(session)
             await steps.aclose()
 
     return infer
@@ -161,13 +193,26 @@ def sweep_files(demo, age: float | None) -> int:
     return deleted
 
 
+def _lora_picker(service: Service):
+    """The LoRAs of --lora-dir for this browser session's images, and the scale they are used at."""
+    import gradio as gr
+
+    with gr.Accordion("LoRAs", open=False):
+        names = gr.Dropdown(choices=service.loras.names(), multiselect=True, max_choices=settings.MAX_LORAS,
+                            label="LoRAs", info=f"the .safetensors files in the server's {service.loras.folder.name}/",
+                            elem_id="loras")
+        scale = _slider("LoRA scale", settings.LORA_SCALE)
+    return names, scale
+
+
 def build_demo(service: Service, *, image_format: str = settings.DEFAULT_IMAGE_FORMAT):
     """The Space's Blocks page wired to `service`; nothing is launched (nor swept: see sweep_files)."""
     import gradio as gr
 
     if image_format not in settings.IMAGE_FORMATS:
         raise ValueError(f"image_format must be one of {', '.join(settings.IMAGE_FORMATS)}, got {image_format!r}")
-    infer = make_handler(service)
+    steps_shown, loras_picked = PerSession(default=""), PerSession()
+    infer = make_handler(service, steps_shown, loras_picked)
 
     with gr.Blocks(title="FLUX.1 [dev]") as demo:
         with gr.Column(elem_id="col-container"):
@@ -179,6 +224,10 @@ def build_demo(service: Service, *, image_format: str = settings.DEFAULT_IMAGE_F
                 run_button = gr.Button("Run", scale=0)
             result = gr.Image(label="Result", show_label=False, format=image_format, elem_id="result",
                               interactive=False, type="filepath")  # as the gallery's input: its file
+            # Which step the previews are at. Gradio's progress text is hidden once a generator has
+            # yielded, so a timer polls it while a request runs (private events, not in the API).
+            step_line = gr.Markdown("", elem_id="steps")
+            step_timer = gr.Timer(settings.STEP_LINE_EVERY_S, active=False)
             with gr.Accordion("Advanced Settings", open=False):
                 seed = _slider("Seed", settings.SEED)
                 randomize_seed = gr.Checkbox(label="Randomize seed", value=settings.RANDOMIZE_SEED_DEFAULT)
@@ -188,6 +237,8 @@ def build_demo(service: Service, *, image_format: str = settings.DEFAULT_IMAGE_F
                 with gr.Row():
                     guidance_scale = _slider("Guidance Scale", settings.GUIDANCE_SCALE)
                     num_inference_steps = _slider("Number of inference steps", settings.NUM_INFERENCE_STEPS)
+            if service.loras is not None:
+                lora_names, lora_scale = _lora_picker(service)
             gr.Examples(
                 examples=list(settings.EXAMPLES),
                 fn=infer,
@@ -199,7 +250,14 @@ def build_demo(service: Service, *, image_format: str = settings.DEFAULT_IMAGE_F
             history = gr.State([])
             gallery = gr.Gallery(label="Recent images", columns=4, height=280, object_fit="cover", elem_id="history",
                                  show_label=True, interactive=False)
-        gr.on(
+        def step_text(caller: gr.Request):
+            return steps_shown.get(caller.session_hash)
+
+        private = dict(api_visibility="private", show_progress="hidden", queue=False)
+        gr.on(triggers=[run_button.click, prompt.submit], fn=lambda: gr.Timer(active=True), outputs=step_timer,
+              **private)
+        step_timer.tick(step_text, outputs=step_line, **private)
+        run = gr.on(
             triggers=[run_button.click, prompt.submit],
             fn=infer,
             inputs=[prompt, seed, randomize_seed, width, height, guidance_scale, num_inference_steps],
@@ -208,7 +266,23 @@ def build_demo(service: Service, *, image_format: str = settings.DEFAULT_IMAGE_F
             # The handler validates raw values itself: Gradio's own slider checks would answer a
             # wrong type with an unclear internal error instead of a message naming the argument.
             preprocess=False,
-        ).success(remember, inputs=[result, seed, history], outputs=[gallery, history], api_visibility="private",
-                  show_progress="hidden", queue=False)
+            # Gradio's full progress overlay would cover the previews; the step line says where it is.
+            show_progress="minimal",
+        )
+        run.success(remember, inputs=[result, seed, history], outputs=[gallery, history], **private)
+        run.then(lambda: (gr.Timer(active=False), ""), outputs=[step_timer, step_line], **private)
+        if service.loras is not None:
+            def pick(names, scale, caller: gr.Request):
+                loras_picked.set(caller.session_hash, [{"name": name, "scale": scale} for name in names or ()])
+
+            gr.on(triggers=[lora_names.change, lora_scale.release], fn=pick, inputs=[lora_names, lora_scale],
+                  **private)
+            demo.load(lambda: gr.Dropdown(choices=service.loras.names()), outputs=lora_names, **private)
+
+        def forget(caller: gr.Request):
+            steps_shown.clear(caller.session_hash)
+            loras_picked.clear(caller.session_hash)
+
+        demo.unload(forget)
     gradio_internals.check(demo)
     return demo

@@ -12,7 +12,9 @@ from flux_infer.launcher import TELEMETRY_OFF, ServerProcess, free_port
 
 # Nothing in the tests may talk to anything but 127.0.0.1.
 os.environ.update(TELEMETRY_OFF)
-__all__ = ["TELEMETRY_OFF", "free_port", "Server", "InProcessServer", "SMALL", "wait_for"]
+__all__ = ["TELEMETRY_OFF", "free_port", "Server", "InProcessServer", "SMALL", "wait_for", "make_lora", "LORAS"]
+# The session's --lora-dir: five LoRAs on the tiny transformer, of ranks 2 to 6.
+LORAS = ("film", "ink", "neon", "clay", "pixel")
 
 
 def wait_for(condition, what: str, timeout: float = 120) -> None:
@@ -29,6 +31,37 @@ def tiny_dir(tmp_path_factory) -> Path:
     from flux_infer.tiny import make_tiny
 
     return make_tiny(tmp_path_factory.mktemp("tiny") / "FLUX.1-tiny", seed=0)
+
+
+def make_lora(tiny_dir, path, rank=4, seed=0):
+    """A rank-`rank` LoRA on every attention projection of the double blocks, in diffusers' key layout."""
+    import torch
+    from diffusers import FluxTransformer2DModel
+    from safetensors.torch import save_file
+
+    transformer = FluxTransformer2DModel.from_pretrained(tiny_dir, subfolder="transformer")
+    generator = torch.Generator().manual_seed(seed)
+    tensors = {}
+    for index, _ in enumerate(transformer.transformer_blocks):
+        for target in LORA_TARGETS:
+            module = transformer.transformer_blocks[index].get_submodule(target)
+            prefix = f"transformer.transformer_blocks.{index}.{target}"
+            tensors[f"{prefix}.lora_A.weight"] = torch.randn(rank, module.in_features, generator=generator) * 0.5
+            tensors[f"{prefix}.lora_B.weight"] = torch.randn(module.out_features, rank, generator=generator) * 0.5
+    save_file(tensors, path)
+    return path
+
+
+LORA_TARGETS = ("attn.to_q", "attn.to_k", "attn.to_v", "attn.to_out.0")
+
+
+@pytest.fixture(scope="session")
+def lora_dir(tiny_dir, tmp_path_factory) -> Path:
+    """The session server's --lora-dir (LORAS, ranks 2..6)."""
+    folder = tmp_path_factory.mktemp("loras")
+    for index, name in enumerate(LORAS):
+        make_lora(tiny_dir, folder / f"{name}.safetensors", rank=2 + index, seed=10 + index)
+    return folder
 
 
 class InProcessServer:
@@ -66,9 +99,9 @@ class Server(ServerProcess):
 
 
 @pytest.fixture(scope="session")
-def server(tiny_dir, tmp_path_factory):
-    """One server on the tiny weights for the whole session."""
-    srv = Server(["--model", str(tiny_dir)], tmp_path_factory.mktemp("server"))
+def server(tiny_dir, lora_dir, tmp_path_factory):
+    """One server on the tiny weights for the whole session (latent previews: no TAEF1 here)."""
+    srv = Server(["--model", str(tiny_dir), "--lora-dir", str(lora_dir)], tmp_path_factory.mktemp("server"))
     yield srv
     srv.stop()
 

@@ -20,15 +20,22 @@ from conftest import Server
 from PIL import Image
 
 
-def start_server(tiny: str, workdir: Path, *flags: str) -> Server:
+def start_server(tiny: str, workdir: Path, *flags: str, env: dict | None = None) -> Server:
     """`flux-infer serve` with Ray Serve replicas and latent previews, once it answers."""
     return Server(["--model", tiny, *flags, "--preview", "latent"], workdir, startup_s=240,
-                  env={"RAY_DEDUP_LOGS": "0"})
+                  env={"RAY_DEDUP_LOGS": "0", **(env or {})})
+
+
+# Ray Serve's replicas and handles report their load every 10 s by default: once a second here, so
+# that a short --upscale-delay acts on this second's load.
+FAST_METRICS = {"RAY_SERVE_REPLICA_AUTOSCALING_METRIC_PUSH_INTERVAL_S": "1",
+                "RAY_SERVE_HANDLE_AUTOSCALING_METRIC_PUSH_INTERVAL_S": "1"}
 
 
 def autoscale(tiny: str, workdir: Path) -> None:
     """--min-replicas 1 --max-replicas 2: one replica at start, a second under sustained load."""
-    server = start_server(tiny, workdir, "--min-replicas", "1", "--max-replicas", "2")
+    server = start_server(tiny, workdir, "--min-replicas", "1", "--max-replicas", "2", "--upscale-delay", "2",
+                          env=FAST_METRICS)
     log = server.log
     try:
         assert len(set(re.findall(r"replica (\w+) ready", log()))) == 1, log()[-3000:]

@@ -14,7 +14,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import Server
 from PIL import Image
 
 pytestmark = pytest.mark.e2e  # starts a server and a browser
@@ -26,10 +25,9 @@ ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--d
 
 
 @pytest.fixture(scope="module")
-def ui_server(tiny_dir, tmp_path_factory):
-    srv = Server(["--model", str(tiny_dir), "--preview", "latent"], tmp_path_factory.mktemp("ui"))
-    yield srv
-    srv.stop()
+def ui_server(server):
+    """The session's server: latent previews, the LoRA folder."""
+    return server
 
 
 @pytest.fixture(scope="module")
@@ -106,10 +104,14 @@ def test_prompt_enter_previews_then_the_image(page, ui_server):
         if (src && src !== window.lastPreview) { window.lastPreview = src; window.previews = (window.previews || 0) + 1; }
         return window.previews >= 5;
     }""", timeout=300_000, polling=20)
+    # While previews stream, the line under the image says which step they are at.
+    page.wait_for_function("/^Step \\d+ of 28$/.test(document.querySelector('#steps').innerText.trim())",
+                           timeout=300_000, polling=20)
     middle = page.locator("#result img").first.bounding_box()
     ARTIFACTS.mkdir(parents=True, exist_ok=True)
     page.screenshot(path=str(ARTIFACTS / "preview-middle.png"))
     images, final = watch_result(page, ui_server, size=(1024, 1024))
+    page.wait_for_function("document.querySelector('#steps').innerText.trim() === ''")  # gone at the end
     previews = [image for image in images if image.size == (128, 128)]  # latent previews: 1/8 size
     assert len(previews) >= 2, [image.size for image in images]
     assert final.size == (1024, 1024)
@@ -151,3 +153,29 @@ def test_the_page_loads_nothing_from_outside(page, ui_server):
     outside = [url for url in page.requested
                if not url.startswith((ui_server.url, "data:", "blob:", "about:"))]
     assert page.requested and not outside, outside
+
+
+def test_the_lora_picker_drives_the_same_path(page, ui_server, tiny_dir, lora_dir):
+    """A LoRA picked on the page (kept for this browser session, not an API parameter) gives the
+    image of a server started with it fused."""
+    from test_loras import fused
+
+    page.get_by_placeholder("Enter your prompt").fill("a lora fox")
+    page.get_by_text("Advanced Settings").click()
+    for label, value in [("Seed", "5"), ("Width", "256"), ("Height", "256"), ("Number of inference steps", "3")]:
+        set_slider(page, label, value)
+    page.get_by_label("Randomize seed").uncheck()
+    page.get_by_text("LoRAs", exact=True).first.click()
+    page.locator("#loras input").click()
+    page.get_by_role("option", name="film").click()
+    page.locator("#loras").get_by_text("film").first.wait_for()
+    set_slider(page, "LoRA scale", "0.8")
+    ARTIFACTS.mkdir(parents=True, exist_ok=True)
+    page.screenshot(path=str(ARTIFACTS / "lora-picker.png"), full_page=True)
+    page.get_by_role("button", name="Run").click()
+    _, final = watch_result(page, ui_server, size=(256, 256))
+    expected = fused(tiny_dir, lora_dir, ("film", 0.8))
+    assert np.abs(np.asarray(final).astype(np.int16) - expected).max() <= 2
+    # Another session (a gradio_client script) has no LoRA picked: the base model's image.
+    path, _ = ui_server.client().predict("a lora fox", 5, False, 256, 256, 3.5, 3, api_name="/infer")
+    np.testing.assert_array_equal(np.asarray(Image.open(path).convert("RGB")).astype(np.int16), fused(tiny_dir, lora_dir))

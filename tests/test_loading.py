@@ -66,7 +66,7 @@ def test_single_file_transformer_with_folder_components(tmp_path, tiny_dir):
     transformer = FluxTransformer2DModel.from_pretrained(tiny_dir, subfolder="transformer")
     save_file({k: v.contiguous() for k, v in transformer.state_dict().items()}, checkpoint)
 
-    single_pipeline, source, _, _ = load_pipeline(str(checkpoint), base_model=str(tiny_dir), device="cpu")
+    single_pipeline, source, _, _, _ = load_pipeline(str(checkpoint), base_model=str(tiny_dir), device="cpu")
     assert source.kind == "single_file"
     np.testing.assert_array_equal(_image(single_pipeline), _image(folder_pipeline))
 
@@ -80,7 +80,7 @@ def test_single_file_that_is_not_a_transformer(tmp_path, tiny_dir):
 
 def test_tiny_is_made_once_in_the_cache(tmp_path, monkeypatch):
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
-    pipeline, source, placement, _ = load_pipeline("tiny")
+    pipeline, source, placement, _, _ = load_pipeline("tiny")
     assert source.location == str(tmp_path / "flux-infer" / "tiny-seed0")
     made = (tmp_path / "flux-infer" / "tiny-seed0" / "model_index.json").stat().st_mtime_ns
     load_pipeline("tiny")

@@ -5,33 +5,15 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from conftest import make_lora
 
 from flux_infer.inference import FluxInference
 from flux_infer.loading import ModelLoadError, load_pipeline, parse_lora
 
-TARGETS = ("attn.to_q", "attn.to_k", "attn.to_v", "attn.to_out.0")
-
-
-def make_lora(tiny_dir, path, rank=4, seed=0):
-    """A rank-`rank` LoRA on every attention projection of the double blocks, in diffusers' key layout."""
-    from diffusers import FluxTransformer2DModel
-    from safetensors.torch import save_file
-
-    transformer = FluxTransformer2DModel.from_pretrained(tiny_dir, subfolder="transformer")
-    generator = torch.Generator().manual_seed(seed)
-    tensors = {}
-    for index, _ in enumerate(transformer.transformer_blocks):
-        for target in TARGETS:
-            module = transformer.transformer_blocks[index].get_submodule(target)
-            prefix = f"transformer.transformer_blocks.{index}.{target}"
-            tensors[f"{prefix}.lora_A.weight"] = torch.randn(rank, module.in_features, generator=generator) * 0.5
-            tensors[f"{prefix}.lora_B.weight"] = torch.randn(module.out_features, rank, generator=generator) * 0.5
-    save_file(tensors, path)
-    return path
 
 
 def image(tiny_dir, loras=()):
-    pipeline, _, _, runtime = load_pipeline(str(tiny_dir), device="cpu", loras=tuple(loras))
+    pipeline, _, _, runtime, _ = load_pipeline(str(tiny_dir), device="cpu", loras=tuple(loras))
     result = FluxInference(pipeline, runtime=runtime).infer("a lora fox", seed=5, randomize_seed=False, width=256,
                                                               height=256, num_inference_steps=3)
     return np.asarray(result.image).astype(np.int16), pipeline

@@ -17,7 +17,7 @@ CUDA_CONTEXT_GIB = 0.6  # what a CUDA context takes before anything is loaded
 
 
 def generate(tiny_dir, options=None, prompt="a lighthouse at dusk", seed=7, model=None, **size):
-    pipeline, _, _, runtime = load_pipeline(model or str(tiny_dir), base_model=str(tiny_dir), device="cpu",
+    pipeline, _, _, runtime, _ = load_pipeline(model or str(tiny_dir), base_model=str(tiny_dir), device="cpu",
                                             options=options or Options())
     inference = FluxInference(pipeline, runtime=runtime)
     return inference, inference.infer(prompt, seed=seed, randomize_seed=False, **{**SMALL, **size})
@@ -147,6 +147,7 @@ def test_magcache_follows_the_step_count(tiny_dir):
     assert 0 < again.cached_steps < 12
 
 
+@pytest.mark.e2e  # compiles the tiny transformer (about 10 s on 2 cores)
 def test_compile_equals_eager_and_does_not_recompile_for_new_prompts_or_seeds(tiny_dir, reference):
     from torch._dynamo.utils import counters
 
@@ -158,6 +159,7 @@ def test_compile_equals_eager_and_does_not_recompile_for_new_prompts_or_seeds(ti
     assert counters["stats"]["unique_graphs"] == graphs
 
 
+@pytest.mark.e2e  # compiles the tiny transformer (about 10 s on 2 cores)
 def test_compile_with_a_cache_counts_skips_without_recompiling(tiny_dir):
     from torch._dynamo.utils import counters
 
