@@ -12,6 +12,7 @@ import sys
 from pathlib import Path
 
 from flux_infer import settings, tuning
+from flux_infer.images import SUFFIX_FORMATS
 from flux_infer.loading import parse_lora
 from flux_infer.previews import DEFAULT_PREVIEW, DEFAULT_TAEF1_LOCAL, DEFAULT_TAEF1_REPO, PREVIEW_MODES
 
@@ -187,6 +188,23 @@ def _parser() -> argparse.ArgumentParser:
     generate.add_argument("--guidance", type=float, default=settings.GUIDANCE_SCALE.default)
     generate.add_argument("-o", "--output", type=Path, default=Path("flux.png"), help="PNG or WebP path")
 
+    edit = sub.add_parser("edit", help="rework an image (image to image), or repaint a masked region of it")
+    edit.add_argument("image", type=Path, help="the image to edit (PNG, JPEG or WebP)")
+    edit.add_argument("prompt")
+    edit.add_argument("--mask", type=Path, default=None,
+                      help="repaint only here: white (or transparent, as OpenAI's masks) is repainted (default: "
+                      "the whole image, image to image)")
+    edit.add_argument("--strength", type=float, default=settings.STRENGTH.default,
+                      help="0 keeps the image, 1 repaints it entirely (default: %(default)s)")
+    _add_model_flags(edit)
+    _add_runtime_flags(edit)
+    edit.add_argument("--seed", type=int, default=None, help="fixed seed (default: a random one)")
+    edit.add_argument("--width", type=int, default=None, help="default: the image's, within the limits")
+    edit.add_argument("--height", type=int, default=None, help="default: the image's, within the limits")
+    edit.add_argument("--steps", type=int, default=int(settings.NUM_INFERENCE_STEPS.default))
+    edit.add_argument("--guidance", type=float, default=settings.GUIDANCE_SCALE.default)
+    edit.add_argument("-o", "--output", type=Path, default=Path("flux-edit.png"), help="PNG or WebP path")
+
     tiny = sub.add_parser("make-tiny", help="write a tiny random FLUX.1-dev-shaped pipeline")
     tiny.add_argument("directory", type=Path)
     tiny.add_argument("--seed", type=int, default=0, help="weights seed (default: %(default)s)")
@@ -212,10 +230,10 @@ def _spec(args, *, preview: str = "none", preview_every: int = 1, taef1: str | N
     from flux_infer.loading import InferenceSpec
 
     # `generate --lora-dir D --lora NAME`: the LoRA is the request's, not fused at start-up.
-    fused = () if args.command == "generate" and args.lora_dir is not None else tuple(args.lora)
+    fused = () if args.command != "serve" and args.lora_dir is not None else tuple(args.lora)
     return InferenceSpec(model=args.model, base_model=args.base_model, device=args.device, dtype=args.dtype,
                          options=_options(args), loras=fused, lora_folder=_lora_folder(args), preview=preview,
-                         preview_every=preview_every, taef1=taef1, progress_bar=args.command == "generate")
+                         preview_every=preview_every, taef1=taef1, progress_bar=args.command != "serve")
 
 
 def _load(args, **preview):
@@ -260,34 +278,55 @@ def _serve(args) -> int:
     return 0
 
 
-def _generate(args) -> int:
+def _request(args, *, width, height):
+    """The command's validated request (before the slow load, so a typo costs nothing)."""
     from dataclasses import replace
 
-    from flux_infer.images import SUFFIX_FORMATS, save_image
     from flux_infer.inference import build_request
     from flux_infer.loras import parse_loras
 
-    # Validated before the (slow) load, so a typo costs nothing.
-    request = build_request(
-        args.prompt,
-        seed=0 if args.seed is None else args.seed,
-        randomize_seed=args.seed is None,
-        width=args.width,
-        height=args.height,
-        guidance_scale=args.guidance,
-        num_inference_steps=args.steps,
-    )
+    request = build_request(args.prompt, seed=0 if args.seed is None else args.seed, randomize_seed=args.seed is None,
+                            width=width, height=height, guidance_scale=args.guidance, num_inference_steps=args.steps)
     if args.lora_dir is not None:
         folder = _lora_folder(args)
         request = replace(request, loras=parse_loras([f"{name}:{scale}" for name, scale in args.lora],
                                                      folder.library()))
     if args.output.suffix.lower() not in SUFFIX_FORMATS:
         raise ValueError(f"-o must end in {' or '.join(SUFFIX_FORMATS)}, got {args.output.name}")
+    return request
+
+
+def _write(args, request) -> int:
+    from flux_infer.images import save_image
+
     result = _load(args).run(request)
     save_image(result.image, args.output)
     print(f"seed {result.seed}")
     print(f"saved {args.output}")
     return 0
+
+
+def _generate(args) -> int:
+    return _write(args, _request(args, width=args.width, height=args.height))
+
+
+def _edit(args) -> int:
+    from dataclasses import replace
+
+    from flux_infer.inference import InvalidRequest, _number
+    from flux_infer.uploads import edit_size, read_image, read_mask
+
+    def read(path: Path, what: str) -> bytes:
+        if not path.is_file():
+            raise InvalidRequest(f"{what} {path} does not exist")
+        return path.read_bytes()
+
+    image = read_image(read(args.image, "image"), "image")
+    mask = read_mask(read(args.mask, "mask"), image.size, "mask") if args.mask is not None else None
+    width, height = edit_size(image.size)
+    request = _request(args, width=args.width or width, height=args.height or height)
+    strength = float(_number("--strength", args.strength, settings.STRENGTH, whole=False))
+    return _write(args, replace(request, image=image, mask=mask, strength=strength))
 
 
 def _make_tiny(args) -> int:
@@ -312,7 +351,7 @@ def main(argv: list[str] | None = None) -> int:
     from flux_infer.inference import InvalidRequest
     from flux_infer.loading import DeviceError, ModelLoadError
 
-    commands = {"serve": _serve, "generate": _generate, "make-tiny": _make_tiny}
+    commands = {"serve": _serve, "generate": _generate, "edit": _edit, "make-tiny": _make_tiny}
     try:
         return commands[args.command](args)
     except (ModelLoadError, DeviceError, InvalidRequest, GradioMismatch, ValueError) as err:

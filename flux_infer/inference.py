@@ -54,6 +54,33 @@ class GenerationRequest:
     num_inference_steps: int
     # Per-request LoRAs, from --lora-dir (see flux_infer.loras); () for the base model.
     loras: tuple[LoraChoice, ...] = ()
+    # An edit (flux_infer.uploads): the RGB image to start from, with `mask` ("L", 255 repaints)
+    # inpainting, without it image to image; `strength` 0 keeps the image, 1 repaints it all.
+    image: Any = None
+    mask: Any = None
+    strength: float = 1.0
+
+    @property
+    def denoising_steps(self) -> int:
+        """Steps the pipeline really runs: diffusers' image-to-image and inpainting start at
+        `strength` of the schedule, so they run int(steps * strength) of them."""
+        if self.image is None:
+            return self.num_inference_steps
+        return min(int(self.num_inference_steps * self.strength), self.num_inference_steps)
+
+    def settings(self) -> dict:
+        """The request as JSON-ready values (the PNG's `flux_infer` chunk, the --output-dir sidecar);
+        an edit's kind, strength and the sizes of its image and mask, not their pixels."""
+        fields = asdict(replace(self, image=None, mask=None))
+        del fields["image"], fields["mask"], fields["strength"]
+        if self.image is not None:
+            fields.update(kind=self.kind, strength=self.strength, image_size=list(self.image.size),
+                          mask_size=None if self.mask is None else list(self.mask.size))
+        return fields
+
+    @property
+    def kind(self) -> str:
+        return "text-to-image" if self.image is None else "image-to-image" if self.mask is None else "inpaint"
 
     @classmethod
     def from_dict(cls, fields: dict) -> GenerationRequest:
@@ -63,6 +90,8 @@ class GenerationRequest:
     def parameters_text(self) -> str:
         """The generation settings in the common `parameters` PNG-chunk layout."""
         loras = "".join(f", Lora: {lora.name}:{lora.scale:g}" for lora in self.loras)
+        if self.image is not None:
+            loras += f", Strength: {self.strength:g}, Mode: {self.kind}"
         return (
             f"{self.prompt}\nSteps: {self.num_inference_steps}, Sampler: FlowMatchEuler, "
             f"Guidance: {self.guidance_scale}, Seed: {self.seed}, Size: {self.width}x{self.height}, "
@@ -190,12 +219,29 @@ class FluxInference:
         self.preview_every = preview_every
         self.adapters = adapters  # a flux_infer.loras.LoraAdapters (--lora-dir), or None
         self.pipeline.set_progress_bar_config(disable=not progress_bar)
+        self._progress_bar = progress_bar
+        self._edit_pipelines: dict[str, Any] = {}
         self._lock = threading.Lock()
+
+    def pipeline_for(self, kind: str):
+        """The pipeline for a request's kind: the loaded FluxPipeline, or diffusers' image-to-image or
+        inpainting pipeline made from its components with `from_pipe` (the same modules: no weight is
+        copied, and LoRAs, offloading and compilation apply to them as they are)."""
+        if kind == "text-to-image":
+            return self.pipeline
+        if kind not in self._edit_pipelines:
+            from diffusers import FluxImg2ImgPipeline, FluxInpaintPipeline
+
+            kinds = {"image-to-image": FluxImg2ImgPipeline, "inpaint": FluxInpaintPipeline}
+            pipeline = kinds[kind].from_pipe(self.pipeline)
+            pipeline.set_progress_bar_config(disable=not self._progress_bar)
+            self._edit_pipelines[kind] = pipeline
+        return self._edit_pipelines[kind]
 
     def _step_callback(self, request: GenerationRequest, on_step, cancel):
         from flux_infer.previews import Step
 
-        total = request.num_inference_steps
+        total = request.denoising_steps
 
         def callback(pipeline, index, timestep, tensors):
             done = index + 1
@@ -225,6 +271,11 @@ class FluxInference:
         import torch
 
         generator = torch.Generator().manual_seed(request.seed)
+        edit = {}
+        if request.image is not None:
+            edit = dict(image=request.image, strength=request.strength)
+            if request.mask is not None:
+                edit["mask_image"] = request.mask
         hooks = {}
         if on_step is not None or cancel is not None:
             hooks = dict(
@@ -238,10 +289,15 @@ class FluxInference:
                 raise InvalidRequest("loras: this server has no LoRA folder; start it with --lora-dir DIR")
             if self.adapters is not None:
                 self.adapters.use(request.loras)
+            if request.image is not None and request.denoising_steps < 1:
+                # No step to run (diffusers refuses that): the image, as the edit leaves it.
+                log.info("strength %g of %d steps runs no step: the image is returned as it is",
+                         request.strength, request.num_inference_steps)
+                return request.image.resize((request.width, request.height)), {}
             if self.runtime is not None:
                 self.runtime.before(request)
             try:
-                output = self.pipeline(
+                output = self.pipeline_for(request.kind)(
                     prompt=request.prompt,
                     width=request.width,
                     height=request.height,
@@ -249,6 +305,7 @@ class FluxInference:
                     num_inference_steps=request.num_inference_steps,
                     generator=generator,
                     output_type="pil",
+                    **edit,
                     **hooks,
                 )
             except torch.OutOfMemoryError as err:
@@ -270,9 +327,9 @@ class FluxInference:
         image, stats = self._call_pipeline(request, on_step=on_step, cancel=cancel)
         seconds = time.perf_counter() - started
         image.info["parameters"] = request.parameters_text()
-        image.info["flux_infer"] = json.dumps(asdict(request))
-        log.info("generated %dx%d, %d steps, seed %d in %.2f s",
-                 request.width, request.height, request.num_inference_steps, request.seed, seconds)
+        image.info["flux_infer"] = json.dumps(request.settings())
+        log.info("generated %dx%d (%s), %d steps, seed %d in %.2f s", request.width, request.height, request.kind,
+                 request.denoising_steps, request.seed, seconds)
         return GenerationResult(image=image, seed=request.seed, request=request, seconds=seconds,
                                 cached_steps=stats.get("cached_steps", 0))
 

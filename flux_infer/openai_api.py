@@ -1,4 +1,10 @@
-"""The OpenAI Images API: `POST /v1/images/generations`, `GET /v1/models`, and the files it links to.
+"""The OpenAI Images API: `POST /v1/images/generations` and `/v1/images/edits`, `GET /v1/models` and
+`/v1/loras`, and the files it links to.
+
+`/v1/images/edits` is multipart, as OpenAI's: an `image` file (PNG, JPEG or WebP; read and bounded by
+flux_infer.uploads), an optional `mask` (OpenAI's convention, transparent is repainted, or black and
+white, white is repainted), and the generation's fields plus `strength`: without a mask it is
+image to image, with one inpainting, both by diffusers' own pipelines on the loaded components.
 
 The body is an `ImageRequest` (pydantic): every field of OpenAI's request is accepted, then the
 same validation (`build_request`) and the same line and `Service.run()` as `/infer`, so a seed
@@ -19,6 +25,7 @@ carries the seed of each image. The API key is a dependency of every route.
 
 import asyncio
 import base64
+import json
 import logging
 import re
 import secrets
@@ -36,6 +43,7 @@ from flux_infer import settings
 from flux_infer.images import MIME_TYPES, encode
 from flux_infer.inference import GenerationCancelled, GenerationFailed, InvalidRequest, build_request, draw_seed
 from flux_infer.service import REQUEST_ID, Busy, Service, new_request_id
+from flux_infer.uploads import edit_size
 
 log = logging.getLogger(__name__)
 
@@ -43,6 +51,10 @@ MODEL_IDS = ("flux.1-dev", "black-forest-labs/FLUX.1-dev")
 MAX_IMAGES = 4
 # The largest body this route reads (server.BodyLimit enforces it): a prompt and a few numbers.
 MAX_BODY_BYTES = 64 * 1024
+# /v1/images/edits: an image and a mask, each up to settings.MAX_UPLOAD_BYTES, and the fields.
+MAX_EDIT_BODY_BYTES = 2 * settings.MAX_UPLOAD_BYTES + MAX_BODY_BYTES
+# Multipart fields that are numbers or flags (a form sends text); the rest stay text.
+_FORM_NUMBERS = ("n", "output_compression", "partial_images", "frame_count", "frame_duration_ms")
 # OpenAI's `quality` as denoising steps when the body has no `num_inference_steps` ("auto" and
 # dall-e-3's "standard": the Space's default; "hd" is dall-e-3's "high").
 QUALITY_STEPS = {"low": 12, "medium": 20, "auto": int(settings.NUM_INFERENCE_STEPS.default),
@@ -198,11 +210,32 @@ class ImageRequest(BaseModel):
         return [replace(base, seed=image_seed) for image_seed in seeds]
 
 
-FIELDS = (*ImageRequest.model_fields, "width", "height")
+class EditRequest(ImageRequest):
+    """`POST /v1/images/edits`'s form fields, the files apart: the generation's fields, plus
+    `strength` (an extension: 0 keeps the image, 1 repaints it all) and `input_fidelity` (accepted,
+    no effect). `size` "auto" is the image's own size, within the Space's limits."""
+
+    strength: Any = settings.STRENGTH.default
+    input_fidelity: Literal["high", "low"] | None = None
+
+    def edit_requests(self, service: Service, image, mask) -> list:
+        """The n validated GenerationRequests editing `image` (RGB) with `mask` ("L" or None)."""
+        from flux_infer.inference import _number
+
+        width, height = edit_size(image.size) if self.size == "auto" else self.dimensions
+        try:
+            strength = float(_number("strength", self.strength, settings.STRENGTH, whole=False))
+        except InvalidRequest as err:
+            raise ApiError(400, str(err), param="strength") from None
+        requests = ImageRequest.generation_requests(self.model_copy(update={"size": f"{width}x{height}"}), service)
+        return [replace(request, image=image, mask=mask, strength=strength) for request in requests]
+
+
+FIELDS = (*EditRequest.model_fields, "width", "height")
 # What pydantic's error types mean here, where the field's own message does not say.
 _MESSAGES = {
     "missing": "`{field}` is required",
-    "extra_forbidden": "unsupported field(s) {field}: this server accepts " + ", ".join(ImageRequest.model_fields),
+    "extra_forbidden": "unsupported field(s) {field}: this server accepts {accepted}",
     "literal_error": "`{field}` must be {expected}, got {value!r}",
     "json_invalid": "the body is not valid JSON",
     "model_type": "the body must be a JSON object with at least a `prompt`",
@@ -212,8 +245,28 @@ _MESSAGES = {
 def parse_body(raw: bytes, models: tuple[str, ...] = MODEL_IDS) -> ImageRequest:
     """The request body as an ImageRequest; ApiError(400) naming the field otherwise. `models`: the
     names a body may give as `model`."""
+    return _validated(lambda: ImageRequest.model_validate_json(raw, context={"models": models}))
+
+
+def parse_form(fields: dict, models: tuple[str, ...] = MODEL_IDS) -> EditRequest:
+    """An edit's multipart text fields as an EditRequest; ApiError(400) naming the field otherwise.
+    A form sends text: counts and flags are read as JSON, `loras` as JSON or "name:scale,..."."""
+    values = dict(fields)
+    for name in (*_FORM_NUMBERS, "stream", "loras"):
+        if name in values:
+            try:
+                values[name] = json.loads(values[name])
+            except ValueError:
+                if name != "loras":
+                    raise ApiError(400, f"`{name}` must be a {'flag' if name == 'stream' else 'whole number'}, "
+                                   f"got {values[name]!r}", param=name) from None
+    return _validated(lambda: EditRequest.model_validate(values, context={"models": models}), EditRequest)
+
+
+def _validated(parse, model=ImageRequest):
+    accepted = ", ".join(model.model_fields)
     try:
-        return ImageRequest.model_validate_json(raw, context={"models": models})
+        return parse()
     except ValidationError as err:
         errors = err.errors(include_url=False)
         first = errors[0]
@@ -223,7 +276,7 @@ def parse_body(raw: bytes, models: tuple[str, ...] = MODEL_IDS) -> ImageRequest:
         if first["type"] == "value_error":
             message = str(first["ctx"]["error"])
         elif first["type"] in _MESSAGES:
-            message = _MESSAGES[first["type"]].format(field=field, value=first.get("input"),
+            message = _MESSAGES[first["type"]].format(field=field, value=first.get("input"), accepted=accepted,
                                                       expected=first.get("ctx", {}).get("expected"))
         else:
             message = f"`{field}`: {first['msg']}, got {first.get('input')!r}"
@@ -301,6 +354,14 @@ async def api_error_handler(request, err: ApiError):
     return err.response()
 
 
+def _read_uploads(image_bytes: bytes, mask_bytes: bytes | None):
+    """The edit's image (RGB) and mask ("L", 255 repaints, or None), decoded off the event loop."""
+    from flux_infer.uploads import read_image, read_mask
+
+    image = read_image(image_bytes, "image")
+    return image, None if mask_bytes is None else read_mask(mask_bytes, image.size, "mask")
+
+
 def _encode(results, body: ImageRequest, files: ImageFiles) -> list[dict]:
     """The response's items: the image's bytes in `output_format` (base64), or a file name for the
     url. Called in a worker thread: encoding a 1024x1024 PNG takes a good fraction of a second,
@@ -360,6 +421,55 @@ def router(service: Service, *, api_key: str | None = None, files: ImageFiles | 
         except ApiError:
             service.count_rejected("openai", "invalid")
             raise
+        return await serve(request, request_id, body, generation_requests)
+
+    @routes.post("/v1/images/edits")
+    async def edits(request: Request):
+        request_id = request.headers.get("x-request-id") or new_request_id()
+        token = REQUEST_ID.set(request_id)
+        try:
+            return await edit_images(request, request_id)
+        finally:
+            REQUEST_ID.reset(token)
+
+    async def edit_images(request: Request, request_id: str):
+        from starlette.datastructures import UploadFile
+
+        try:
+            try:
+                form = await request.form(max_files=2, max_fields=64)
+            except Exception as err:  # starlette's MultiPartException, a body that is not a form
+                raise ApiError(400, f"the body must be multipart/form-data with an `image` file and a `prompt` "
+                               f"({str(err)[:200] or type(err).__name__})") from None
+            try:
+                uploads = {key: value for key, value in form.multi_items() if isinstance(value, UploadFile)}
+                fields = {key: value for key, value in form.multi_items() if not isinstance(value, UploadFile)}
+                unknown_files = set(uploads) - {"image", "image[]", "mask"}
+                if unknown_files:
+                    raise ApiError(400, f"unexpected file field(s) {', '.join(sorted(unknown_files))}: send `image` "
+                                   "and optionally `mask`", param=sorted(unknown_files)[0])
+                image_file = uploads.get("image") or uploads.get("image[]")
+                if image_file is None:
+                    raise ApiError(400, "`image` is required: the picture to edit, as a PNG, JPEG or WebP file",
+                                   param="image")
+                body = parse_form(fields, served)
+                image_bytes = await image_file.read(settings.MAX_UPLOAD_BYTES + 1)
+                mask_bytes = await uploads["mask"].read(settings.MAX_UPLOAD_BYTES + 1) if "mask" in uploads else None
+            finally:
+                await form.close()
+            try:
+                image, mask = await run_in_threadpool(_read_uploads, image_bytes, mask_bytes)
+            except InvalidRequest as err:
+                raise ApiError(400, str(err), param=str(err).split(" ", 1)[0]) from None
+            generation_requests = body.edit_requests(service, image, mask)
+        except ApiError:
+            service.count_rejected("openai", "invalid")
+            raise
+        return await serve(request, request_id, body, generation_requests)
+
+    async def serve(request: Request, request_id: str, body: ImageRequest, generation_requests: list):
+        """Admit the request's images, wait their turn (or leave the line if the caller hangs up),
+        generate them one after the other in one slot, and answer in OpenAI's shape."""
         if ignored := body.without_effect():
             log.info("accepted without effect on the image: %s",
                      ", ".join(f"{name}={value!r}" for name, value in ignored.items()))
@@ -388,6 +498,8 @@ def router(service: Service, *, api_key: str | None = None, files: ImageFiles | 
         except GenerationCancelled as err:
             log.info("the caller closed the connection: %s", err)
             raise ApiError(499, "the client closed the request", kind="server_error") from None
+        except InvalidRequest as err:  # found only where it runs (a LoRA file that turned out bad)
+            raise ApiError(400, str(err), param="loras" if "LoRA" in str(err) else None) from None
         except GenerationFailed as err:
             raise ApiError(500, str(err), kind="server_error", code="generation_failed") from None
         except ApiError:

@@ -39,7 +39,8 @@ DRAIN_SECONDS = 120
 DOWNLOAD_GRACE_S = 2.0
 # How often images older than --keep-outputs are looked for (sooner when --keep-outputs is shorter).
 SWEEP_EVERY_S = 600.0
-# Largest request body accepted on any route: the API takes text and numbers, never uploads.
+# Largest request body accepted on a route without a limit of its own (text and numbers; uploads
+# go to /v1/images/edits, whose limit is openai_api.MAX_EDIT_BODY_BYTES).
 MAX_BODY_BYTES = 1024 * 1024
 
 
@@ -183,7 +184,8 @@ def build_app(service, demo, config: ServerConfig):
         from flux_infer.mcp_tool import MOUNT_PATH
 
         app.mount(MOUNT_PATH, mcp.streamable_http_app())  # before the page's mount at `/`
-    app.add_middleware(BodyLimit, limits={"/v1/": openai_api.MAX_BODY_BYTES})
+    app.add_middleware(BodyLimit, limits={"/v1/images/edits": openai_api.MAX_EDIT_BODY_BYTES,
+                                          "/v1/": openai_api.MAX_BODY_BYTES})
     # Gradio's queue holds nothing back and refuses nothing: every request reaches the handler at
     # once and waits in the service's one line, which admits, orders and refuses for every door.
     # At most slots + max_queue requests are in the line, so this finite limit never binds (with no

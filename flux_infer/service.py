@@ -15,7 +15,7 @@ import json
 import logging
 import time
 import uuid
-from dataclasses import asdict, replace
+from dataclasses import replace
 from pathlib import Path
 
 from flux_infer import settings
@@ -192,7 +192,7 @@ class Service:
         stem = f"{time.strftime('%Y%m%d-%H%M%S')}-{result.seed}-{REQUEST_ID.get()}"
         path = self.output_dir / f"{stem}.png"
         save_image(result.image, path)
-        sidecar = {**asdict(result.request), "seconds": round(result.seconds, 3), "request_id": REQUEST_ID.get(),
+        sidecar = {**result.request.settings(), "seconds": round(result.seconds, 3), "request_id": REQUEST_ID.get(),
                    "model": "FLUX.1-dev", "file": path.name}
         path.with_suffix(".json").write_text(json.dumps(sidecar, indent=2))
         log.info("saved %s", path)

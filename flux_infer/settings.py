@@ -38,6 +38,14 @@ GUIDANCE_SCALE = Range(minimum=1, maximum=15, step=0.1, default=3.5)
 NUM_INFERENCE_STEPS = Range(minimum=1, maximum=50, step=1, default=28)
 RANDOMIZE_SEED_DEFAULT = True
 
+# Images sent to be edited (and their masks): the most bytes read, and the most pixels decoded
+# (checked from the file's header, before decoding). A side may exceed the output's 2048 limit: the
+# image is then resized to the output size.
+MAX_UPLOAD_BYTES = 25 * 2**20
+MAX_UPLOAD_SIDE = 4096
+MAX_UPLOAD_PIXELS = 4096 * 4096
+STRENGTH = Range(minimum=0, maximum=1, step=0.01, default=0.6)
+
 # Per-request LoRAs from --lora-dir: the scale each may have, how many one image may use, how many
 # are kept loaded (--lora-cache), and the rank the --compile hot-swap slots are padded to (--lora-rank).
 LORA_SCALE = Range(minimum=-2, maximum=2, step=0.05, default=1.0)

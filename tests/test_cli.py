@@ -75,7 +75,7 @@ def test_generate_writes_the_image_and_prints_the_seed(tmp_path, tiny_dir):
     assert image.size == (256, 320)
     saved = json.loads(image.text["flux_infer"])
     assert saved == {"prompt": "a cat", "seed": 42, "width": 256, "height": 320, "guidance_scale": 4.0,
-                     "num_inference_steps": 3}
+                     "num_inference_steps": 3, "loras": []}
 
 
 def test_generate_without_seed_draws_one(tmp_path, tiny_dir):

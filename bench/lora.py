@@ -1,0 +1,142 @@
+"""Per-request LoRAs: what a switch costs, and what an unfused LoRA costs per step against fused.
+
+One process, one pipeline (`--model`: a tiny one by default; `random` on a GPU is FLUX.1-dev's
+architecture with random weights). Random LoRAs of `--rank` on every attention projection of every
+transformer block are written to a temporary --lora-dir. Then, through flux_infer.loras (the
+server's own path), it times:
+
+- a switch (`LoraAdapters.use()` plus one denoising step, so lazy work is counted): the first use of
+  a LoRA (read and loaded), reuse of a cached one, and a change of scale only;
+- a whole image without LoRA, with two LoRAs unfused (PEFT adapters, as served), and with the same
+  two fused into the weights (as `--lora` at start-up does), as medians and ratios per step.
+
+With `--compile`, the switches are hot swaps into compiled slots instead, and the run fails if any
+of them recompiles.
+
+    python bench/lora.py [--model tiny|random|DIR] [--size 512] [--steps 8] [--rank 16] [--runs 3] [--compile]
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import tempfile
+import time
+from dataclasses import replace
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).parent))
+from common import PROMPT, add_thread_option, apply_thread_option  # noqa: E402
+
+TARGETS = ("attn.to_q", "attn.to_k", "attn.to_v", "attn.to_out.0")
+
+
+def write_lora(transformer, path: Path, rank: int, seed: int) -> None:
+    """A random rank-`rank` LoRA on TARGETS of every double and single block, in diffusers' layout."""
+    import torch
+    from safetensors.torch import save_file
+
+    generator = torch.Generator().manual_seed(seed)
+    tensors = {}
+    for name, module in transformer.named_modules():
+        if name.endswith(TARGETS) and isinstance(module, torch.nn.Linear):
+            tensors[f"transformer.{name}.lora_A.weight"] = (
+                torch.randn(rank, module.in_features, generator=generator) / module.in_features ** 0.5)
+            tensors[f"transformer.{name}.lora_B.weight"] = (
+                torch.randn(module.out_features, rank, generator=generator) * 0.01).to(torch.bfloat16)
+    save_file(tensors, path)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default="tiny", help="tiny, random, random-small or a pipeline folder")
+    parser.add_argument("--size", type=int, default=512)
+    parser.add_argument("--steps", type=int, default=8)
+    parser.add_argument("--rank", type=int, default=16)
+    parser.add_argument("--runs", type=int, default=3)
+    parser.add_argument("--compile", action="store_true", help="hot-swap into compiled slots")
+    add_thread_option(parser)
+    args = parser.parse_args()
+    apply_thread_option(args)
+
+    import torch
+
+    from flux_infer.inference import FluxInference, LoraChoice, build_request
+    from flux_infer.loading import load_pipeline
+    from flux_infer.loras import LoraFolder
+    from flux_infer.tuning import Options
+
+    folder = Path(tempfile.mkdtemp(prefix="flux-loras-"))
+    # The LoRAs are written from the model's own shapes before the server-side load (slots need them).
+    probe = load_pipeline(args.model, options=Options(memory="off")).pipeline
+    for index, name in enumerate(("a", "b", "c")):
+        write_lora(probe.transformer, folder / f"{name}.safetensors", args.rank, seed=index)
+    del probe
+    if torch.cuda.is_available():
+        import gc
+
+        gc.collect()
+        torch.cuda.empty_cache()
+    options = Options(compile=args.compile, compile_sizes=((args.size, args.size),))
+    loaded = load_pipeline(args.model, options=options, lora_folder=LoraFolder(str(folder), rank=args.rank))
+    inference = FluxInference(loaded.pipeline, runtime=loaded.runtime, adapters=loaded.adapters)
+    cuda = torch.cuda.is_available() and loaded.placement.device.startswith("cuda")
+    base = build_request(PROMPT, seed=1, randomize_seed=False, width=args.size, height=args.size,
+                         num_inference_steps=args.steps)
+    one_step = replace(base, num_inference_steps=1)
+
+    def timed(call) -> float:
+        if cuda:
+            torch.cuda.synchronize()
+        started = time.perf_counter()
+        call()
+        if cuda:
+            torch.cuda.synchronize()
+        return time.perf_counter() - started
+
+    def image(loras=()):
+        return timed(lambda: inference.run(replace(base, loras=loras)))
+
+    two = (LoraChoice("a", 1.0), LoraChoice("b", 0.7))
+    image()  # warm-up (and, with --compile, the compile)
+    image(two)
+    recompiles = torch._dynamo.config.patch(error_on_recompile=True) if args.compile else None
+    if recompiles is not None:
+        recompiles.__enter__()
+    step = statistics.median(timed(lambda: inference.run(one_step)) for _ in range(args.runs))
+    switches = {
+        "first use of a LoRA (c)": [LoraChoice("c", 1.0)],
+        "cached LoRA again (a)": [LoraChoice("a", 1.0)],
+        "scale change only (a 1.0 -> 0.5)": [LoraChoice("a", 0.5)],
+        "back to no LoRA": [],
+    }
+    print(f"model {args.model}, {args.size}x{args.size}, rank {args.rank}, {'compiled' if args.compile else 'eager'}, "
+          f"device {loaded.placement.device}{' ' + torch.cuda.get_device_name() if cuda else ''}, "
+          f"torch {torch.__version__}")
+    print(f"one denoising step (no switch): {step * 1000:.1f} ms")
+    for label, loras in switches.items():
+        inference.run(replace(one_step, loras=(LoraChoice("b", 1.0),)))  # a different state before each
+        seconds = timed(lambda: inference.run(replace(one_step, loras=tuple(loras))))
+        print(f"switch: {label:<34} {(seconds - step) * 1000:8.1f} ms over a step")
+    plain = [image() for _ in range(args.runs)]
+    unfused = [image(two) for _ in range(args.runs)]
+    if recompiles is not None:
+        recompiles.__exit__(None, None, None)
+        print("no recompilation while switching (dynamo error_on_recompile)")
+    rows = {"no LoRA": plain, "2 LoRAs unfused (per request)": unfused}
+    if not args.compile:
+        inference.adapters.use(two)
+        loaded.pipeline.fuse_lora()
+        loaded.pipeline.unload_lora_weights()
+        inference.adapters = None
+        rows["2 LoRAs fused (start-up --lora)"] = [image() for _ in range(args.runs)]
+    reference = statistics.median(plain)
+    for label, values in rows.items():
+        median = statistics.median(values)
+        print(f"{label:<34} {median:7.3f} s/image  {median / args.steps * 1000:7.1f} ms/step  "
+              f"ratio {median / reference:.3f}")
+
+
+if __name__ == "__main__":
+    main()
