@@ -313,7 +313,7 @@ def _generate(args) -> int:
 def _edit(args) -> int:
     from dataclasses import replace
 
-    from flux_infer.inference import InvalidRequest, _number
+    from flux_infer.inference import InvalidRequest, check_strength
     from flux_infer.uploads import edit_size, read_image, read_mask
 
     def read(path: Path, what: str) -> bytes:
@@ -325,8 +325,7 @@ def _edit(args) -> int:
     mask = read_mask(read(args.mask, "mask"), image.size, "mask") if args.mask is not None else None
     width, height = edit_size(image.size)
     request = _request(args, width=args.width or width, height=args.height or height)
-    strength = float(_number("--strength", args.strength, settings.STRENGTH, whole=False))
-    return _write(args, replace(request, image=image, mask=mask, strength=strength))
+    return _write(args, replace(request, image=image, mask=mask, strength=check_strength(args.strength)))
 
 
 def _make_tiny(args) -> int:

@@ -159,6 +159,11 @@ def _size(name: str, value: Any, limits: Range) -> int:
     return pixels - pixels % settings.SIZE_MULTIPLE
 
 
+def check_strength(value: Any) -> float:
+    """An edit's strength, validated: 0 keeps the image, 1 repaints it all."""
+    return float(_number("strength", value, settings.STRENGTH, whole=False))
+
+
 def draw_seed() -> int:
     """A random seed in the Space's range [0, MAX_SEED]."""
     return secrets.randbelow(settings.MAX_SEED + 1)

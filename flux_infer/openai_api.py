@@ -41,7 +41,8 @@ from pydantic import (BaseModel, ConfigDict, StrictBool, StrictInt, StrictStr, V
 
 from flux_infer import settings
 from flux_infer.images import MIME_TYPES, encode
-from flux_infer.inference import GenerationCancelled, GenerationFailed, InvalidRequest, build_request, draw_seed
+from flux_infer.inference import (GenerationCancelled, GenerationFailed, InvalidRequest, build_request,
+                                  check_strength, draw_seed)
 from flux_infer.service import REQUEST_ID, Busy, Service, new_request_id
 from flux_infer.uploads import edit_size
 
@@ -220,11 +221,9 @@ class EditRequest(ImageRequest):
 
     def edit_requests(self, service: Service, image, mask) -> list:
         """The n validated GenerationRequests editing `image` (RGB) with `mask` ("L" or None)."""
-        from flux_infer.inference import _number
-
         width, height = edit_size(image.size) if self.size == "auto" else self.dimensions
         try:
-            strength = float(_number("strength", self.strength, settings.STRENGTH, whole=False))
+            strength = check_strength(self.strength)
         except InvalidRequest as err:
             raise ApiError(400, str(err), param="strength") from None
         requests = ImageRequest.generation_requests(self.model_copy(update={"size": f"{width}x{height}"}), service)

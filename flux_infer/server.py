@@ -24,13 +24,13 @@ CSS = """
 }
 /* Previews (latent: 1/8 of the image; TAEF1: up to 512 px) fill the result box at the final
    image's aspect ratio, scaled by the browser, so the box keeps its size when the image arrives. */
-#result .image-frame, #result img {
+#result .image-frame, #result img, #edit-result .image-frame, #edit-result img {
     width: 100%;
     height: auto;
     max-height: none;
     object-fit: contain;
 }
-#steps { min-height: 1.5em; text-align: center; }
+.step-line { min-height: 1.5em; text-align: center; }
 """
 
 
@@ -185,7 +185,9 @@ def build_app(service, demo, config: ServerConfig):
 
         app.mount(MOUNT_PATH, mcp.streamable_http_app())  # before the page's mount at `/`
     app.add_middleware(BodyLimit, limits={"/v1/images/edits": openai_api.MAX_EDIT_BODY_BYTES,
-                                          "/v1/": openai_api.MAX_BODY_BYTES})
+                                          "/v1/": openai_api.MAX_BODY_BYTES,
+                                          # the Edit tab's image (flux_infer.uploads bounds it again)
+                                          "/gradio_api/upload": settings.MAX_UPLOAD_BYTES + openai_api.MAX_BODY_BYTES})
     # Gradio's queue holds nothing back and refuses nothing: every request reaches the handler at
     # once and waits in the service's one line, which admits, orders and refuses for every door.
     # At most slots + max_queue requests are in the line, so this finite limit never binds (with no

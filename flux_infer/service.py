@@ -19,7 +19,7 @@ from dataclasses import replace
 from pathlib import Path
 
 from flux_infer import settings
-from flux_infer.inference import GenerationCancelled, InvalidRequest, build_request, stream_run
+from flux_infer.inference import GenerationCancelled, InvalidRequest, build_request, check_strength, stream_run
 from flux_infer.scheduler import Busy, Scheduler, Ticket
 
 log = logging.getLogger(__name__)
@@ -106,12 +106,15 @@ class Service:
             self.count_rejected(route, "busy")
             raise
 
-    def admit_request(self, route: str, *, loras=None, **arguments):
-        """The Space's arguments (build_request's) and the request's LoRAs validated, and a place in
-        line for them: (request, ticket); InvalidRequest or Busy, each counted, otherwise. On the
-        event loop."""
+    def admit_request(self, route: str, *, loras=None, edit: dict | None = None, **arguments):
+        """The Space's arguments (build_request's), the request's LoRAs and, for an edit, its
+        `edit` (image, mask, strength) validated, and a place in line for them: (request, ticket);
+        InvalidRequest or Busy, each counted, otherwise. On the event loop."""
         try:
             request = replace(build_request(**arguments), loras=self.choose_loras(loras))
+            if edit is not None:
+                request = replace(request, image=edit["image"], mask=edit.get("mask"),
+                                  strength=check_strength(edit.get("strength", settings.STRENGTH.default)))
         except InvalidRequest:
             self.count_rejected(route, "invalid")
             raise

@@ -70,6 +70,43 @@ class PerSession:
         return self._values.get(session, self.default) if session else self.default
 
 
+async def _to_page(service: Service, request, ticket, progress, steps_shown: PerSession | None, session):
+    """Wait in line and generate `request` for a page or Gradio API caller: yields (preview, seed) per
+    step and then (image, seed), reports the place in line and the step as Gradio progress and in
+    `steps_shown`, and turns errors into gr.Error (see make_handler)."""
+    import gradio as gr
+
+    shown = steps_shown or PerSession()
+
+    def in_line(ahead: int) -> None:
+        progress(0, desc=f"Waiting in line: {ahead} ahead")
+        shown.set(session, f"Waiting in line: {ahead} ahead")
+
+    steps = service.stream(ticket, request, request_id=new_request_id(), on_position=in_line)
+    try:
+        async for item in steps:
+            if isinstance(item, Step):
+                progress((item.index, item.total), desc="Denoising", unit="steps")
+                shown.set(session, f"Step {item.index} of {item.total}")
+                if item.preview is not None:
+                    yield item.preview.image(), request.seed
+            else:
+                yield item.image, item.seed
+    except asyncio.CancelledError:
+        if ticket.started is not None:
+            raise
+        # Cancelled while waiting in line (it has left it). Gradio cancels every running event
+        # of a session when one of them is cancelled, so this may be a gradio_client job whose
+        # neighbour was cancelled: answer it, or its caller would wait for ever.
+        raise gr.Error("cancelled while waiting in line (a job of the same client session was cancelled): "
+                       "submit it again", title="Cancelled", print_exception=False) from None
+    except Exception as err:
+        raise _gradio_error(err) from None
+    finally:
+        shown.clear(session)
+        await steps.aclose()
+
+
 def make_handler(service: Service, steps_shown: PerSession | None = None, loras_picked: PerSession | None = None):
     """The function behind `/infer`, with the Space's signature, streaming (image, seed).
 
@@ -120,37 +157,62 @@ def make_handler(service: Service, steps_shown: PerSession | None = None, loras_
         except (InvalidRequest, Busy) as err:  # counted by admit_request()
             raise _gradio_error(err) from None
 
-        shown = steps_shown or PerSession()
-
-        def in_line(ahead: int) -> None:
-            progress(0, desc=f"Waiting in line: {ahead} ahead")
-            shown.set(session, f"Waiting in line: {ahead} ahead")
-
-        steps = service.stream(ticket, request, request_id=new_request_id(), on_position=in_line)
-        try:
-            async for item in steps:
-                if isinstance(item, Step):
-                    progress((item.index, item.total), desc="Denoising", unit="steps")
-                    shown.set(session, f"Step {item.index} of {item.total}")
-                    if item.preview is not None:
-                        yield item.preview.image(), request.seed
-                else:
-                    yield item.image, item.seed
-        except asyncio.CancelledError:
-            if ticket.started is not None:
-                raise
-            # Cancelled while waiting in line (it has left it). Gradio cancels every running event
-            # of a session when one of them is cancelled, so this may be a gradio_client job whose
-            # neighbour was cancelled: answer it, or its caller would wait for ever.
-            raise gr.Error("cancelled while waiting in line (a job of the same client session was cancelled): "
-                           "submit it again", title="Cancelled", print_exception=False) from None
-        except Exception as err:
-            raise _gradio_error(err) from None
-        finally:
-            shown.clear(session)
-            await steps.aclose()
+        async for output in _to_page(service, request, ticket, progress, steps_shown, session):
+            yield output
 
     return infer
+
+
+def editor_images(value) -> tuple:
+    """The Edit tab's ImageEditor value (files) as the edit's (image, mask): the uploaded picture,
+    read and bounded as any upload (flux_infer.uploads), and what was brushed over it (any layer's
+    painted pixels; None when nothing was: image to image)."""
+    import numpy as np
+    from PIL import Image
+
+    from flux_infer.uploads import read_image
+
+    background = (value or {}).get("background")
+    if not background:
+        raise InvalidRequest("no image to edit: upload one in the Edit tab's image box first")
+    with open(background, "rb") as file:
+        image = read_image(file.read(), "image")
+    painted = None
+    for layer in (value or {}).get("layers") or []:
+        with Image.open(layer) as opened:
+            alpha = np.asarray(opened.convert("RGBA").resize(image.size, Image.NEAREST))[..., 3] > 0
+        painted = alpha if painted is None else painted | alpha
+    if painted is None or not painted.any():
+        return image, None
+    return image, Image.fromarray(np.where(painted, 255, 0).astype(np.uint8), "L")
+
+
+def make_edit_handler(service: Service, steps_shown: PerSession | None = None,
+                      loras_picked: PerSession | None = None):
+    """The Edit tab's handler (a private event, not an API endpoint: programs use
+    /v1/images/edits): the uploaded image reworked, or repainted where the mask was brushed, with
+    the same line, previews, cancellation and errors as `/infer`."""
+    import gradio as gr
+
+    async def edit(editor, prompt, strength, seed, randomize_seed, guidance_scale, num_inference_steps,
+                   progress=gr.Progress(), caller: gr.Request = None):
+        from flux_infer.uploads import edit_size
+
+        session = getattr(caller, "session_hash", None)
+        try:
+            image, mask = editor_images(editor)
+            width, height = edit_size(image.size)
+            request, ticket = service.admit_request(
+                "gradio", prompt=prompt, seed=seed, randomize_seed=randomize_seed, width=width, height=height,
+                guidance_scale=guidance_scale, num_inference_steps=num_inference_steps,
+                loras=loras_picked.get(session) if loras_picked is not None else None,
+                edit=dict(image=image, mask=mask, strength=strength))
+        except (InvalidRequest, Busy) as err:  # counted by admit_request() once validated
+            raise _gradio_error(err) from None
+        async for output in _to_page(service, request, ticket, progress, steps_shown, session):
+            yield output
+
+    return edit
 
 
 def remember(image: str | None, seed, history):
@@ -205,6 +267,31 @@ def _lora_picker(service: Service):
     return names, scale
 
 
+def _edit_tab(image_format: str):
+    """The Edit tab's components: ((editor, prompt, strength, seed, randomize, guidance, steps),
+    run button, result, step line)."""
+    import gradio as gr
+
+    editor = gr.ImageEditor(label="Image: paint over what to repaint (nothing painted: rework it all)",
+                            type="filepath", sources=("upload", "clipboard"), layers=False, elem_id="editor",
+                            brush=gr.Brush(colors=["#ff00ff"], color_mode="fixed"), transforms=())
+    with gr.Row():
+        prompt = gr.Text(label="Edit prompt", show_label=False, max_lines=1, placeholder="Describe the new image",
+                         container=False, elem_id="edit-prompt")
+        button = gr.Button("Edit", scale=0, elem_id="edit-run")
+    strength = _slider("Strength (0 keeps the image, 1 repaints it all)", settings.STRENGTH)
+    result = gr.Image(label="Edited", show_label=False, format=image_format, elem_id="edit-result",
+                      interactive=False, type="filepath")
+    line = gr.Markdown("", elem_id="edit-steps", elem_classes="step-line")
+    with gr.Accordion("Advanced Settings", open=False):
+        seed = _slider("Edit seed", settings.SEED)
+        randomize = gr.Checkbox(label="Randomize edit seed", value=settings.RANDOMIZE_SEED_DEFAULT)
+        with gr.Row():
+            guidance = _slider("Edit guidance scale", settings.GUIDANCE_SCALE)
+            steps = _slider("Edit steps", settings.NUM_INFERENCE_STEPS)
+    return (editor, prompt, strength, seed, randomize, guidance, steps), button, result, line
+
+
 def build_demo(service: Service, *, image_format: str = settings.DEFAULT_IMAGE_FORMAT):
     """The Space's Blocks page wired to `service`; nothing is launched (nor swept: see sweep_files)."""
     import gradio as gr
@@ -217,46 +304,49 @@ def build_demo(service: Service, *, image_format: str = settings.DEFAULT_IMAGE_F
     with gr.Blocks(title="FLUX.1 [dev]") as demo:
         with gr.Column(elem_id="col-container"):
             gr.Markdown(f"# {settings.TITLE}\n{settings.DESCRIPTION}")
-            with gr.Row():
-                prompt = gr.Text(
-                    label="Prompt", show_label=False, max_lines=1, placeholder="Enter your prompt", container=False
-                )
-                run_button = gr.Button("Run", scale=0)
-            result = gr.Image(label="Result", show_label=False, format=image_format, elem_id="result",
-                              interactive=False, type="filepath")  # as the gallery's input: its file
-            # Which step the previews are at. Gradio's progress text is hidden once a generator has
-            # yielded, so a timer polls it while a request runs (private events, not in the API).
-            step_line = gr.Markdown("", elem_id="steps")
+            with gr.Tabs():
+                with gr.Tab("Generate"):
+                    with gr.Row():
+                        prompt = gr.Text(label="Prompt", show_label=False, max_lines=1, placeholder="Enter your prompt",
+                                         container=False)
+                        run_button = gr.Button("Run", scale=0)
+                    result = gr.Image(label="Result", show_label=False, format=image_format, elem_id="result",
+                                      interactive=False, type="filepath")  # as the gallery's input: its file
+                    # Which step the previews are at. Gradio's progress text is hidden once a generator has
+                    # yielded, so a timer polls it while a request runs (private events, not in the API).
+                    step_line = gr.Markdown("", elem_id="steps", elem_classes="step-line")
+                    with gr.Accordion("Advanced Settings", open=False):
+                        seed = _slider("Seed", settings.SEED)
+                        randomize_seed = gr.Checkbox(label="Randomize seed", value=settings.RANDOMIZE_SEED_DEFAULT)
+                        with gr.Row():
+                            width = _slider("Width", settings.WIDTH)
+                            height = _slider("Height", settings.HEIGHT)
+                        with gr.Row():
+                            guidance_scale = _slider("Guidance Scale", settings.GUIDANCE_SCALE)
+                            num_inference_steps = _slider("Number of inference steps", settings.NUM_INFERENCE_STEPS)
+                    gr.Examples(
+                        examples=list(settings.EXAMPLES),
+                        fn=infer,
+                        inputs=[prompt],
+                        outputs=[result, seed],
+                        cache_examples=True,
+                        cache_mode="lazy",
+                    )
+                with gr.Tab("Edit"):
+                    edit_inputs, edit_button, edit_result, edit_line = _edit_tab(image_format)
             step_timer = gr.Timer(settings.STEP_LINE_EVERY_S, active=False)
-            with gr.Accordion("Advanced Settings", open=False):
-                seed = _slider("Seed", settings.SEED)
-                randomize_seed = gr.Checkbox(label="Randomize seed", value=settings.RANDOMIZE_SEED_DEFAULT)
-                with gr.Row():
-                    width = _slider("Width", settings.WIDTH)
-                    height = _slider("Height", settings.HEIGHT)
-                with gr.Row():
-                    guidance_scale = _slider("Guidance Scale", settings.GUIDANCE_SCALE)
-                    num_inference_steps = _slider("Number of inference steps", settings.NUM_INFERENCE_STEPS)
             if service.loras is not None:
                 lora_names, lora_scale = _lora_picker(service)
-            gr.Examples(
-                examples=list(settings.EXAMPLES),
-                fn=infer,
-                inputs=[prompt],
-                outputs=[result, seed],
-                cache_examples=True,
-                cache_mode="lazy",
-            )
             history = gr.State([])
             gallery = gr.Gallery(label="Recent images", columns=4, height=280, object_fit="cover", elem_id="history",
                                  show_label=True, interactive=False)
-        def step_text(caller: gr.Request):
-            return steps_shown.get(caller.session_hash)
+        def step_texts(caller: gr.Request):
+            return (steps_shown.get(caller.session_hash),) * 2
 
         private = dict(api_visibility="private", show_progress="hidden", queue=False)
         gr.on(triggers=[run_button.click, prompt.submit], fn=lambda: gr.Timer(active=True), outputs=step_timer,
               **private)
-        step_timer.tick(step_text, outputs=step_line, **private)
+        step_timer.tick(step_texts, outputs=[step_line, edit_line], **private)
         run = gr.on(
             triggers=[run_button.click, prompt.submit],
             fn=infer,
@@ -271,6 +361,14 @@ def build_demo(service: Service, *, image_format: str = settings.DEFAULT_IMAGE_F
         )
         run.success(remember, inputs=[result, seed, history], outputs=[gallery, history], **private)
         run.then(lambda: (gr.Timer(active=False), ""), outputs=[step_timer, step_line], **private)
+        # The Edit tab: the same line, previews and step line, as a private event (programs use
+        # /v1/images/edits), so the API still has /infer alone.
+        gr.on(triggers=[edit_button.click], fn=lambda: gr.Timer(active=True), outputs=step_timer, **private)
+        editing = edit_button.click(make_edit_handler(service, steps_shown, loras_picked), inputs=list(edit_inputs),
+                                    outputs=[edit_result, edit_inputs[3]], api_visibility="private",
+                                    show_progress="minimal")
+        editing.success(remember, inputs=[edit_result, edit_inputs[3], history], outputs=[gallery, history], **private)
+        editing.then(lambda: (gr.Timer(active=False), ""), outputs=[step_timer, edit_line], **private)
         if service.loras is not None:
             def pick(names, scale, caller: gr.Request):
                 loras_picked.set(caller.session_hash, [{"name": name, "scale": scale} for name in names or ()])

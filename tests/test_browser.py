@@ -179,3 +179,43 @@ def test_the_lora_picker_drives_the_same_path(page, ui_server, tiny_dir, lora_di
     # Another session (a gradio_client script) has no LoRA picked: the base model's image.
     path, _ = ui_server.client().predict("a lora fox", 5, False, 256, 256, 3.5, 3, api_name="/infer")
     np.testing.assert_array_equal(np.asarray(Image.open(path).convert("RGB")).astype(np.int16), fused(tiny_dir, lora_dir))
+
+
+def test_the_edit_tab_repaints_what_was_brushed(page, ui_server, tmp_path):
+    """Upload a picture, brush over its left side, edit: previews stream into the Edit tab's result,
+    then the image, made by the inpainting pipeline; the API still lists /infer alone."""
+    from test_edits import picture
+
+    picture(6, size=(1024, 768)).save(tmp_path / "in.png")  # big enough that each step takes a while here
+    page.get_by_role("tab", name="Edit").click()
+    page.locator("#editor input[type=file]").set_input_files(str(tmp_path / "in.png"))
+    canvas = page.locator("#editor canvas").first
+    canvas.wait_for()
+    box = canvas.bounding_box()
+    page.mouse.move(box["x"] + box["width"] * 0.2, box["y"] + box["height"] * 0.2)
+    page.mouse.down()
+    for fraction in (0.3, 0.4, 0.5, 0.6, 0.7, 0.8):
+        page.mouse.move(box["x"] + box["width"] * 0.25, box["y"] + box["height"] * fraction, steps=4)
+    page.mouse.up()
+    page.locator("#edit-prompt textarea, #edit-prompt input").first.fill("a fox in the snow")
+    ARTIFACTS.mkdir(parents=True, exist_ok=True)
+    page.screenshot(path=str(ARTIFACTS / "edit-brushed.png"))
+    before = ui_server.log().count("(inpaint)")
+    page.locator("#edit-run").click()
+    page.wait_for_function("/^Step \\d+ of \\d+$/.test(document.querySelector('#edit-steps').innerText.trim())",
+                           timeout=300_000, polling=20)
+    seen = {}
+    deadline = time.monotonic() + 900
+    while time.monotonic() < deadline:
+        image = page.locator("#edit-result img")
+        src = image.first.get_attribute("src") if image.count() else None
+        if src and src not in seen:
+            seen[src] = Image.open(io.BytesIO(page.request.get(src).body())).size
+            if seen[src] == (1024, 768):
+                break
+        time.sleep(0.05)
+    assert list(seen.values())[-1] == (1024, 768) and (128, 96) in seen.values(), seen  # latent previews, then it
+    page.screenshot(path=str(ARTIFACTS / "edit-end.png"))
+    assert ui_server.log().count("(inpaint)") == before + 1  # the brushed mask made it an inpainting
+    assert [name for name in ui_server.client().view_api(print_info=False, return_format="dict")["named_endpoints"]] \
+        == ["/infer"]

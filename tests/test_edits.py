@@ -116,7 +116,7 @@ def test_cli_edit(tmp_path, tiny_dir, capsys):
     assert Image.open(out).size == SIZE and "seed 2" in capsys.readouterr().out
     assert main(["edit", str(tmp_path / "in.png"), "a fox", "--strength", "1.5", "--model", str(tiny_dir),
                  "-o", str(out)]) == 2
-    assert "--strength must be a number between 0 and 1, got 1.5" in capsys.readouterr().err
+    assert "strength must be a number between 0 and 1, got 1.5" in capsys.readouterr().err
 
 
 @pytest.mark.e2e  # the session server
