@@ -5,8 +5,9 @@ architecture with random weights). Random LoRAs of `--rank` on every attention p
 transformer block are written to a temporary --lora-dir. Then, through flux_infer.loras (the
 server's own path), it times:
 
-- a switch (`LoraAdapters.use()` plus one denoising step, so lazy work is counted): the first use of
-  a LoRA (read and loaded), reuse of a cached one, and a change of scale only;
+- a switch (`LoraAdapters.use()`, the device synchronized after it), median of `--runs`: the first
+  use of a LoRA (read and loaded; a fresh file each run), reuse of a cached one, a change of scale
+  only, and back to none;
 - a whole image without LoRA, with two LoRAs unfused (PEFT adapters, as served), and with the same
   two fused into the weights (as `--lora` at start-up does), as medians and ratios per step.
 
@@ -70,7 +71,8 @@ def main() -> None:
     folder = Path(tempfile.mkdtemp(prefix="flux-loras-"))
     # The LoRAs are written from the model's own shapes before the server-side load (slots need them).
     probe = load_pipeline(args.model, options=Options(memory="off")).pipeline
-    for index, name in enumerate(("a", "b", "c")):
+    fresh = [f"new{run}" for run in range(args.runs)]  # one never-used LoRA per run of "first use"
+    for index, name in enumerate(("a", "b", *fresh)):
         write_lora(probe.transformer, folder / f"{name}.safetensors", args.rank, seed=index)
     del probe
     if torch.cuda.is_available():
@@ -84,7 +86,6 @@ def main() -> None:
     cuda = torch.cuda.is_available() and loaded.placement.device.startswith("cuda")
     base = build_request(PROMPT, seed=1, randomize_seed=False, width=args.size, height=args.size,
                          num_inference_steps=args.steps)
-    one_step = replace(base, num_inference_steps=1)
 
     def timed(call) -> float:
         if cuda:
@@ -104,21 +105,22 @@ def main() -> None:
     recompiles = torch._dynamo.config.patch(error_on_recompile=True) if args.compile else None
     if recompiles is not None:
         recompiles.__enter__()
-    step = statistics.median(timed(lambda: inference.run(one_step)) for _ in range(args.runs))
     switches = {
-        "first use of a LoRA (c)": [LoraChoice("c", 1.0)],
-        "cached LoRA again (a)": [LoraChoice("a", 1.0)],
-        "scale change only (a 1.0 -> 0.5)": [LoraChoice("a", 0.5)],
-        "back to no LoRA": [],
+        "first use of a LoRA": lambda run: [LoraChoice(fresh[run], 1.0)],
+        "cached LoRA again": lambda run: [LoraChoice("a", 1.0)],
+        "scale change only": lambda run: [LoraChoice("a", 0.5)],
+        "back to no LoRA": lambda run: [],
     }
-    print(f"model {args.model}, {args.size}x{args.size}, rank {args.rank}, {'compiled' if args.compile else 'eager'}, "
-          f"device {loaded.placement.device}{' ' + torch.cuda.get_device_name() if cuda else ''}, "
-          f"torch {torch.__version__}")
-    print(f"one denoising step (no switch): {step * 1000:.1f} ms")
-    for label, loras in switches.items():
-        inference.run(replace(one_step, loras=(LoraChoice("b", 1.0),)))  # a different state before each
-        seconds = timed(lambda: inference.run(replace(one_step, loras=tuple(loras))))
-        print(f"switch: {label:<34} {(seconds - step) * 1000:8.1f} ms over a step")
+    print(f"model {args.model}, {args.size}x{args.size}, {args.steps} steps, rank {args.rank}, "
+          f"{'compiled' if args.compile else 'eager'}, device {loaded.placement.device}"
+          f"{' ' + torch.cuda.get_device_name() if cuda else ''}, torch {torch.__version__}")
+    for label, choose in switches.items():
+        seconds = []
+        for run in range(args.runs):
+            inference.adapters.use((LoraChoice("a", 1.0), LoraChoice("b", 1.0)))  # the same state before each
+            seconds.append(timed(lambda: inference.adapters.use(tuple(choose(run)))))
+        print(f"switch: {label:<26} {statistics.median(seconds) * 1000:8.2f} ms  "
+              f"(runs {' '.join(f'{value * 1000:.2f}' for value in seconds)})")
     plain = [image() for _ in range(args.runs)]
     unfused = [image(two) for _ in range(args.runs)]
     if recompiles is not None:

@@ -25,6 +25,7 @@ carries the seed of each image. The API key is a dependency of every route.
 
 import asyncio
 import base64
+import contextlib
 import json
 import logging
 import re
@@ -333,6 +334,17 @@ async def _watch_disconnect(request, gone: threading.Event, every: float = 0.25)
         await asyncio.sleep(every)
 
 
+@contextlib.contextmanager
+def _request_id(request):
+    """The caller's x-request-id (or a new one), set for this route's log lines while it runs."""
+    request_id = request.headers.get("x-request-id") or new_request_id()
+    token = REQUEST_ID.set(request_id)
+    try:
+        yield request_id
+    finally:
+        REQUEST_ID.reset(token)
+
+
 def bearer_key(api_key: str | None):
     """A FastAPI dependency: the request's `Authorization: Bearer` must carry `api_key` (when set)."""
     from fastapi import Request
@@ -406,12 +418,8 @@ def router(service: Service, *, api_key: str | None = None, files: ImageFiles | 
 
     @routes.post("/v1/images/generations")
     async def generations(request: Request):
-        request_id = request.headers.get("x-request-id") or new_request_id()
-        token = REQUEST_ID.set(request_id)  # this route's log lines carry it too
-        try:
+        with _request_id(request) as request_id:
             return await generate_images(request, request_id)
-        finally:
-            REQUEST_ID.reset(token)
 
     async def generate_images(request: Request, request_id: str):
         try:
@@ -424,12 +432,8 @@ def router(service: Service, *, api_key: str | None = None, files: ImageFiles | 
 
     @routes.post("/v1/images/edits")
     async def edits(request: Request):
-        request_id = request.headers.get("x-request-id") or new_request_id()
-        token = REQUEST_ID.set(request_id)
-        try:
+        with _request_id(request) as request_id:
             return await edit_images(request, request_id)
-        finally:
-            REQUEST_ID.reset(token)
 
     async def edit_images(request: Request, request_id: str):
         from starlette.datastructures import UploadFile

@@ -27,15 +27,16 @@ def start_server(tiny: str, workdir: Path, *flags: str, env: dict | None = None)
 
 
 # Ray Serve's replicas and handles report their load every 10 s by default: once a second here, so
-# that a short --upscale-delay acts on this second's load.
-FAST_METRICS = {"RAY_SERVE_REPLICA_AUTOSCALING_METRIC_PUSH_INTERVAL_S": "1",
-                "RAY_SERVE_HANDLE_AUTOSCALING_METRIC_PUSH_INTERVAL_S": "1"}
+# that a short --upscale-delay acts on this second's load. One torch thread per replica: the busy
+# replica leaves the other core to the one starting (on two cores it would otherwise starve it).
+AUTOSCALE_ENV = {"RAY_SERVE_REPLICA_AUTOSCALING_METRIC_PUSH_INTERVAL_S": "1",
+                 "RAY_SERVE_HANDLE_AUTOSCALING_METRIC_PUSH_INTERVAL_S": "1", "OMP_NUM_THREADS": "1"}
 
 
 def autoscale(tiny: str, workdir: Path) -> None:
     """--min-replicas 1 --max-replicas 2: one replica at start, a second under sustained load."""
     server = start_server(tiny, workdir, "--min-replicas", "1", "--max-replicas", "2", "--upscale-delay", "2",
-                          env=FAST_METRICS)
+                          env=AUTOSCALE_ENV)
     log = server.log
     try:
         assert len(set(re.findall(r"replica (\w+) ready", log()))) == 1, log()[-3000:]
@@ -123,7 +124,9 @@ def main(tiny: str, workdir: Path) -> None:
             assert time.monotonic() < deadline, log()[-3000:]
             time.sleep(0.1)
         victim, pid = match.group(1), int(match.group(2))
-        time.sleep(1)
+        while not job.outputs():  # a preview has come back: the replica is mid-generation
+            assert time.monotonic() < deadline, log()[-3000:]
+            time.sleep(0.05)
         os.kill(pid, signal.SIGKILL)
         started = time.monotonic()
         try:
