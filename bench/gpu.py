@@ -84,6 +84,7 @@ PARTS = {
     "served": [],
     "memory": ["bf16"],
     "cold": [],
+    "lora": [],
 }
 # Backends that need a package torch does not bring; without it the preset is not measured.
 MODULES = {"flash3-attention": "flash_attn_interface", "flash-attention": "flash_attn"}
@@ -478,6 +479,25 @@ def part_served(run: Run) -> None:
     run.write(f"\n(goal: served/direct <= {SERVED_GOAL} with previews on)")
 
 
+def part_lora(run: Run) -> None:
+    """bench/lora.py on the same model: switch costs and per-step cost of per-request LoRAs, eager and
+    compiled (hot swap), each in its own process."""
+    a = run.args
+    run.write("\n## Per-request LoRAs (bench/lora.py)\n")
+    for extra in ([], ["--compile"]):
+        command = [sys.executable, str(REPO / "bench" / "lora.py"), "--model", a.model, "--size", str(a.size),
+                   "--steps", str(a.steps), "--runs", str(a.runs), *extra]
+        name = " ".join(extra) or "eager"
+        try:
+            child = subprocess.run(command, capture_output=True, text=True, timeout=a.timeout)
+        except subprocess.TimeoutExpired as err:
+            run.write(f"{name}: timed out after {a.timeout:.0f} s (--timeout)\n```\n{_text(err.output)[-2000:]}\n```")
+            continue
+        shown = child.stdout if child.returncode == 0 else child.stdout + child.stderr[-3000:]
+        run.write(f"`{' '.join(command[1:])}` (exit {child.returncode})\n```\n{shown.strip()}\n```")
+        run.record("lora", name, {"returncode": child.returncode, "stdout": child.stdout})
+
+
 def save_pipeline(folder: str, model: str, allow_cpu: bool) -> None:
     from flux_infer.loading import load_pipeline
     from flux_infer.tuning import Options
@@ -548,6 +568,8 @@ def main() -> None:
             part_cold(run)
         elif part == "served":
             part_served(run)
+        elif part == "lora":
+            part_lora(run)
         run.write(f"\n({part}: {time.perf_counter() - began:.0f} s)")
 
 

@@ -241,7 +241,7 @@ class LoraAdapters:
         # Each slot gets tensors of its own: PEFT may keep a loaded state dict's tensors as the
         # adapter's weights, and a hot swap copies into them.
         for slot in range(settings.MAX_LORAS):
-            self.pipeline.load_lora_weights(self._zero_state_dict(layers), adapter_name=f"slot{slot}")
+            self._load(self._zero_state_dict(layers), f"slot{slot}")
             self._slots.append(None)
         self._zero = self._zero_state_dict(layers)
         self.pipeline.set_adapters([f"slot{slot}" for slot in range(settings.MAX_LORAS)],
@@ -265,6 +265,11 @@ class LoraAdapters:
             tensors[f"transformer.{name}.lora_A.weight"] = torch.zeros(self.hotswap_rank, module.in_features)
             tensors[f"transformer.{name}.lora_B.weight"] = torch.zeros(module.out_features, self.hotswap_rank)
         return tensors
+
+    def _load(self, source, adapter: str, **options) -> None:
+        with warnings.catch_warnings():  # PEFT's "multiple adapters in the model": that is the point
+            warnings.filterwarnings("ignore", message="Already found a `peft_config`")
+            self.pipeline.load_lora_weights(source, adapter_name=adapter, **options)
 
     # -- per request ---------------------------------------------------------------------------------
 
@@ -300,9 +305,7 @@ class LoraAdapters:
         self._serial += 1
         adapter = f"lora{self._serial}"
         try:
-            with warnings.catch_warnings():  # PEFT's "multiple adapters in the model": that is the point
-                warnings.filterwarnings("ignore", message="Already found a `peft_config`")
-                self.pipeline.load_lora_weights(info.path, adapter_name=adapter)
+            self._load(info.path, adapter)
         except (OSError, ValueError, KeyError, RuntimeError) as err:
             raise InvalidRequest(f"LoRA {name!r} could not be loaded as a FLUX LoRA: "
                                  f"{str(err).splitlines()[0][:300]}") from None
@@ -344,5 +347,5 @@ class LoraAdapters:
                 choice, _ = entry
                 weights = {key: value * choice.scale if ".lora_B." in key else value
                            for key, value in self._state_dict(choice.name).items()}
-            self.pipeline.load_lora_weights(weights, adapter_name=f"slot{slot}", hotswap=True)
+            self._load(weights, f"slot{slot}", hotswap=True)
             self._slots[slot] = entry

@@ -3,9 +3,10 @@
 The layout, labels, ranges and defaults are the Space's, so `gradio_client` scripts written for
 `black-forest-labs/FLUX.1-dev` run unchanged against this server. The handler only translates:
 raw values in, `Service.admit_request()` (build_request, the line) and `Service.stream()`,
-previews and the final (image, seed) out, core errors to `gr.Error`. Below the Space's layout the
-page keeps a gallery of the session's recent images (a private event: the API still has the one
-endpoint).
+previews and the final (image, seed) out, core errors to `gr.Error`. Around the Space's layout,
+private events (not API endpoints: the API still has the one) add what a local user expects: a
+step line under the previews, an "Edit" tab (image to image, inpainting), a LoRA picker with
+`--lora-dir`, and a gallery of the session's recent images.
 """
 
 # No `from __future__ import annotations`: Gradio finds the `gr.Request` parameters of the handlers

@@ -6,7 +6,9 @@ loopback (Ray probes outside addresses at start). Not collected by pytest on its
 
 from __future__ import annotations
 
+import base64
 import concurrent.futures
+import io
 import os
 import re
 import signal
@@ -99,11 +101,35 @@ def main(tiny: str, workdir: Path) -> None:
         import torch
 
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // 2))
-        reference = load_inference(InferenceSpec(model=tiny, device="cpu")).infer(
-            "a ray of light", seed=0, randomize_seed=False, width=512, height=512, num_inference_steps=8)
+        single = load_inference(InferenceSpec(model=tiny, device="cpu"))
+        reference = single.infer("a ray of light", seed=0, randomize_seed=False, width=512, height=512,
+                                 num_inference_steps=8)
         np.testing.assert_array_equal(np.asarray(Image.open(outputs[0][0]).convert("RGB")),
                                       np.asarray(reference.image.convert("RGB")))
         print("seed 0: pixel-identical to the single-process pipeline")
+
+        # An edit travels to a replica with its image and mask, and comes back as a single process
+        # makes it.
+        from dataclasses import replace
+
+        from flux_infer.inference import build_request
+
+        picture = reference.image.convert("RGB")
+        mask = Image.new("L", picture.size)
+        mask.paste(255, (0, 0, picture.size[0] // 2, picture.size[1]))
+        buffers = {name: io.BytesIO() for name in ("image", "mask")}
+        picture.save(buffers["image"], format="PNG")
+        mask.save(buffers["mask"], format="PNG")
+        edited = httpx.post(url + "v1/images/edits", timeout=300, files={
+            name: (f"{name}.png", buffer.getvalue(), "image/png") for name, buffer in buffers.items()},
+            data={"prompt": "a ray of dark", "seed": "3", "num_inference_steps": "8", "strength": "0.7"})
+        assert edited.status_code == 200, edited.text
+        expected = single.run(replace(build_request("a ray of dark", seed=3, randomize_seed=False, width=512,
+                                                    height=512, num_inference_steps=8),
+                                      image=picture, mask=mask, strength=0.7))
+        made = Image.open(io.BytesIO(base64.b64decode(edited.json()["data"][0]["b64_json"]))).convert("RGB")
+        np.testing.assert_array_equal(np.asarray(made), np.asarray(expected.image.convert("RGB")))
+        print("an inpainting edit on a replica: pixel-identical to the single process")
 
         # Previews stream back from the replica.
         streamed = list(client.submit("previews", 5, False, 512, 512, 3.5, 6, api_name="/infer"))
