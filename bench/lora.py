@@ -9,7 +9,7 @@ server's own path), it times:
   use of a LoRA (read and loaded; a fresh file each run), reuse of a cached one, a change of scale
   only, and back to none;
 - a whole image without LoRA, with two LoRAs unfused (PEFT adapters, as served), and with the same
-  two fused into the weights (as `--lora` at start-up does), as medians and ratios per step.
+  two fused into the weights (as `--lora` at start-up does), round-robin, as medians and ratios.
 
 With `--compile`, the switches are hot swaps into compiled slots instead, and the run fails if any
 of them recompiles.
@@ -121,18 +121,32 @@ def main() -> None:
             seconds.append(timed(lambda: inference.adapters.use(tuple(choose(run)))))
         print(f"switch: {label:<26} {statistics.median(seconds) * 1000:8.2f} ms  "
               f"(runs {' '.join(f'{value * 1000:.2f}' for value in seconds)})")
-    plain = [image() for _ in range(args.runs)]
-    unfused = [image(two) for _ in range(args.runs)]
+    adapters = inference.adapters
+
+    def fused() -> float:
+        """The two LoRAs merged into the weights (as start-up --lora), timed, then taken out again."""
+        adapters.use(two)
+        loaded.pipeline.fuse_lora()
+        inference.adapters = None  # the request then leaves the merged layers as they are
+        try:
+            return image()
+        finally:
+            inference.adapters = adapters
+            loaded.pipeline.unfuse_lora()
+
+    # Round-robin, so that the machine's noise hits every variant alike.
+    rows = {"no LoRA": [], "2 LoRAs unfused (per request)": []}
+    if not args.compile:
+        rows["2 LoRAs fused (start-up --lora)"] = []
+    for _ in range(args.runs):
+        rows["no LoRA"].append(image())
+        rows["2 LoRAs unfused (per request)"].append(image(two))
+        if not args.compile:
+            rows["2 LoRAs fused (start-up --lora)"].append(fused())
     if recompiles is not None:
         recompiles.__exit__(None, None, None)
         print("no recompilation while switching (dynamo error_on_recompile)")
-    rows = {"no LoRA": plain, "2 LoRAs unfused (per request)": unfused}
-    if not args.compile:
-        inference.adapters.use(two)
-        loaded.pipeline.fuse_lora()
-        loaded.pipeline.unload_lora_weights()
-        inference.adapters = None
-        rows["2 LoRAs fused (start-up --lora)"] = [image() for _ in range(args.runs)]
+    plain = rows["no LoRA"]
     reference = statistics.median(plain)
     for label, values in rows.items():
         median = statistics.median(values)
