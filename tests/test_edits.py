@@ -69,6 +69,12 @@ def test_image_to_image_and_inpainting_give_diffusers_own_pixels(inference):
     np.testing.assert_array_equal(np.asarray(inpainted.image), np.asarray(direct(FluxInpaintPipeline, inference,
                                                                                  image, mask).images[0]))
     assert not np.array_equal(np.asarray(inpainted.image), np.asarray(result.image))
+    # What the PNG's flux_infer chunk and the --output-dir sidecar record: the edit, not its pixels.
+    import json
+
+    recorded = json.loads(inpainted.image.info["flux_infer"])
+    assert (recorded["kind"], recorded["strength"], recorded["image_size"], recorded["mask_size"]) == (
+        "inpaint", 0.6, list(SIZE), list(SIZE))
 
 
 def test_outside_the_mask_the_latents_are_the_images(inference):
