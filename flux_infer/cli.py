@@ -212,18 +212,12 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _lora_folder(args):
+    """--lora-dir, --lora-cache and --lora-rank, checked (before any slow load), or None."""
     from flux_infer.loras import LoraFolder
 
-    if args.lora_dir is None:
+    if getattr(args, "lora_dir", None) is None:
         return None
-    if args.lora_cache < settings.MAX_LORAS:
-        raise ValueError(f"--lora-cache must be at least {settings.MAX_LORAS} (the LoRAs one image may use), "
-                         f"got {args.lora_cache}")
-    if args.lora_rank < 1:
-        raise ValueError(f"--lora-rank must be at least 1, got {args.lora_rank}")
-    folder = LoraFolder(str(args.lora_dir), cache=args.lora_cache, rank=args.lora_rank)
-    folder.library()  # the folder exists
-    return folder
+    return LoraFolder(str(args.lora_dir), cache=args.lora_cache, rank=args.lora_rank)
 
 
 def _spec(args, *, preview: str = "none", preview_every: int = 1, taef1: str | None = None):
@@ -232,7 +226,7 @@ def _spec(args, *, preview: str = "none", preview_every: int = 1, taef1: str | N
     # `generate --lora-dir D --lora NAME`: the LoRA is the request's, not fused at start-up.
     fused = () if args.command != "serve" and args.lora_dir is not None else tuple(args.lora)
     return InferenceSpec(model=args.model, base_model=args.base_model, device=args.device, dtype=args.dtype,
-                         options=_options(args), loras=fused, lora_folder=_lora_folder(args), preview=preview,
+                         options=_options(args), loras=fused, lora_folder=args.lora_folder, preview=preview,
                          preview_every=preview_every, taef1=taef1, progress_bar=args.command != "serve")
 
 
@@ -257,7 +251,6 @@ def _serve(args) -> int:
                           api_key=args.api_key, mcp=args.mcp, keep_outputs=args.keep_outputs,
                           model_aliases=tuple(args.model_alias))
     preview = dict(preview=args.preview, preview_every=args.preview_every, taef1=args.taef1)
-    folder = _lora_folder(args)
     if args.replicas is None and args.min_replicas is None and args.max_replicas is None and args.ray_address is None:
         inference, concurrency = _load(args, **preview), 1
     else:
@@ -272,7 +265,8 @@ def _serve(args) -> int:
         cluster.check()  # before the model or Ray is touched
         inference, concurrency = start(_spec(args, **preview), cluster), cluster.most_replicas
     service = Service(inference, max_queue=args.max_queue, output_dir=args.output_dir, log_prompts=args.log_prompts,
-                      concurrency=concurrency, loras=folder.library() if folder is not None else None)
+                      concurrency=concurrency,
+                      loras=args.lora_folder.library() if args.lora_folder is not None else None)
     demo = build_demo(service, image_format=args.image_format)
     serve(service, demo, config)
     return 0
@@ -287,10 +281,9 @@ def _request(args, *, width, height):
 
     request = build_request(args.prompt, seed=0 if args.seed is None else args.seed, randomize_seed=args.seed is None,
                             width=width, height=height, guidance_scale=args.guidance, num_inference_steps=args.steps)
-    if args.lora_dir is not None:
-        folder = _lora_folder(args)
+    if args.lora_folder is not None:
         request = replace(request, loras=parse_loras([f"{name}:{scale}" for name, scale in args.lora],
-                                                     folder.library()))
+                                                     args.lora_folder.library()))
     if args.output.suffix.lower() not in SUFFIX_FORMATS:
         raise ValueError(f"-o must end in {' or '.join(SUFFIX_FORMATS)}, got {args.output.name}")
     return request
@@ -352,6 +345,7 @@ def main(argv: list[str] | None = None) -> int:
 
     commands = {"serve": _serve, "generate": _generate, "edit": _edit, "make-tiny": _make_tiny}
     try:
+        args.lora_folder = _lora_folder(args)  # one, checked once, for the command
         return commands[args.command](args)
     except (ModelLoadError, DeviceError, InvalidRequest, GradioMismatch, ValueError) as err:
         print(f"flux-infer: error: {err}", file=sys.stderr)

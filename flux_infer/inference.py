@@ -22,6 +22,10 @@ from flux_infer.settings import Range
 log = logging.getLogger(__name__)
 
 
+# A request that names LoRAs, on a server without --lora-dir.
+NO_LORA_FOLDER = "loras: this server has no LoRA folder; start it with --lora-dir DIR"
+
+
 class InvalidRequest(ValueError):
     """A request argument is wrong; the message names it, its allowed range and the value sent."""
 
@@ -291,7 +295,7 @@ class FluxInference:
             if cancel is not None and cancel.is_set():
                 raise GenerationCancelled("cancelled before it started")
             if request.loras and self.adapters is None:
-                raise InvalidRequest("loras: this server has no LoRA folder; start it with --lora-dir DIR")
+                raise InvalidRequest(NO_LORA_FOLDER)
             if self.adapters is not None:
                 self.adapters.use(request.loras)
             if request.image is not None and request.denoising_steps < 1:

@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from flux_infer import settings
-from flux_infer.inference import InvalidRequest, LoraChoice
+from flux_infer.inference import NO_LORA_FOLDER, InvalidRequest, LoraChoice
 
 log = logging.getLogger(__name__)
 
@@ -167,7 +167,7 @@ def parse_loras(value: Any, library: LoraLibrary | None) -> tuple[LoraChoice, ..
     if value is None or value == [] or value == "":
         return ()
     if library is None:
-        raise InvalidRequest("loras: this server has no LoRA folder; start it with --lora-dir DIR")
+        raise InvalidRequest(NO_LORA_FOLDER)
     items = value.split(",") if isinstance(value, str) else value
     if not isinstance(items, (list, tuple)):
         raise InvalidRequest(f"loras must be a list of {{\"name\": ..., \"scale\": ...}}, got {value!r}")
@@ -196,6 +196,14 @@ class LoraFolder:
     cache: int = settings.DEFAULT_LORA_CACHE
     rank: int = settings.DEFAULT_LORA_RANK
 
+    def __post_init__(self):
+        if self.cache < settings.MAX_LORAS:
+            raise ValueError(f"--lora-cache must be at least {settings.MAX_LORAS} (the LoRAs one image may use), "
+                             f"got {self.cache}")
+        if self.rank < 1:
+            raise ValueError(f"--lora-rank must be at least 1, got {self.rank}")
+        self.library()  # the folder is there
+
     def library(self) -> LoraLibrary:
         return LoraLibrary(self.path)
 
@@ -209,14 +217,12 @@ class LoraFolder:
 
 
 class LoraAdapters:
-    """Switches a pipeline's per-request LoRAs (see the module docstring). Not thread-safe: call
-    `use()` under the caller's pipeline lock, just before the pipeline runs."""
+    """Switches a pipeline's per-request LoRAs (see the module docstring); made by
+    `LoraFolder.adapters()`, which checked its sizes. Not thread-safe: call `use()` under the caller's
+    pipeline lock, just before the pipeline runs."""
 
     def __init__(self, pipeline, library: LoraLibrary, *, cache_size: int = settings.DEFAULT_LORA_CACHE,
                  hotswap_rank: int | None = None):
-        if cache_size < settings.MAX_LORAS:
-            raise ValueError(f"--lora-cache must be at least {settings.MAX_LORAS} (the LoRAs one image may use), "
-                             f"got {cache_size}")
         self.pipeline = pipeline
         self.library = library
         self.cache_size = cache_size

@@ -200,12 +200,13 @@ class ImageRequest(BaseModel):
             base = build_request(self.prompt, seed=0 if self.seed is None else self.seed, randomize_seed=False,
                                  width=width, height=height, guidance_scale=self.guidance_scale,
                                  num_inference_steps=self.steps)
+        except InvalidRequest as err:
+            param = str(err).split(" ", 1)[0]
+            raise ApiError(400, str(err), param=param if param in FIELDS else None) from None
+        try:
             base = replace(base, loras=service.choose_loras(self.loras))
         except InvalidRequest as err:
-            param = str(err).split(" ", 1)[0].rstrip(":")
-            if param not in FIELDS:
-                param = "loras" if "LoRA" in str(err) else None
-            raise ApiError(400, str(err), param=param) from None
+            raise ApiError(400, str(err), param="loras") from None
         # Image i gets seed + i (wrapping in the Space's range), or a fresh random seed each.
         seeds = [draw_seed() if self.seed is None else (base.seed + index) % (settings.MAX_SEED + 1)
                  for index in range(self.n)]
@@ -227,7 +228,7 @@ class EditRequest(ImageRequest):
             strength = check_strength(self.strength)
         except InvalidRequest as err:
             raise ApiError(400, str(err), param="strength") from None
-        requests = ImageRequest.generation_requests(self.model_copy(update={"size": f"{width}x{height}"}), service)
+        requests = self.model_copy(update={"size": f"{width}x{height}"}).generation_requests(service)
         return [replace(request, image=image, mask=mask, strength=strength) for request in requests]
 
 
@@ -501,8 +502,8 @@ def router(service: Service, *, api_key: str | None = None, files: ImageFiles | 
         except GenerationCancelled as err:
             log.info("the caller closed the connection: %s", err)
             raise ApiError(499, "the client closed the request", kind="server_error") from None
-        except InvalidRequest as err:  # found only where it runs (a LoRA file that turned out bad)
-            raise ApiError(400, str(err), param="loras" if "LoRA" in str(err) else None) from None
+        except InvalidRequest as err:  # only the LoRAs are found wrong where they run (a bad file, a rank)
+            raise ApiError(400, str(err), param="loras") from None
         except GenerationFailed as err:
             raise ApiError(500, str(err), kind="server_error", code="generation_failed") from None
         except ApiError:

@@ -124,6 +124,8 @@ def make_handler(service: Service, steps_shown: PerSession | None = None, loras_
     """
     import gradio as gr
 
+    loras_picked = loras_picked or PerSession()
+
     async def infer(
         prompt,
         seed=settings.EXAMPLE_SEED,
@@ -154,7 +156,7 @@ def make_handler(service: Service, steps_shown: PerSession | None = None, loras_
             request, ticket = service.admit_request(
                 "gradio", prompt=prompt, seed=seed, randomize_seed=randomize_seed, width=width, height=height,
                 guidance_scale=guidance_scale, num_inference_steps=num_inference_steps,
-                loras=loras_picked.get(session) if loras_picked is not None else None)
+                loras=loras_picked.get(session))
         except (InvalidRequest, Busy) as err:  # counted by admit_request()
             raise _gradio_error(err) from None
 
@@ -195,6 +197,8 @@ def make_edit_handler(service: Service, steps_shown: PerSession | None = None,
     the same line, previews, cancellation and errors as `/infer`."""
     import gradio as gr
 
+    loras_picked = loras_picked or PerSession()
+
     async def edit(editor, prompt, strength, seed, randomize_seed, guidance_scale, num_inference_steps,
                    progress=gr.Progress(), caller: gr.Request = None):
         from flux_infer.uploads import edit_size
@@ -206,7 +210,7 @@ def make_edit_handler(service: Service, steps_shown: PerSession | None = None,
             request, ticket = service.admit_request(
                 "gradio", prompt=prompt, seed=seed, randomize_seed=randomize_seed, width=width, height=height,
                 guidance_scale=guidance_scale, num_inference_steps=num_inference_steps,
-                loras=loras_picked.get(session) if loras_picked is not None else None,
+                loras=loras_picked.get(session),
                 edit=dict(image=image, mask=mask, strength=strength))
         except (InvalidRequest, Busy) as err:  # counted by admit_request() once validated
             raise _gradio_error(err) from None
@@ -344,9 +348,12 @@ def build_demo(service: Service, *, image_format: str = settings.DEFAULT_IMAGE_F
         def step_texts(caller: gr.Request):
             return (steps_shown.get(caller.session_hash),) * 2
 
+        def stop_steps():
+            return gr.Timer(active=False), ""
+
         private = dict(api_visibility="private", show_progress="hidden", queue=False)
-        gr.on(triggers=[run_button.click, prompt.submit], fn=lambda: gr.Timer(active=True), outputs=step_timer,
-              **private)
+        gr.on(triggers=[run_button.click, prompt.submit, edit_button.click], fn=lambda: gr.Timer(active=True),
+              outputs=step_timer, **private)
         step_timer.tick(step_texts, outputs=[step_line, edit_line], **private)
         run = gr.on(
             triggers=[run_button.click, prompt.submit],
@@ -361,15 +368,14 @@ def build_demo(service: Service, *, image_format: str = settings.DEFAULT_IMAGE_F
             show_progress="minimal",
         )
         run.success(remember, inputs=[result, seed, history], outputs=[gallery, history], **private)
-        run.then(lambda: (gr.Timer(active=False), ""), outputs=[step_timer, step_line], **private)
+        run.then(stop_steps, outputs=[step_timer, step_line], **private)
         # The Edit tab: the same line, previews and step line, as a private event (programs use
         # /v1/images/edits), so the API still has /infer alone.
-        gr.on(triggers=[edit_button.click], fn=lambda: gr.Timer(active=True), outputs=step_timer, **private)
         editing = edit_button.click(make_edit_handler(service, steps_shown, loras_picked), inputs=list(edit_inputs),
                                     outputs=[edit_result, edit_inputs[3]], api_visibility="private",
                                     show_progress="minimal")
         editing.success(remember, inputs=[edit_result, edit_inputs[3], history], outputs=[gallery, history], **private)
-        editing.then(lambda: (gr.Timer(active=False), ""), outputs=[step_timer, edit_line], **private)
+        editing.then(stop_steps, outputs=[step_timer, edit_line], **private)
         if service.loras is not None:
             def pick(names, scale, caller: gr.Request):
                 loras_picked.set(caller.session_hash, [{"name": name, "scale": scale} for name in names or ()])

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import httpx
 import numpy as np
-from conftest import Server
+from conftest import Server, wait_for
 from PIL import Image
 
 
@@ -150,9 +150,7 @@ def main(tiny: str, workdir: Path) -> None:
             assert time.monotonic() < deadline, log()[-3000:]
             time.sleep(0.1)
         victim, pid = match.group(1), int(match.group(2))
-        while not job.outputs():  # a preview has come back: the replica is mid-generation
-            assert time.monotonic() < deadline, log()[-3000:]
-            time.sleep(0.05)
+        wait_for(job.outputs, "a preview from the replica (it is then mid-generation)", timeout=60)
         os.kill(pid, signal.SIGKILL)
         started = time.monotonic()
         try:

@@ -55,12 +55,12 @@ def page(browser, ui_server):
     context.close()
 
 
-def watch_result(page, ui_server, *, size: tuple[int, int], timeout: float = 900):
-    """Follow the result image until the full-size one arrives; return (every image seen, the final).
+def watch_result(page, ui_server, *, size: tuple[int, int], timeout: float = 900, box: str = "#result"):
+    """Follow the image in `box` until the full-size one arrives; return (every image seen, the final).
     `timeout` only guards against a hang: a busy machine may take minutes."""
     seen, deadline = {}, time.monotonic() + timeout
     while time.monotonic() < deadline:
-        image = page.locator("#result img")
+        image = page.locator(f"{box} img")
         if image.count():
             src = image.first.get_attribute("src")
             if src and src not in seen:
@@ -204,17 +204,8 @@ def test_the_edit_tab_repaints_what_was_brushed(page, ui_server, tmp_path):
     page.locator("#edit-run").click()
     page.wait_for_function("/^Step \\d+ of \\d+$/.test(document.querySelector('#edit-steps').innerText.trim())",
                            timeout=300_000, polling=20)
-    seen = {}
-    deadline = time.monotonic() + 900
-    while time.monotonic() < deadline:
-        image = page.locator("#edit-result img")
-        src = image.first.get_attribute("src") if image.count() else None
-        if src and src not in seen:
-            seen[src] = Image.open(io.BytesIO(page.request.get(src).body())).size
-            if seen[src] == (1024, 768):
-                break
-        time.sleep(0.05)
-    assert list(seen.values())[-1] == (1024, 768) and (128, 96) in seen.values(), seen  # latent previews, then it
+    images, _ = watch_result(page, ui_server, size=(1024, 768), box="#edit-result")
+    assert (128, 96) in [image.size for image in images], [image.size for image in images]  # latent previews
     page.screenshot(path=str(ARTIFACTS / "edit-end.png"))
     assert ui_server.log().count("(inpaint)") == before + 1  # the brushed mask made it an inpainting
     assert [name for name in ui_server.client().view_api(print_info=False, return_format="dict")["named_endpoints"]] \
