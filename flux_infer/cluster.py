@@ -15,6 +15,7 @@ import os
 import time
 from dataclasses import asdict, dataclass
 
+from flux_infer import settings
 from flux_infer.inference import GenerationCancelled, GenerationFailed, GenerationRequest, GenerationResult
 
 log = logging.getLogger(__name__)
@@ -102,6 +103,20 @@ def _make_deployment():
     return Generator
 
 
+def deployment_options(config: ClusterConfig, gpus: float, cpus: float) -> dict:
+    """`Generator.options(...)` for `config`: a fixed number of replicas or autoscaling bounds, each
+    replica's GPUs and CPUs (and as many torch threads as CPUs), health checks every few seconds."""
+    delay = {} if config.upscale_delay_s is None else dict(upscale_delay_s=config.upscale_delay_s)
+    scaling = (dict(autoscaling_config=dict(min_replicas=config.min_replicas, max_replicas=config.max_replicas,
+                                            target_ongoing_requests=1, **delay))
+               if config.max_replicas is not None else dict(num_replicas=config.replicas))
+    threads = str(max(1, int(cpus)))
+    return dict(ray_actor_options=dict(num_gpus=gpus, num_cpus=cpus,
+                                       runtime_env=dict(env_vars={"OMP_NUM_THREADS": threads,
+                                                                  "RAY_USAGE_STATS_ENABLED": "0"})),
+                health_check_period_s=settings.REPLICA_HEALTH_CHECK_S, **scaling)
+
+
 def start(spec, config: ClusterConfig):
     """Start or join Ray, deploy the replicas (waiting until they have loaded), return RemoteInference."""
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
@@ -116,21 +131,12 @@ def start(spec, config: ClusterConfig):
     cpus = config.cpus_per_replica
     if cpus is None:
         cpus = 1 if gpus else max(0.5, (os.cpu_count() or 1) / config.most_replicas)
-    threads = str(max(1, int(cpus)))
     if config.address:
         ray.init(address=config.address, namespace=NAMESPACE, log_to_driver=True)
     else:
         ray.init(namespace=NAMESPACE, include_dashboard=False, log_to_driver=True)
     serve.start(proxy_location="Disabled")
-    delay = {} if config.upscale_delay_s is None else dict(upscale_delay_s=config.upscale_delay_s)
-    scaling = (dict(autoscaling_config=dict(min_replicas=config.min_replicas, max_replicas=config.max_replicas,
-                                            target_ongoing_requests=1, **delay))
-               if config.max_replicas is not None else dict(num_replicas=config.replicas))
-    deployment = _make_deployment().options(
-        ray_actor_options=dict(num_gpus=gpus, num_cpus=cpus,
-                               runtime_env=dict(env_vars={"OMP_NUM_THREADS": threads,
-                                                          "RAY_USAGE_STATS_ENABLED": "0"})),
-        **scaling)
+    deployment = _make_deployment().options(**deployment_options(config, gpus, cpus))
     started = time.perf_counter()
     handle = serve.run(deployment.bind(spec), name=APP_NAME, route_prefix=None)
     log.info("Ray Serve: %s replicas (%g GPU, %g CPU each) ready in %.0f s%s",

@@ -99,6 +99,9 @@ DEFAULT_KEEP_OUTPUTS_S = 3600
 HISTORY_SIZE = 12
 # How often the page asks which step its running request is at (seconds).
 STEP_LINE_EVERY_S = 0.5
+# How often Ray Serve asks whether each replica is alive (seconds): a crashed replica is noticed, and a
+# new one started, within this time (Ray's default, 10 s, left its place empty that long).
+REPLICA_HEALTH_CHECK_S = 2.0
 IMAGE_FORMATS = ("png", "webp")
 DEFAULT_IMAGE_FORMAT = "png"
 

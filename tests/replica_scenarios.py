@@ -1,7 +1,7 @@
 """The Ray Serve scenarios, run by tests/test_replicas.py inside a network namespace with only
 loopback (Ray probes outside addresses at start). Not collected by pytest on its own.
 
-    unshare -n sh -c 'ip link set lo up && python tests/replica_scenarios.py TINY_DIR WORKDIR [main|autoscale]'
+    unshare -n sh -c 'ip link set lo up && python tests/replica_scenarios.py TINY_DIR WORKDIR'
 """
 
 from __future__ import annotations
@@ -16,7 +16,6 @@ import sys
 import time
 from pathlib import Path
 
-import httpx
 import numpy as np
 from conftest import Server, wait_for
 from PIL import Image
@@ -35,8 +34,13 @@ AUTOSCALE_ENV = {"RAY_SERVE_REPLICA_AUTOSCALING_METRIC_PUSH_INTERVAL_S": "1",
                  "RAY_SERVE_HANDLE_AUTOSCALING_METRIC_PUSH_INTERVAL_S": "1", "OMP_NUM_THREADS": "1"}
 
 
-def autoscale(tiny: str, workdir: Path) -> None:
-    """--min-replicas 1 --max-replicas 2: one replica at start, a second under sustained load."""
+def main(tiny: str, workdir: Path) -> None:
+    """--min-replicas 1 --max-replicas 2: one replica at start, a second under sustained load; then the
+    two spread, stream and agree with a single process, and a killed one is replaced."""
+    from gradio_client.exceptions import AppError
+
+    from flux_infer.loading import InferenceSpec, load_inference
+
     server = start_server(tiny, workdir, "--min-replicas", "1", "--max-replicas", "2", "--upscale-delay", "2",
                           env=AUTOSCALE_ENV)
     log = server.log
@@ -65,32 +69,19 @@ def autoscale(tiny: str, workdir: Path) -> None:
                 assert job.result(timeout=300)[1] == expected
         print(f"autoscaling: a second replica served {time.monotonic() - started:.0f} s into a sustained load "
               f"of 4 concurrent requests ({seed} requests)")
-    finally:
-        server.stop(timeout=60)  # Ray's processes end with the server
-    print("OK")
-
-
-def main(tiny: str, workdir: Path) -> None:
-    from gradio_client.exceptions import AppError
-
-    from flux_infer.loading import InferenceSpec, load_inference
-
-    server = start_server(tiny, workdir, "--replicas", "2")
-    url, log = server.url, server.log
-    try:
-        client = server.client()
 
         # 4 concurrent requests are spread over both replicas.
+        seeds = [1000, 1001, 1002, 1003]
         with concurrent.futures.ThreadPoolExecutor(4) as pool:
             jobs = [pool.submit(client.predict, "a ray of light", seed, False, 512, 512, 3.5, 8, api_name="/infer")
-                    for seed in range(4)]
+                    for seed in seeds]
             outputs = [job.result(timeout=300) for job in jobs]
-        assert [seed for _, seed in outputs] == [0, 1, 2, 3]
-        served = set(re.findall(r"replica (\w+) served seed [0-3]\b", log()))
+        assert [seed for _, seed in outputs] == seeds
+        served = set(re.findall(r"replica (\w+) served seed 100[0-3]\b", log()))
         assert len(served) == 2, log()[-3000:]
-        metrics = httpx.get(url + "metrics").text
+        metrics = server.http.get("metrics").text
         counted = dict(re.findall(r'flux_replica_images_total\{replica="(\w+)"\} ([\d.]+)', metrics))
-        assert set(counted) == served and sum(map(float, counted.values())) == 4, counted
+        assert set(counted) == served and sum(map(float, counted.values())) == seed + len(seeds), (counted, seed)
         # Each image is also timed by the replica that made it.
         timed = dict(re.findall(r'flux_replica_generation_seconds_count\{replica="(\w+)"\} ([\d.]+)', metrics))
         assert timed == counted, (timed, counted)
@@ -102,11 +93,11 @@ def main(tiny: str, workdir: Path) -> None:
 
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // 2))
         single = load_inference(InferenceSpec(model=tiny, device="cpu"))
-        reference = single.infer("a ray of light", seed=0, randomize_seed=False, width=512, height=512,
+        reference = single.infer("a ray of light", seed=1000, randomize_seed=False, width=512, height=512,
                                  num_inference_steps=8)
         np.testing.assert_array_equal(np.asarray(Image.open(outputs[0][0]).convert("RGB")),
                                       np.asarray(reference.image.convert("RGB")))
-        print("seed 0: pixel-identical to the single-process pipeline")
+        print("seed 1000: pixel-identical to the single-process pipeline")
 
         # An edit travels to a replica with its image and mask, and comes back as a single process
         # makes it.
@@ -120,7 +111,7 @@ def main(tiny: str, workdir: Path) -> None:
         buffers = {name: io.BytesIO() for name in ("image", "mask")}
         picture.save(buffers["image"], format="PNG")
         mask.save(buffers["mask"], format="PNG")
-        edited = httpx.post(url + "v1/images/edits", timeout=300, files={
+        edited = server.http.post("v1/images/edits", timeout=300, files={
             name: (f"{name}.png", buffer.getvalue(), "image/png") for name, buffer in buffers.items()},
             data={"prompt": "a ray of dark", "seed": "3", "num_inference_steps": "8", "strength": "0.7"})
         assert edited.status_code == 200, edited.text
@@ -137,9 +128,8 @@ def main(tiny: str, workdir: Path) -> None:
         print(f"submit() streamed {len(streamed)} outputs for 6 steps")
 
         # The OpenAI route goes to the replicas too.
-        body = httpx.post(url + "v1/images/generations", timeout=300,
-                          json={"prompt": "a ray of light", "size": "512x512", "seed": 0,
-                                "num_inference_steps": 8}).json()
+        body = server.http.post("v1/images/generations", timeout=300, json={
+            "prompt": "a ray of light", "size": "512x512", "seed": 0, "num_inference_steps": 8}).json()
         assert body["seeds"] == [0], body
 
         # A replica killed mid-generation: that request gets a clear error, the next is served, and
@@ -172,4 +162,4 @@ def main(tiny: str, workdir: Path) -> None:
 
 
 if __name__ == "__main__":
-    {"main": main, "autoscale": autoscale}[sys.argv[3] if len(sys.argv) > 3 else "main"](sys.argv[1], Path(sys.argv[2]))
+    main(sys.argv[1], Path(sys.argv[2]))

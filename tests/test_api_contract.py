@@ -105,9 +105,8 @@ def test_float_sizes_are_floored_to_multiples_of_16(client):
 
 @pytest.mark.parametrize("example", ["a tiny astronaut hatching from an egg on the moon"])
 def test_the_page_serves_the_space_layout(server, example):
-    import httpx
 
-    config = httpx.get(server.url + "config").json()
+    config = server.http.get("config").json()
     by_label = {c["props"].get("label"): c for c in config["components"] if c["props"].get("label")}
     for label, limits in {
         "Seed": (0, 2147483647, 1, 0),

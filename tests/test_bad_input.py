@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 
-import httpx
 import pytest
 from gradio_client.exceptions import AppError
 
@@ -50,10 +49,10 @@ def test_server_keeps_serving_after_bad_input(client):
 
 def _raw_call(server, data) -> tuple[int, str]:
     """Gradio's documented REST route: POST the values, then read the event stream."""
-    posted = httpx.post(server.url + "gradio_api/call/infer", json={"data": data}, timeout=30)
+    posted = server.http.post("gradio_api/call/infer", json={"data": data}, timeout=30)
     if posted.status_code != 200:
         return posted.status_code, posted.text
-    stream = httpx.get(server.url + f"gradio_api/call/infer/{posted.json()['event_id']}", timeout=120)
+    stream = server.http.get(f"gradio_api/call/infer/{posted.json()['event_id']}", timeout=120)
     return stream.status_code, stream.text
 
 
@@ -93,7 +92,7 @@ def test_raw_http_good_call_after_bad_ones(server):
 
 
 def test_malformed_json_is_a_4xx(server):
-    response = httpx.post(server.url + "gradio_api/call/infer", content=b"{not json",
+    response = server.http.post("gradio_api/call/infer", content=b"{not json",
                           headers={"content-type": "application/json"})
     assert 400 <= response.status_code < 500
     assert "Traceback" not in response.text

@@ -1,4 +1,6 @@
-"""The `flux-infer` command: make-tiny, generate, and the messages when weights or devices are missing."""
+"""The `flux-infer` command: make-tiny, generate, and the messages when weights or devices are missing.
+
+Most run `flux-infer` in a child process, as a user would (marked e2e); the rest call its `main()`."""
 
 from __future__ import annotations
 
@@ -13,7 +15,7 @@ import pytest
 from conftest import TELEMETRY_OFF
 from PIL import Image
 
-pytestmark = pytest.mark.e2e  # runs `flux-infer` in child processes, as a user would
+e2e = pytest.mark.e2e  # runs `flux-infer` in a child process
 
 
 def run_cli(*args: str, cwd: Path, env: dict | None = None, timeout: float = 300) -> subprocess.CompletedProcess:
@@ -33,10 +35,11 @@ def _digests(folder: Path) -> dict[str, str]:
     }
 
 
-def test_make_tiny_is_deterministic_for_a_seed(tmp_path, tiny_dir):
-    done = run_cli("make-tiny", str(tmp_path / "a"), "--seed", "0", cwd=tmp_path)
-    assert done.returncode == 0, done.stderr
-    assert "wrote a tiny" in done.stdout
+def test_make_tiny_is_deterministic_for_a_seed(tmp_path, tiny_dir, capsys):
+    from flux_infer.cli import main
+
+    assert main(["make-tiny", str(tmp_path / "a"), "--seed", "0"]) == 0
+    assert "wrote a tiny" in capsys.readouterr().out
     again = _digests(tmp_path / "a")
     assert set(again) == {
         "text_encoder/model.safetensors",
@@ -62,6 +65,7 @@ def test_tiny_has_flux_dev_topology(tiny_dir):
     assert index["text_encoder"][1] == "CLIPTextModel" and index["text_encoder_2"][1] == "T5EncoderModel"
 
 
+@e2e
 def test_generate_writes_the_image_and_prints_the_seed(tmp_path, tiny_dir):
     out = tmp_path / "out" / "cat.png"
     done = run_cli(
@@ -78,28 +82,29 @@ def test_generate_writes_the_image_and_prints_the_seed(tmp_path, tiny_dir):
                      "num_inference_steps": 3, "loras": []}
 
 
-def test_generate_without_seed_draws_one(tmp_path, tiny_dir):
-    done = run_cli("generate", "a cat", "--model", str(tiny_dir), "--width", "256", "--height", "256",
-                   "--steps", "1", "-o", str(tmp_path / "x.webp"), cwd=tmp_path)
-    assert done.returncode == 0, done.stderr
-    seed = int(done.stdout.split("seed ")[1].split()[0])
+def test_generate_without_seed_draws_one(tmp_path, tiny_dir, capsys):
+    from flux_infer.cli import main
+
+    assert main(["generate", "a cat", "--model", str(tiny_dir), "--width", "256", "--height", "256",
+                 "--steps", "1", "-o", str(tmp_path / "x.webp")]) == 0
+    seed = int(capsys.readouterr().out.split("seed ")[1].split()[0])
     assert 0 <= seed <= 2147483647
     assert Image.open(tmp_path / "x.webp").format == "WEBP"
 
 
-def test_generate_rejects_bad_values_before_loading(tmp_path):
-    done = run_cli("generate", "a cat", "--model", "/nowhere/FLUX", "--steps", "0", cwd=tmp_path)
-    assert done.returncode == 2
-    assert "num_inference_steps must be a whole number between 1 and 50, got 0" in done.stderr
-    assert "Traceback" not in done.stderr
-    done = run_cli("generate", "a cat", "--model", "/nowhere/FLUX", "-o", "cat.jpg", cwd=tmp_path)
-    assert done.returncode == 2
-    assert "-o must end in .png or .webp, got cat.jpg" in done.stderr
+def test_generate_rejects_bad_values_before_loading(tmp_path, capsys):
+    from flux_infer.cli import main
+
+    assert main(["generate", "a cat", "--model", "/nowhere/FLUX", "--steps", "0"]) == 2
+    assert "num_inference_steps must be a whole number between 1 and 50, got 0" in capsys.readouterr().err
+    assert main(["generate", "a cat", "--model", "/nowhere/FLUX", "-o", str(tmp_path / "cat.jpg")]) == 2
+    assert "-o must end in .png or .webp, got cat.jpg" in capsys.readouterr().err
 
 
 HINT = "hf download black-forest-labs/FLUX.1-dev --local-dir weights/FLUX.1-dev"
 
 
+@e2e
 @pytest.mark.parametrize(
     "model, expected",
     [
@@ -118,6 +123,7 @@ def test_missing_weights_say_what_to_download(tmp_path, model, expected):
     assert "Traceback" not in done.stderr
 
 
+@e2e
 def test_folder_that_is_not_a_pipeline(tmp_path):
     (tmp_path / "weights" / "FLUX.1-dev").mkdir(parents=True)
     done = run_cli("serve", cwd=tmp_path)  # default model: the weights/ folder, here empty
@@ -126,6 +132,7 @@ def test_folder_that_is_not_a_pipeline(tmp_path):
     assert "Traceback" not in done.stderr
 
 
+@e2e
 @pytest.mark.parametrize(
     "flags, expected",
     [
@@ -144,6 +151,7 @@ def test_bad_replica_bounds_are_refused_before_ray_starts(tmp_path, tiny_dir, fl
     assert "Ray" not in done.stderr  # refused before a cluster was started
 
 
+@e2e
 def test_cuda_on_a_cpu_machine_is_a_clear_error(tmp_path, tiny_dir):
     import torch
 

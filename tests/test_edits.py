@@ -127,7 +127,6 @@ def test_cli_edit(tmp_path, tiny_dir, capsys):
 
 @pytest.mark.e2e  # the session server
 def test_openai_edit_end_to_end_and_bad_uploads(server, inference):
-    import httpx
     import openai
     from diffusers import FluxInpaintPipeline
     from test_uploads import png_header
@@ -165,14 +164,14 @@ def test_openai_edit_end_to_end_and_bad_uploads(server, inference):
         ({"image": ("x.png", good, "image/png")}, {"n": "lots"}, "n", "`n` must be a whole number"),
         ({"image": ("x.png", good, "image/png")}, {"colour": "red"}, "colour", "unsupported field(s) colour"),
     ]:
-        answer = httpx.post(url, files=files, data={"prompt": "a fox", **data}, timeout=60)
+        answer = server.http.post(url, files=files, data={"prompt": "a fox", **data}, timeout=60)
         assert answer.status_code == 400, (message, answer.text)
         error = answer.json()["error"]
         assert error["param"] == param and message in error["message"], (message, error)
-    huge = httpx.post(url, files={"image": ("x.png", bytes(60 * 2**20), "image/png")}, data={"prompt": "a fox"},
+    huge = server.http.post(url, files={"image": ("x.png", bytes(60 * 2**20), "image/png")}, data={"prompt": "a fox"},
                       timeout=60)
     assert huge.status_code == 413, huge.text
     # And it keeps serving.
-    answer = httpx.post(url, files={"image": ("x.png", good, "image/png")}, timeout=120,
+    answer = server.http.post(url, files={"image": ("x.png", good, "image/png")}, timeout=120,
                         data={"prompt": "a fox", "num_inference_steps": "2", "size": "256x256", "seed": "1"})
     assert answer.status_code == 200 and answer.json()["size"] == "256x256", answer.text

@@ -151,11 +151,10 @@ def test_the_openai_route_lists_and_uses_loras_per_request(server, tiny_dir, lor
     import base64
     import io
 
-    import httpx
     import openai
     from PIL import Image
 
-    listed = httpx.get(server.url + "v1/loras").json()
+    listed = server.http.get("v1/loras").json()
     assert [item["name"] for item in listed["data"]] == sorted(LORAS)
     assert {item["name"]: item["rank"] for item in listed["data"]}["pixel"] == 6
 

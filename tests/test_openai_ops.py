@@ -64,20 +64,20 @@ def test_openai_url_format_and_models(extras_server, openai_client):
                                              extra_body=TINY_ARGS)
     url = response.data[0].url
     assert url.startswith(extras_server.url + "v1/files/")
-    image = Image.open(io.BytesIO(httpx.get(url).raise_for_status().content))
+    image = Image.open(io.BytesIO(extras_server.http.get(url).raise_for_status().content))
     assert image.size == (256, 256)
     assert [model.id for model in openai_client.models.list()] == [
         "flux.1-dev", "black-forest-labs/FLUX.1-dev", "dall-e-3", "gpt-image-1"]  # with the --model-alias names
     # Kept for --keep-outputs seconds, then gone.
     made = time.monotonic()
-    while (gone := httpx.get(url)).status_code == 200:
+    while (gone := extras_server.http.get(url)).status_code == 200:
         assert time.monotonic() - made < KEEP_S + 60, "the url file outlived --keep-outputs by a minute"
         time.sleep(0.1)
     assert time.monotonic() - made >= KEEP_S - 1  # not before its time
     assert gone.status_code == 404 and gone.json()["error"]["code"] == "not_found"
     # A name the server did not hand out never reaches the disk.
     for name in ["..%2F..%2Fpyproject.toml", "model_index.json", "%2Fetc%2Fpasswd"]:
-        assert httpx.get(extras_server.url + "v1/files/" + name).status_code == 404
+        assert extras_server.http.get("v1/files/" + name).status_code == 404
 
 
 @pytest.mark.parametrize("fields, param, message", [
@@ -131,14 +131,14 @@ def test_openai_fields_as_image_clients_send_them(extras_server, openai_client):
     body = {"prompt": "a red door", "model": "dall-e-3", "quality": "hd", "style": "vivid", "size": "256x256",
             "n": None, "response_format": "url", "output_format": "webp", "user": None, "num_inference_steps": 2,
             "seed": 13}
-    answer = httpx.post(extras_server.url + "v1/images/generations", json=body, timeout=120)
+    answer = extras_server.http.post("v1/images/generations", json=body, timeout=120)
     assert answer.status_code == 200, answer.text
     assert answer.json()["quality"] == "hd" and answer.json()["seeds"] == [13]
     assert "openai request: 'a red door', 256x256, 2 steps, seed 13" in extras_server.log()  # the steps given win
-    file = httpx.get(answer.json()["data"][0]["url"])
+    file = extras_server.http.get(answer.json()["data"][0]["url"])
     assert file.headers["content-type"] == "image/webp" and Image.open(io.BytesIO(file.content)).format == "WEBP"
     # size "auto" is the Space's default size; png is the default format.
-    auto = httpx.post(extras_server.url + "v1/images/generations", timeout=120,
+    auto = extras_server.http.post("v1/images/generations", timeout=120,
                       json={"prompt": "a wide field", "size": "auto", "num_inference_steps": 1, "seed": 14}).json()
     image = Image.open(io.BytesIO(base64.b64decode(auto["data"][0]["b64_json"])))
     assert (image.format, image.size, auto["size"], auto["output_format"]) == ("PNG", (1024, 1024), "1024x1024", "png")
@@ -157,7 +157,7 @@ def sample(server, name: str, **labels) -> float | None:
     """One sample of the server's /metrics, read with prometheus_client's own parser."""
     from prometheus_client.parser import text_string_to_metric_families
 
-    for family in text_string_to_metric_families(httpx.get(server.url + "metrics").text):
+    for family in text_string_to_metric_families(server.http.get("metrics").text):
         for found in family.samples:
             if found.name == name and all(found.labels.get(k) == v for k, v in labels.items()):
                 return found.value
@@ -165,14 +165,14 @@ def sample(server, name: str, **labels) -> float | None:
 
 
 def test_health_readiness_metrics_and_request_ids(extras_server, openai_client):
-    assert httpx.get(extras_server.url + "healthz").json() == {"status": "ok"}
-    ready = httpx.get(extras_server.url + "readyz").json()
+    assert extras_server.http.get("healthz").json() == {"status": "ok"}
+    ready = extras_server.http.get("readyz").json()
     assert ready["ready"] and ready["model_loaded"] and ready["queue_depth"] == 0 and ready["max_queue"] == 16
     raw = openai_client.images.with_raw_response.generate(prompt="a lamp", size="256x256",
                                                           extra_body={"seed": 3, **TINY_ARGS})
     request_id = raw.headers["x-request-id"]
     assert f"[{request_id}]" in extras_server.log() and "openai request: 'a lamp'" in extras_server.log()
-    metrics = httpx.get(extras_server.url + "metrics").text
+    metrics = extras_server.http.get("metrics").text
     assert 'flux_requests_total{outcome="ok",route="openai"}' in metrics
     assert 'flux_requests_total{outcome="invalid",route="openai"}' in metrics
     assert "flux_generation_seconds_count" in metrics and "flux_queue_depth 0.0" in metrics
@@ -199,7 +199,7 @@ def test_a_caller_that_hangs_up_stops_its_generation(extras_server, openai_clien
     # Stopped within the first of its four images: nothing was generated for a caller who left.
     assert not [line for line in lines if "generated" in line], lines
     assert any(f"of {steps}" in line for line in lines), lines
-    metrics = httpx.get(extras_server.url + "metrics").text
+    metrics = extras_server.http.get("metrics").text
     assert 'flux_requests_total{outcome="cancelled",route="openai"} 1.0' in metrics
     response = openai_client.images.generate(prompt="still here", size="256x256", extra_body={"seed": 2, **TINY_ARGS})
     assert response.data[0].model_extra["seed"] == 2
@@ -284,10 +284,10 @@ def test_auth_keeps_unauthenticated_callers_out(locked_server):
         response = httpx.request(method, locked_server.url + path, json={"data": ["x", 1, False, 256, 256, 3.5, 2]})
         assert response.status_code == 401, (path, response.status_code)
         assert not response.content.startswith(b"\x89PNG")
-    assert httpx.get(locked_server.url + "healthz").status_code == 200  # probes stay open
+    assert locked_server.http.get("healthz").status_code == 200  # probes stay open
     with pytest.raises(openai.AuthenticationError):
         OpenAI(base_url=locked_server.url + "v1", api_key="wrong", max_retries=0).images.generate(prompt="x")
-    assert httpx.post(locked_server.url + "v1/images/generations", json={"prompt": "x"}).status_code == 401
+    assert locked_server.http.post("v1/images/generations", json={"prompt": "x"}).status_code == 401
 
 
 def test_auth_lets_the_right_callers_in(locked_server):

@@ -47,10 +47,10 @@ def test_submit_streams_a_preview_per_step_then_the_predict_image(client, server
 
 def _browser_events(server, data):
     """What a browser tab does: join the queue, then read the event stream; yields each message."""
-    config = httpx.get(server.url + "config").json()
+    config = server.http.get("config").json()
     fn_index = next(d["id"] for d in config["dependencies"] if d.get("api_name") == "infer")
     session = uuid.uuid4().hex[:11]
-    joined = httpx.post(server.url + "gradio_api/queue/join", json={
+    joined = server.http.post("gradio_api/queue/join", json={
         "data": data, "fn_index": fn_index, "session_hash": session, "event_data": None, "trigger_id": None})
     assert joined.status_code == 200
     with httpx.stream("GET", server.url + f"gradio_api/queue/data?session_hash={session}", timeout=120) as events:
@@ -85,7 +85,6 @@ def test_cancel_stops_the_denoising_and_frees_the_queue(server):
     waiting = server.client().submit("next in line", 6, False, 256, 256, 3.5, 2, api_name="/infer")
     same_session = client.submit("same client, waiting", 7, False, 256, 256, 3.5, 2, api_name="/infer")
     wait_for(lambda: server.scheduler_depth() == 2, "both jobs to join the line")
-    cancelled_at = time.monotonic()
     slow.cancel()
     # A job of the same session that was waiting is told so at once, never left hanging.
     from gradio_client.exceptions import AppError
@@ -93,13 +92,11 @@ def test_cancel_stops_the_denoising_and_frees_the_queue(server):
     with pytest.raises(AppError, match="cancelled while waiting in line"):
         same_session.result(timeout=120)
     path, seed = waiting.result(timeout=120)
-    waited = time.monotonic() - cancelled_at
     assert seed == 6
     stopped = re.findall(r"cancelled after step (\d+) of 28", server.log())
     assert stopped, server.log()[-2000:]
     # It stopped early (a few steps after the previews we saw), not after all 28 steps.
     assert int(stopped[-1]) < 20
-    assert waited < 20
 
 
 def test_a_closed_page_stops_the_denoising(server):
@@ -110,9 +107,7 @@ def test_a_closed_page_stops_the_denoising(server):
             generating += 1
             if generating == 2:
                 break  # closes the stream, as a closed tab does
-    deadline = time.monotonic() + 30
-    while server.log().count("cancelled after step") == before and time.monotonic() < deadline:
-        time.sleep(0.1)
+    wait_for(lambda: server.log().count("cancelled after step") > before, "the generation to stop")
     stopped = re.findall(r"cancelled after step (\d+) of 28", server.log())
     assert len(stopped) > before and int(stopped[-1]) < 20
 

@@ -9,7 +9,6 @@ import threading
 import time
 from pathlib import Path
 
-import httpx
 import pytest
 from conftest import Server, wait_for
 from hypothesis import HealthCheck, given
@@ -77,7 +76,7 @@ def fuzz_server(server):
                                           "gradio_api/run/predict"]))
 @pytest.mark.e2e
 def test_random_json_never_gets_a_500(fuzz_server, body, route):
-    response = httpx.post(fuzz_server.url + route, json=body, timeout=60)
+    response = fuzz_server.http.post(route, json=body, timeout=60)
     assert response.status_code < 500, (route, body, response.status_code, response.text[:300])
     assert "Traceback" not in response.text
 
@@ -86,7 +85,7 @@ def test_random_json_never_gets_a_500(fuzz_server, body, route):
 @pytest.mark.parametrize("content", [b"{", b"\xff\xfe\x00", b"null", b'{"data": ' + b"[" * 5000, b"0" * 10])
 def test_malformed_bodies_never_get_a_500(fuzz_server, content):
     for route in ["gradio_api/call/infer", "v1/images/generations", "gradio_api/queue/join"]:
-        response = httpx.post(fuzz_server.url + route, content=content, headers={"content-type": "application/json"})
+        response = fuzz_server.http.post(route, content=content, headers={"content-type": "application/json"})
         assert response.status_code < 500, (route, content[:20], response.status_code, response.text[:200])
 
 
@@ -96,7 +95,7 @@ def test_bodies_over_the_limit_are_refused(fuzz_server):
 
     huge = json.dumps({"data": ["x" * (MAX_BODY_BYTES + 10), 0, False, 256, 256, 3.5, 1]})
     for route in ["gradio_api/call/infer", "gradio_api/queue/join", "v1/images/generations"]:
-        response = httpx.post(fuzz_server.url + route, content=huge, headers={"content-type": "application/json"})
+        response = fuzz_server.http.post(route, content=huge, headers={"content-type": "application/json"})
         assert response.status_code == 413, (route, response.status_code)
         assert response.json()["error"]["code"] == "body_too_large"
     # A prompt under the body limit but over the prompt limit is refused by validation, naming the limit.
@@ -119,7 +118,7 @@ def test_the_file_route_serves_only_generated_outputs(fuzz_server, tiny_dir):
     for path in secrets:
         for url in [f"gradio_api/file={path}", f"gradio_api/file={path}".replace("/", "%2F"),
                     f"gradio_api/file=../../../../../../..{path}", f"file={path}"]:
-            response = httpx.get(fuzz_server.url + url)
+            response = fuzz_server.http.get(url)
             assert response.status_code in (403, 404, 405), (url, response.status_code)
             if path.is_file():
                 assert path.read_bytes()[:40] not in response.content or not path.read_bytes()[:40]
@@ -159,46 +158,6 @@ def test_a_folder_of_pickled_weights_is_refused(tmp_path, tiny_dir):
         weights.rename(weights.with_name("diffusion_pytorch_model.bin"))
     with pytest.raises(ModelLoadError, match="transformer is a pickle-based checkpoint"):
         resolve_source(str(folder))
-
-
-# -- SIGTERM and soak ------------------------------------------------------------------------------
-
-@pytest.mark.e2e
-def test_sigterm_drains_what_runs_and_waits_at_every_door_refuses_what_comes_after_and_exits_0(tiny_dir, tmp_path):
-    import httpx
-    import openai
-    from gradio_client.exceptions import AppError
-
-    temp = tmp_path / "gradio-tmp"
-    srv = Server(["--model", str(tiny_dir), "--preview", "none"], tmp_path, env={"GRADIO_TEMP_DIR": str(temp)})
-    api = openai.OpenAI(base_url=srv.url + "v1", api_key="-", max_retries=0, timeout=300)
-    running = srv.client().submit("running", 1, False, 1024, 1024, 3.5, 20, api_name="/infer")
-    wait_for(lambda: "gradio request: 'running'" in srv.log(), "the first generation to start")
-    page = srv.client().submit("waiting page", 2, False, 256, 256, 3.5, 1, api_name="/infer")
-    wait_for(lambda: srv.scheduler_depth() == 1, "the page request to join the line")
-    answers = {}
-    waiter = threading.Thread(target=lambda: answers.update(v1=api.images.generate(
-        prompt="waiting /v1", size="256x256", extra_body={"seed": 3, "num_inference_steps": 1})))
-    waiter.start()
-    wait_for(lambda: srv.scheduler_depth() == 2, "the /v1 request to join the line")
-    srv.process.send_signal(signal.SIGTERM)
-    wait_for(lambda: "shutting down: draining" in srv.log(), "the drain to begin")
-    assert "shutting down: draining 1 running and 2 waiting" in srv.log()
-    # New requests at either door are refused, clearly, while the admitted ones are still served.
-    refused = httpx.post(srv.url + "v1/images/generations", json={"prompt": "too late", "size": "256x256"})
-    assert refused.status_code == 503 and "shutting down" in refused.json()["error"]["message"]
-    with pytest.raises(AppError, match="shutting down: try again when it is back"):
-        srv.client().predict("too late", 4, False, 256, 256, 3.5, 1, api_name="/infer")
-    path, seed = running.result(timeout=300)  # the generation in flight is delivered
-    assert seed == 1 and Path(path).is_file()
-    assert page.result(timeout=300)[1] == 2
-    waiter.join(timeout=300)
-    assert answers["v1"].data[0].model_extra["seed"] == 3
-    assert srv.process.wait(timeout=90) == 0
-    log = srv.log()
-    assert "generated 1024x1024" in log and "Traceback" not in log
-    assert not [path for path in temp.rglob("*") if path.is_file()]  # the server's temporary images go with it
-    srv._log.close()
 
 
 def test_a_gradio_without_the_internals_we_read_stops_the_server_at_start_up():
@@ -265,20 +224,33 @@ def test_the_file_sweep_goes_on_while_requests_add_files(tmp_path):
     assert not files and not list(tmp_path.iterdir())
 
 
+# -- soak, then SIGTERM: one server, which the last test of this module stops ---------------------
+
+KEEP_S = 3
+
+
+@pytest.fixture(scope="module")
+def soak_server(tiny_dir, tmp_path_factory):
+    """A server whose temporary images live KEEP_S seconds, saving every image to `saved`, with its
+    temporary folders (Gradio's and the system's) in its workdir: the soak runs on it, then the
+    SIGTERM test drains and ends it."""
+    workdir = tmp_path_factory.mktemp("soak")
+    temp, scratch, saved = workdir / "gradio-tmp", workdir / "tmp", workdir / "saved"
+    scratch.mkdir()
+    srv = Server(["--model", str(tiny_dir), "--preview", "none", "--keep-outputs", str(KEEP_S),
+                  "--output-dir", str(saved)], workdir, env={"GRADIO_TEMP_DIR": str(temp), "TMPDIR": str(scratch)})
+    srv.saved = saved
+    srv.temporary_files = lambda: [path for root in (temp, scratch) for path in root.rglob("*") if path.is_file()]
+    yield srv
+    srv.stop()
+
+
 @pytest.mark.e2e
-def test_soak_300_requests_memory_and_temp_files_stay_bounded(tiny_dir, tmp_path):
+def test_soak_300_requests_memory_and_temp_files_stay_bounded(soak_server):
     import psutil
     from openai import OpenAI
 
-    keep = 3
-    temp, scratch, saved = tmp_path / "gradio-tmp", tmp_path / "tmp", tmp_path / "saved"
-    scratch.mkdir()
-    srv = Server(["--model", str(tiny_dir), "--preview", "none", "--keep-outputs", str(keep),
-                  "--output-dir", str(saved)], tmp_path, env={"GRADIO_TEMP_DIR": str(temp), "TMPDIR": str(scratch)})
-
-    def temporary_files():
-        return sum(1 for root in (temp, scratch) for path in root.rglob("*") if path.is_file())
-
+    srv, keep = soak_server, KEEP_S
     def one(index, client, api):
         if index % 10 == 9:  # every tenth through the OpenAI route, as a url file
             response = api.images.generate(prompt=f"soak {index}", size="256x256", response_format="url",
@@ -288,41 +260,70 @@ def test_soak_300_requests_memory_and_temp_files_stay_bounded(tiny_dir, tmp_path
             _, seed = client.predict(f"soak {index}", index, False, 256, 256, 3.5, 1, api_name="/infer")
             assert seed == index
 
-    try:
-        process = psutil.Process(srv.process.pid)
-        rss, files, finished = [], [], []
-        started = time.monotonic()
-        # Three callers at once, each with its own clients, so the server always has the next
-        # request waiting while it generates (a soak of the queue too).
-        callers = [(srv.client(), OpenAI(base_url=srv.url + "v1", api_key="not-needed", max_retries=0))
-                   for _ in range(3)]
-        with concurrent.futures.ThreadPoolExecutor(len(callers)) as pool:
-            jobs = [pool.submit(one, index, *callers[index % len(callers)]) for index in range(300)]
-            for count, job in enumerate(concurrent.futures.as_completed(jobs), 1):
-                job.result()
-                finished.append(time.monotonic())
-                if count == 60:  # warmed up: three sessions, their threads and buffers
-                    baseline = process.memory_info().rss
-                if count % 30 == 0:
-                    rss.append(process.memory_info().rss)
-                    # Each request leaves one temporary file, deleted `keep` s later by a sweep every `keep` s:
-                    # at most the requests of the last 2 * keep s (and some slack for a slow sweep) are there.
-                    recent = sum(1 for at in finished if at > time.monotonic() - 2 * keep - 3)
-                    files.append((temporary_files(), recent))
-        growth = process.memory_info().rss - baseline
-        seconds = time.monotonic() - started
-        print(f"soak: 300 requests in {seconds:.0f} s, RSS {baseline / 2**20:.0f} -> "
-              f"{process.memory_info().rss / 2**20:.0f} MiB, (temporary files, requests in the last "
-              f"{2 * keep + 3} s) per 30 requests {files}")
-        assert growth < 50 * 2**20, [r // 2**20 for r in rss]
-        assert all(count <= recent + 2 for count, recent in files), files
-        # --output-dir keeps exactly what was asked for: an image and its settings per request, nothing else.
-        assert sorted({path.suffix for path in saved.iterdir()}) == [".json", ".png"]
-        assert len(list(saved.glob("*.png"))) == len(list(saved.glob("*.json"))) == 300
-        # Once requests stop, every temporary file goes within a few sweeps.
-        deadline = time.monotonic() + 30
-        while (left := temporary_files()) > 0:
-            assert time.monotonic() < deadline, f"{left} temporary files left 30 s after the soak; {files}"
-            time.sleep(1)
-    finally:
-        srv.stop()
+    process = psutil.Process(srv.process.pid)
+    rss, files, finished = [], [], []
+    started = time.monotonic()
+    # Three callers at once, each with its own clients, so the server always has the next
+    # request waiting while it generates (a soak of the queue too).
+    callers = [(srv.client(), OpenAI(base_url=srv.url + "v1", api_key="not-needed", max_retries=0))
+               for _ in range(3)]
+    with concurrent.futures.ThreadPoolExecutor(len(callers)) as pool:
+        jobs = [pool.submit(one, index, *callers[index % len(callers)]) for index in range(300)]
+        for count, job in enumerate(concurrent.futures.as_completed(jobs), 1):
+            job.result()
+            finished.append(time.monotonic())
+            if count == 60:  # warmed up: three sessions, their threads and buffers
+                baseline = process.memory_info().rss
+            if count % 30 == 0:
+                rss.append(process.memory_info().rss)
+                # Each request leaves one temporary file, deleted `keep` s later by a sweep every `keep` s:
+                # at most the requests of the last 2 * keep s (and some slack for a slow sweep) are there.
+                recent = sum(1 for at in finished if at > time.monotonic() - 2 * keep - 3)
+                files.append((len(srv.temporary_files()), recent))
+    growth = process.memory_info().rss - baseline
+    seconds = time.monotonic() - started
+    print(f"soak: 300 requests in {seconds:.0f} s, RSS {baseline / 2**20:.0f} -> "
+          f"{process.memory_info().rss / 2**20:.0f} MiB, (temporary files, requests in the last "
+          f"{2 * keep + 3} s) per 30 requests {files}")
+    assert growth < 50 * 2**20, [r // 2**20 for r in rss]
+    assert all(count <= recent + 2 for count, recent in files), files
+    # --output-dir keeps exactly what was asked for: an image and its settings per request, nothing else.
+    assert sorted({path.suffix for path in srv.saved.iterdir()}) == [".json", ".png"]
+    assert len(list(srv.saved.glob("*.png"))) == len(list(srv.saved.glob("*.json"))) == 300
+    # Once requests stop, every temporary file goes within a few sweeps.
+    wait_for(lambda: not srv.temporary_files(), f"the temporary files to go after the soak; {files}", timeout=30)
+
+
+@pytest.mark.e2e
+def test_sigterm_drains_what_runs_and_waits_at_every_door_refuses_what_comes_after_and_exits_0(soak_server):
+    import openai
+    from gradio_client.exceptions import AppError
+
+    srv = soak_server  # it ends here: this test comes last in the module
+    api = openai.OpenAI(base_url=srv.url + "v1", api_key="-", max_retries=0, timeout=300)
+    running = srv.client().submit("running", 1, False, 1024, 1024, 3.5, 20, api_name="/infer")
+    wait_for(lambda: "gradio request: 'running'" in srv.log(), "the first generation to start")
+    page = srv.client().submit("waiting page", 2, False, 256, 256, 3.5, 1, api_name="/infer")
+    wait_for(lambda: srv.scheduler_depth() == 1, "the page request to join the line")
+    answers = {}
+    waiter = threading.Thread(target=lambda: answers.update(v1=api.images.generate(
+        prompt="waiting /v1", size="256x256", extra_body={"seed": 3, "num_inference_steps": 1})))
+    waiter.start()
+    wait_for(lambda: srv.scheduler_depth() == 2, "the /v1 request to join the line")
+    srv.process.send_signal(signal.SIGTERM)
+    wait_for(lambda: "shutting down: draining" in srv.log(), "the drain to begin")
+    assert "shutting down: draining 1 running and 2 waiting" in srv.log()
+    # New requests at either door are refused, clearly, while the admitted ones are still served.
+    refused = srv.http.post("v1/images/generations", json={"prompt": "too late", "size": "256x256"})
+    assert refused.status_code == 503 and "shutting down" in refused.json()["error"]["message"]
+    with pytest.raises(AppError, match="shutting down: try again when it is back"):
+        srv.client().predict("too late", 4, False, 256, 256, 3.5, 1, api_name="/infer")
+    path, seed = running.result(timeout=300)  # the generation in flight is delivered
+    assert seed == 1 and Path(path).is_file()
+    assert page.result(timeout=300)[1] == 2
+    waiter.join(timeout=300)
+    assert answers["v1"].data[0].model_extra["seed"] == 3
+    assert srv.process.wait(timeout=90) == 0
+    log = srv.log()
+    assert "generated 1024x1024" in log and "Traceback" not in log
+    assert not srv.temporary_files()  # the server's temporary images go with it

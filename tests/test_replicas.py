@@ -1,5 +1,5 @@
-"""Ray Serve with 2 replicas of the tiny model (tests/replica_scenarios.py), in a network namespace
-that has only loopback: Ray probes cloud-metadata addresses at start even with usage stats off."""
+"""Ray Serve replicas of the tiny model (tests/replica_scenarios.py), in a network namespace that has
+only loopback: Ray probes cloud-metadata addresses at start even with usage stats off."""
 
 from __future__ import annotations
 
@@ -9,26 +9,37 @@ from pathlib import Path
 
 import pytest
 
-pytestmark = pytest.mark.e2e  # starts servers and Ray
-
 SCENARIOS = Path(__file__).with_name("replica_scenarios.py")
 
 
-def run_scenario(name: str, tiny_dir: Path, workdir: Path) -> None:
+@pytest.mark.e2e  # starts a server and Ray
+def test_replicas_autoscale_spread_stream_agree_and_survive_a_kill(tiny_dir, tmp_path):
     probe = subprocess.run(["unshare", "-n", "true"], capture_output=True, text=True)
     assert probe.returncode == 0, ("these tests run Ray in a loopback-only network namespace and need "
                                    f"`unshare -n` (root or user namespaces): {probe.stderr.strip()}")
-    command = f"ip link set lo up && exec {sys.executable} {SCENARIOS} {tiny_dir} {workdir} {name}"
+    command = f"ip link set lo up && exec {sys.executable} {SCENARIOS} {tiny_dir} {tmp_path}"
     result = subprocess.run(["unshare", "-n", "sh", "-c", command], capture_output=True, text=True, timeout=900)
     print(result.stdout)
-    server_logs = "".join(path.read_text(errors="replace")[-4000:] for path in workdir.glob("server-*.log"))
+    server_logs = "".join(path.read_text(errors="replace")[-4000:] for path in tmp_path.glob("server-*.log"))
     assert result.returncode == 0 and result.stdout.rstrip().endswith("OK"), (
         result.stdout[-3000:] + result.stderr[-3000:] + server_logs)
 
 
-def test_two_replicas_spread_stream_agree_and_survive_a_kill(tiny_dir, tmp_path):
-    run_scenario("main", tiny_dir, tmp_path)
+def test_replica_options_are_ones_ray_serve_takes():
+    """A fixed count and autoscaling bounds reach Ray Serve's deployment as asked (the scenario above
+    runs the autoscaling one), each replica with its GPUs, CPUs and as many torch threads."""
+    from flux_infer import settings
+    from flux_infer.cluster import ClusterConfig, _make_deployment, deployment_options
 
+    fixed = deployment_options(ClusterConfig(replicas=3), gpus=1, cpus=4)
+    deployment = _make_deployment().options(**fixed)  # Ray Serve checks names and values here
+    assert deployment.num_replicas == 3 and "autoscaling_config" not in fixed
+    assert deployment.ray_actor_options == {"num_gpus": 1, "num_cpus": 4, "runtime_env": {"env_vars": {
+        "OMP_NUM_THREADS": "4", "RAY_USAGE_STATS_ENABLED": "0"}}}
+    assert fixed["health_check_period_s"] == settings.REPLICA_HEALTH_CHECK_S < 10  # Ray's default: 10 s
 
-def test_autoscaling_adds_a_replica_under_sustained_load(tiny_dir, tmp_path):
-    run_scenario("autoscale", tiny_dir, tmp_path)
+    scaled = deployment_options(ClusterConfig(min_replicas=0, max_replicas=2, upscale_delay_s=5), gpus=0, cpus=0.5)
+    deployment = _make_deployment().options(**scaled)
+    assert "num_replicas" not in scaled and scaled["autoscaling_config"] == {
+        "min_replicas": 0, "max_replicas": 2, "target_ongoing_requests": 1, "upscale_delay_s": 5}
+    assert deployment.ray_actor_options["runtime_env"]["env_vars"]["OMP_NUM_THREADS"] == "1"
