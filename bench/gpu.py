@@ -426,7 +426,6 @@ def part_served(run: Run) -> None:
     sys.path.insert(0, str(REPO / "bench"))
     import httpx
     from common import Server
-    from gradio_client import Client
     from previews import page_outputs
 
     run.write("\n## Served end to end\n")
@@ -450,7 +449,7 @@ def part_served(run: Run) -> None:
             continue
         try:
             browser = httpx.Client(base_url=server.url, timeout=600)
-            client = Client(server.url, verbose=False)
+            client = server.client()
             consumers = {
                 "page (event stream, every preview fetched)": lambda seed: len(set(page_outputs(
                     browser, [data[0], seed, *data[2:]]))),

@@ -42,7 +42,6 @@ def main() -> None:
 
     import numpy as np
     import openai
-    from gradio_client import Client
     from gradio_client.exceptions import AppError
     from PIL import Image
 
@@ -65,13 +64,13 @@ def main() -> None:
         return np.asarray(Image.open(io.BytesIO(base64.b64decode(response.data[0].b64_json))).convert("RGB"))
 
     try:
-        reference = {seed: via_gradio(Client(server.url, verbose=False), seed) for seed in SEEDS}
+        reference = {seed: via_gradio(server.client(), seed) for seed in SEEDS}
         results, lock = [], threading.Lock()
         deadline = time.monotonic() + args.seconds
 
         def worker(index: int) -> None:
             kind = "gradio" if index % 2 == 0 else "openai"
-            client = (Client(server.url, verbose=False) if kind == "gradio" else
+            client = (server.client() if kind == "gradio" else
                       openai.OpenAI(base_url=server.url + "v1", api_key="unused", max_retries=0, timeout=600))
             call = via_gradio if kind == "gradio" else via_openai
             for number in range(args.requests):

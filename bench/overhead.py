@@ -39,7 +39,6 @@ def main() -> None:
     apply_thread_option(args)
 
     import torch
-    from gradio_client import Client
 
     from flux_infer.loading import load_pipeline
     from flux_infer.tiny import make_tiny
@@ -50,8 +49,8 @@ def main() -> None:
     server = Server(model, workdir / "default", args.server_args.split())
     plain = Server(model, workdir / "none", [*args.server_args.split(), "--preview", "none"])
     try:
-        client = Client(server.url, verbose=False)
-        plain_client = Client(plain.url, verbose=False)
+        client = server.client()
+        plain_client = plain.client()
         # The same loader and device choice as the server.
         pipe, _, placement, _, _ = load_pipeline(str(model))
         pipe.set_progress_bar_config(disable=True)

@@ -71,7 +71,6 @@ def main() -> None:
         raise SystemExit("--decoders takes latent and/or taef1")
 
     import httpx
-    from gradio_client import Client
 
     from flux_infer.tiny import make_tiny, make_tiny_taef1
 
@@ -86,7 +85,7 @@ def main() -> None:
         data = [PROMPT, 0, False, args.size, args.size, 3.5, args.steps]
         page_calls, client_calls, counts, cpu = {}, {}, {}, {}
         for mode, server in servers.items():
-            client = Client(server.url, verbose=False)
+            client = server.client()
             browser = httpx.Client(base_url=server.url, timeout=300)
 
             def page(seed: int, browser=browser, mode=mode, server=server) -> None:

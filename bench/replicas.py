@@ -39,7 +39,6 @@ def main() -> None:
         sys.exit(subprocess.run(["unshare", "-n", "sh", "-c", command], env={**os.environ, INSIDE: "1",
                                                                             "RAY_USAGE_STATS_ENABLED": "0"}).returncode)
 
-    from gradio_client import Client
 
     from flux_infer.tiny import make_tiny
 
@@ -50,7 +49,7 @@ def main() -> None:
         server = Server(model, workdir / f"r{replicas}", ["--replicas", str(replicas), "--preview", "none",
                                                           "--max-queue", str(args.requests + 2)], name=f"r{replicas}")
         try:
-            client = Client(server.url, verbose=False)
+            client = server.client()
             call = lambda seed: client.predict("a lighthouse", seed, False, args.size, args.size, 3.5,  # noqa: E731
                                                args.steps, api_name="/infer")
             with concurrent.futures.ThreadPoolExecutor(args.requests) as pool:

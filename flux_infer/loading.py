@@ -93,8 +93,10 @@ def default_model() -> str:
 
 def tiny_model_dir() -> Path:
     """The cache folder of the `--model tiny` pipeline (under `XDG_CACHE_HOME`)."""
+    from flux_infer.tiny import VERSION
+
     cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
-    return cache / "flux-infer" / "tiny-seed0"
+    return cache / "flux-infer" / f"tiny-v{VERSION}-seed0"
 
 
 def resolve_source(model: str | None = None, *, base_model: str | None = None) -> ModelSource:

@@ -80,10 +80,13 @@ def test_single_file_that_is_not_a_transformer(tmp_path, tiny_dir):
 
 def test_tiny_is_made_once_in_the_cache(tmp_path, monkeypatch):
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    from flux_infer.tiny import VERSION
+
     pipeline, source, placement, _, _ = load_pipeline("tiny")
-    assert source.location == str(tmp_path / "flux-infer" / "tiny-seed0")
-    made = (tmp_path / "flux-infer" / "tiny-seed0" / "model_index.json").stat().st_mtime_ns
+    folder = tmp_path / "flux-infer" / f"tiny-v{VERSION}-seed0"
+    assert source.location == str(folder)
+    made = (folder / "model_index.json").stat().st_mtime_ns
     load_pipeline("tiny")
-    assert (tmp_path / "flux-infer" / "tiny-seed0" / "model_index.json").stat().st_mtime_ns == made
+    assert (folder / "model_index.json").stat().st_mtime_ns == made
     assert pipeline.transformer.config.in_channels == 64
     assert pipeline.transformer.dtype == placement.dtype

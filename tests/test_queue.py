@@ -59,6 +59,7 @@ def test_generations_do_not_overlap_and_a_waiting_page_sees_its_place_in_line(sm
     assert outputs and set(outputs) == {0}
     assert "Waiting in line: 1 ahead" in said, said
     assert second.result(timeout=300)[1] == 2
+    assert first.result(timeout=300)[1] == 1  # each job's outputs are complete once it is done
     assert len(first.outputs()) == steps + 1
 
 
