@@ -59,6 +59,7 @@ class ServerProcess:
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
                 self._log.close()
+                self.http.close()
                 raise RuntimeError(f"{name} exited with {self.process.returncode}:\n{self.log()}")
             try:
                 if self.http.get("healthz", timeout=2).status_code == 200:
