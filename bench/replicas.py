@@ -39,7 +39,6 @@ def main() -> None:
         sys.exit(subprocess.run(["unshare", "-n", "sh", "-c", command], env={**os.environ, INSIDE: "1",
                                                                             "RAY_USAGE_STATS_ENABLED": "0"}).returncode)
 
-
     from flux_infer.tiny import make_tiny
 
     workdir = Path(tempfile.mkdtemp(prefix="flux-bench-replicas-"))

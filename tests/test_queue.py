@@ -72,10 +72,7 @@ def test_the_page_and_the_openai_route_share_one_max_queue(small_queue_server):
     api = openai.OpenAI(base_url=srv.url + "v1", api_key="not-needed", max_retries=0, timeout=300)
     tiny = {"num_inference_steps": 1}
     running = client.submit("hold the lock", 1, False, 1024, 1024, 3.5, 12, api_name="/infer")
-    deadline = time.monotonic() + 120
-    while not running.outputs() and time.monotonic() < deadline:
-        time.sleep(0.02)
-    assert running.outputs(), "the first generation never started"
+    wait_for(running.outputs, "the first generation's first preview")
     # An OpenAI request takes the one place in the queue...
     answers = {}
     waiter = threading.Thread(target=lambda: answers.update(
@@ -137,7 +134,8 @@ def test_a_waiting_request_whose_caller_leaves_never_runs(line_server):
     srv = line_server
     client = srv.client()
     api = openai.OpenAI(base_url=srv.url + "v1", api_key="-", max_retries=0)
-    holder = client.submit("hold on", 2, False, 1024, 1024, 3.5, 50, api_name="/infer")  # cancelled below
+    # As long a generation as the Space allows (cancelled below): it must outlast everything before that.
+    holder = client.submit("hold on", 2, False, 2048, 2048, 3.5, 50, api_name="/infer")
     wait_for(lambda: "gradio request: 'hold on'" in srv.log(), "the first generation to start")
     # Another user (Gradio cancels by session: a second job of the same client would take the first with it).
     leaver = srv.client().submit("page that leaves", 3, False, 256, 256, 3.5, 1, api_name="/infer")
