@@ -13,7 +13,8 @@ bf16 eager measured in the same run.
 Parts (`--parts`, comma-separated; each sized for about 5 minutes on an H100 at 1024x1024, 28 steps):
 - presets: bf16 eager, fused QKV, fp8, int8, attention backends (cuDNN, FA3, FA2; those not
   installed say so): build/load s, warm-up s, first image, median of --runs, s/step, peak memory;
-- compile: --compile in bf16, with fp8, and with fused QKV, the same figures (compiling takes minutes);
+- compile: --compile in bf16, with fp8, with CUDA graphs, autotuned (bf16 and fp8), and with fused
+  QKV, the same figures (compiling takes minutes; `--only` picks some);
 - offload: model offload and group offload, the same figures;
 - steps: the cost of a full step and of a step a cache skipped (fbcache, taylorseer, magcache;
   skip counts on random weights mean nothing, the costs do);
@@ -31,17 +32,27 @@ On the GPU machine (torch present, our other dependencies not):
     python3 bench/gpu.py --wheels .whl --out "$OUT" --parts presets
 Check the whole script on a CPU first (random-small, 256x256, 4 steps, 1 run):
     python bench/gpu.py --allow-cpu --out /tmp/gpu-check --parts presets,offload,steps,served,memory,cold
+
+`--only NAMES` narrows the preset parts to some presets (bf16 eager is always measured, for the
+ratios); `--profile` adds a torch.profiler account of one more image per measurement: the kernels by
+GPU time in OUT/profiles/, and ms per step in matmuls, attention and the rest in the table, to see
+where a preset stands against the arithmetic floor. Compiling children log their recompilations
+and graph breaks (counted in the table); a child near --timeout writes its stacks to children.log.
 """
 
 from __future__ import annotations
 
 import argparse
 import datetime
+import faulthandler
 import importlib.util
 import json
 import logging
 import os
+import re
+import resource
 import shlex
+import shutil
 import statistics
 import subprocess
 import sys
@@ -67,8 +78,11 @@ PRESETS = {
     "fused-qkv": "--memory off --fuse-qkv",
     "compile": "--memory off --compile",
     "compile-fused": "--memory off --compile --fuse-qkv",
+    "compile-cudagraphs": "--memory off --compile --compile-mode reduce-overhead",
+    "compile-autotune": "--memory off --compile --compile-mode max-autotune-no-cudagraphs",
     "fp8": "--quantize fp8",
     "fp8-compile": "--quantize fp8 --compile",
+    "fp8-compile-autotune": "--quantize fp8 --compile --compile-mode max-autotune-no-cudagraphs",
     "int8": "--quantize int8",
     "cudnn-attention": "--memory off --attention _native_cudnn",
     "flash3-attention": "--memory off --attention _flash_3",
@@ -78,7 +92,8 @@ PRESETS = {
 }
 PARTS = {
     "presets": ["bf16", "fused-qkv", "fp8", "int8", "cudnn-attention", "flash3-attention", "flash-attention"],
-    "compile": ["bf16", "compile", "fp8-compile", "compile-fused"],
+    "compile": ["bf16", "compile", "fp8-compile", "compile-cudagraphs", "compile-autotune", "fp8-compile-autotune",
+                "compile-fused"],
     "offload": ["bf16", "model-offload", "group-offload"],
     "steps": ["bf16"],
     "served": [],
@@ -175,19 +190,33 @@ class SmiPeak:
 # -- one measurement, in its own process ----------------------------------------------------------
 
 def measure_one(flags: str, *, model: str, device: str | None, size: int, steps: int, runs: int,
-                step_times: bool, started: float) -> dict:
-    """Load with `flags`, warm up, time a first image and `runs` more; the row as a dict."""
+                step_times: bool, started: float, plain: bool = False, profile: str | None = None) -> dict:
+    """Load with `flags`, warm up, time a first image and `runs` more; the row as a dict.
+
+    `plain`: load as plain diffusers does (`from_pretrained` into RAM, then `.to(device)`), flags
+    ignored, for the cold-start comparison. `profile`: a file for torch.profiler's account of one
+    more image (the kernels by device time, and the time per step in matmuls, attention and the rest).
+    """
     import torch
 
     from flux_infer import cli
     from flux_infer.inference import FluxInference, build_request
-    from flux_infer.loading import load_pipeline
+    from flux_infer.loading import load_pipeline, resolve_placement
+    from flux_infer.tuning import MemoryPlan, Runtime
 
     options = cli._options(cli._parser().parse_args(["generate", "x", *shlex.split(flags)]))
     cuda = torch.cuda.is_available() and device != "cpu"
     sync = torch.cuda.synchronize if cuda else (lambda: None)
     began = time.perf_counter()
-    pipeline, _, placement, runtime, _ = load_pipeline(model, device=device, options=options)
+    if plain:
+        from diffusers import FluxPipeline
+
+        placement = resolve_placement(device)
+        pipeline = FluxPipeline.from_pretrained(model, dtype=placement.dtype).to(placement.device)
+        runtime = Runtime(pipeline, options, MemoryPlan(reason="plain diffusers: from_pretrained, then .to()"),
+                          placement.device)
+    else:
+        pipeline, _, placement, runtime, _ = load_pipeline(model, device=device, options=options)
     sync()
     build_s = time.perf_counter() - began
     inference = FluxInference(pipeline, runtime=runtime)
@@ -226,7 +255,14 @@ def measure_one(flags: str, *, model: str, device: str | None, size: int, steps:
                warm_s=warm_s, first_s=first_s, median_s=median, times=times, per_step_s=median / steps,
                cached_steps=result.cached_steps, first_image_after_start_s=first_image_at,
                peak_alloc_gib=torch.cuda.max_memory_allocated() / 1024**3 if cuda else None,
+               peak_ram_gib=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024**2,  # KiB on Linux
                device=placement.device, dtype=placement.dtype_name)
+    if profile:
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU] +
+                                    ([torch.profiler.ProfilerActivity.CUDA] if cuda else [])) as profiler:
+            one(runs + 1)
+        row.update(profile_ms_per_step=write_profile(profiler, Path(profile), steps=steps, cuda=cuda),
+                   profile_file=profile)
     if step_times:
         full = [s for s, computed in steps_seen if computed]
         skipped = [s for s, computed in steps_seen if not computed]
@@ -234,6 +270,35 @@ def measure_one(flags: str, *, model: str, device: str | None, size: int, steps:
                    skipped_step_s=statistics.median(skipped) if skipped else None,
                    full_steps=len(full), skipped_steps=len(skipped))
     return row
+
+
+# Kernel (or, on a CPU, operator) names by what they compute, for the profile's per-step summary.
+KERNEL_KINDS = (("attention", re.compile(r"flash|fmha|attention|sdpa|cudnn", re.I)),
+                ("matmul", re.compile(r"gemm|matmul|cutlass|nvjet|xmma|cublas|scaled_mm|aten::(mm|addmm|bmm|linear)\b",
+                                      re.I)))
+
+
+def write_profile(profiler, path: Path, *, steps: int, cuda: bool) -> dict:
+    """Write the top of torch.profiler's table to `path`; return milliseconds per step by kind
+    (matmul, attention, other), from the GPU's kernels (a CPU's operators without one)."""
+    events = profiler.key_averages()
+    sort = "self_device_time_total" if cuda else "self_cpu_time_total"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(events.table(sort_by=sort, row_limit=40, max_name_column_width=90))
+    totals = {"matmul": 0.0, "attention": 0.0, "other": 0.0}
+    for event in events:
+        micros = event.self_device_time_total if cuda else event.self_cpu_time_total
+        if micros <= 0 or (cuda and event.device_type != torch_device_type("CUDA")):
+            continue
+        kind = next((name for name, pattern in KERNEL_KINDS if pattern.search(event.key)), "other")
+        totals[kind] += micros
+    return {kind: micros / 1000 / steps for kind, micros in totals.items()}
+
+
+def torch_device_type(name: str):
+    from torch.autograd import DeviceType
+
+    return getattr(DeviceType, name)
 
 
 class Run:
@@ -256,16 +321,23 @@ class Run:
             lines.write(json.dumps({"part": part, "name": name, **row}) + "\n")
 
     def measure(self, part: str, name: str, flags: str, *, model: str | None = None, runs: int | None = None,
-                step_times: bool = False, env: dict | None = None) -> dict | None:
-        """Run one measurement in a child process; the row, or None (reason written) when it could not run."""
+                step_times: bool = False, env: dict | None = None, plain: bool = False) -> dict | None:
+        """Run one measurement in a child process; the row, or None (reason written) when it could not run.
+
+        A compiling child logs its recompilations and graph breaks (TORCH_LOGS), counted in the row;
+        a child still running near --timeout writes its threads' stacks to children.log first."""
         a = self.args
         spec = dict(flags=flags, model=model or a.model, device=a.device, size=a.size, steps=a.steps,
-                    runs=a.runs if runs is None else runs, step_times=step_times, started=time.time())
+                    runs=spec_runs(a, runs), step_times=step_times, started=time.time(), plain=plain,
+                    profile=str(self.out / "profiles" / f"{part}-{re.sub(r'[^a-z0-9]+', '-', name.lower())}.txt")
+                    if a.profile and spec_runs(a, runs) > 0 else None, stacks_after=max(a.timeout - 15, 1))
+        compiling = "--compile" in flags
+        env = {**os.environ, **({"TORCH_LOGS": "recompiles,graph_breaks"} if compiling else {}), **(env or {})}
         began = time.perf_counter()
         with SmiPeak() as smi:
             try:
                 child = subprocess.run([sys.executable, __file__, "--one", json.dumps(spec)], capture_output=True,
-                                       text=True, env={**os.environ, **(env or {})}, timeout=a.timeout)
+                                       text=True, env=env, timeout=a.timeout)
             except subprocess.TimeoutExpired as err:  # its output is bytes, whatever text= said
                 child = subprocess.CompletedProcess(err.cmd, 124, _text(err.stdout), _text(err.stderr) +
                                                     f"\ntimed out after {a.timeout:.0f} s (--timeout)")
@@ -280,6 +352,9 @@ class Run:
             self.record(part, name, {"flags": flags, "error": reason})
             return None
         row = {**json.loads(lines[-1]), "process_s": wall, "peak_smi_gib": smi.peak}
+        if compiling:
+            row.update(recompiles=child.stderr.count("Recompiling function"),
+                       graph_breaks=len(re.findall(r"^.*Graph break", child.stderr, re.M)))
         self.record(part, name, row)
         self.rows[name] = row
         return row
@@ -296,6 +371,11 @@ class Run:
         return f"{value / self.eager['median_s']:.2f}"
 
 
+def spec_runs(args, runs: int | None) -> int:
+    """Steady images after the first: a part's own count, else --runs."""
+    return args.runs if runs is None else runs
+
+
 def _text(output) -> str:
     return output.decode(errors="replace") if isinstance(output, bytes) else (output or "")
 
@@ -305,19 +385,32 @@ def _gib(value) -> str:
 
 
 PRESET_HEADER = ("| preset | flags | plan | build s | warm-up s | first image s | steady s (median) | s/step | "
-                 "vs bf16 eager | peak GiB (torch) | peak GiB (nvidia-smi) |\n|---|---|---|---:|---:|---:|---:|---:|"
-                 "---:|---:|---:|")
+                 "vs bf16 eager | peak GiB (torch) | peak GiB (nvidia-smi) | peak RAM GiB | recompiles / graph breaks "
+                 "|\n|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
 
 
 def preset_line(run: Run, name: str, row: dict) -> str:
+    compiled = f"{row['recompiles']} / {row['graph_breaks']}" if "recompiles" in row else ""
     return (f"| {name} | `{row['flags']}` | {row['plan']} | {row['build_s']:.1f} | {row['warm_s']:.1f} | "
             f"{row['first_s']:.2f} | {row['median_s']:.3f} | {row['per_step_s']:.3f} | {run.ratio(row['median_s'])} | "
-            f"{_gib(row['peak_alloc_gib'])} | {_gib(row['peak_smi_gib'])} |")
+            f"{_gib(row['peak_alloc_gib'])} | {_gib(row['peak_smi_gib'])} | {_gib(row['peak_ram_gib'])} | {compiled} |"
+            + profile_note(row))
+
+
+def profile_note(row: dict) -> str:
+    ms = row.get("profile_ms_per_step")
+    if not ms:
+        return ""
+    return (f"\n|  | profile, ms per step: matmul {ms['matmul']:.1f}, attention {ms['attention']:.1f}, "
+            f"other {ms['other']:.1f} (kernels: {Path(row['profile_file']).name}) |")
 
 
 def part_presets(run: Run, part: str, names: list[str]) -> None:
     run.write(f"\n## {part.capitalize()}\n\n{PRESET_HEADER}")
+    only = run.args.only
     for name in names:
+        if only and name != "bf16" and name not in only:
+            continue
         missing = MODULES.get(name)
         if missing and importlib.util.find_spec(missing) is None:
             run.write(f"| {name} | `{PRESETS[name]}` | not measured: the {missing} package is not installed |")
@@ -402,16 +495,23 @@ def part_cold(run: Run) -> None:
     read_s, size = _read_all(folder)
     run.write(f"page cache {dropped}; raw read of its safetensors: {size / 1024**3:.1f} GiB in {read_s:.1f} s "
               f"({size / 1024**3 / read_s:.2f} GiB/s)\n")
-    run.write("| start | build/load s (to ready) | vs raw read | first image s |\n|---|---:|---:|---:|")
-    for label in ("cold page cache", "warm page cache"):
-        if label.startswith("cold"):
+    run.write("| start | page cache | load s (to ready) | vs raw read | first image s | peak RAM GiB |\n"
+              "|---|---|---:|---:|---:|---:|")
+    loads = (("plain diffusers (from_pretrained into RAM, then .to)", "cold", "", True),
+             ("flux-infer `--memory off`", "cold", "--memory off", False),
+             ("flux-infer `--memory off`", "warm", "--memory off", False),
+             ("flux-infer `--quantize fp8` (quantized as it loads)", "cold", "--quantize fp8", False))
+    for label, cache, flags, plain in loads:
+        if cache == "cold":
             _drop_page_cache(folder)
-        row = run.measure("cold", label, "--memory off --no-fuse-qkv", model=str(folder), runs=0)
+        row = run.measure("cold", f"{label}, {cache}", flags, model=str(folder), runs=0, plain=plain)
         if row:
-            run.write(f"| {label} | {row['build_s']:.1f} | {row['build_s'] / read_s:.2f} | {row['first_s']:.2f} |")
+            run.write(f"| {label} | {cache} | {row['build_s']:.1f} | {row['build_s'] / read_s:.2f} | "
+                      f"{row['first_s']:.2f} | {_gib(row['peak_ram_gib'])} |")
     cache = Path(a.scratch) / "inductor-cache"
     run.write(f"\n(goal: cold load <= {COLD_GOAL}x the raw read)\n\n| --compile start | process start to first "
               "image s | compile/warm-up s |\n|---|---:|---:|")
+    shutil.rmtree(cache, ignore_errors=True)
     for label in ("first (empty TORCHINDUCTOR_CACHE_DIR)", "second (kept cache)"):
         row = run.measure("cold", label, "--memory off --compile", runs=0,
                           env={"TORCHINDUCTOR_CACHE_DIR": str(cache)})
@@ -519,6 +619,11 @@ def main() -> None:
     parser.add_argument("--runs", type=int, default=None, help="steady images per preset (default: 3; 1 on a CPU)")
     parser.add_argument("--timeout", type=float, default=600, help="seconds one measurement may take")
     parser.add_argument("--scratch", default=tempfile.gettempdir(), help="disk for the cold-start folder and caches")
+    parser.add_argument("--only", type=lambda text: [n for n in text.split(",") if n], default=None,
+                        help=f"measure only these presets in the preset parts (from {', '.join(PRESETS)}); "
+                        "bf16 eager is always measured")
+    parser.add_argument("--profile", action="store_true", help="profile one more image per measurement with "
+                        "torch.profiler: kernels by device time in OUT/profiles/, matmul/attention/other per step")
     parser.add_argument("--allow-cpu", action="store_true", help="run on the CPU at a small size, to check the script")
     parser.add_argument("--one", help=argparse.SUPPRESS)
     parser.add_argument("--save", help=argparse.SUPPRESS)
@@ -526,7 +631,9 @@ def main() -> None:
     if args.one:  # a child: one measurement, one JSON line; its log (the plan, any error) goes to children.log
         logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(levelname)s %(name)s: %(message)s")
         spec = json.loads(args.one)
+        faulthandler.dump_traceback_later(spec.pop("stacks_after"), exit=False)  # where a slow child is
         print(json.dumps(measure_one(spec.pop("flags"), **spec)))
+        faulthandler.cancel_dump_traceback_later()
         return
     if args.save:
         save_pipeline(args.save, args.model, args.allow_cpu)
@@ -534,6 +641,8 @@ def main() -> None:
     parts = [p for p in args.parts.split(",") if p]
     if not set(parts) <= set(PARTS):
         raise SystemExit(f"--parts takes {', '.join(PARTS)}; got {args.parts}")
+    if args.only and not set(args.only) <= set(PRESETS):
+        raise SystemExit(f"--only takes {', '.join(PRESETS)}; got {','.join(args.only)}")
     ensure_dependencies(args.wheels)
 
     import torch

@@ -81,6 +81,9 @@ def _add_runtime_flags(parser: argparse.ArgumentParser) -> None:
                        help="quantize the T5 text encoder the same way")
     group.add_argument("--compile", action="store_true", help="torch.compile the transformer and VAE decoder, "
                        "warmed up at start-up (minutes on the first run; cached after)")
+    group.add_argument("--compile-mode", choices=tuning.COMPILE_MODES, default=tuning.Options.compile_mode,
+                       help="with --compile, torch.compile's mode: max-autotune-no-cudagraphs tries kernel variants "
+                       "while compiling; reduce-overhead and max-autotune also capture CUDA graphs (default: default)")
     group.add_argument("--compile-sizes", type=_checked(tuning.parse_sizes), default=tuning.DEFAULT_COMPILE_SIZES,
                        metavar="WxH[,WxH]", help="sizes to warm up with --compile (default: 1024x1024)")
     group.add_argument("--cache", type=_checked(tuning.parse_cache), default=None, metavar="KIND[:VALUE]",
@@ -104,8 +107,9 @@ def _add_runtime_flags(parser: argparse.ArgumentParser) -> None:
 def _options(args) -> tuning.Options:
     return tuning.Options(memory=args.memory, offload=args.offload, quantize=args.quantize,
                           quantize_text_encoder=args.quantize_text_encoder, compile=args.compile,
-                          compile_sizes=args.compile_sizes, cache=args.cache, attention=args.attention,
-                          fuse_qkv=args.fuse_qkv, vae_tiling=args.vae_tiling, gpu_memory=args.gpu_memory)
+                          compile_mode=args.compile_mode, compile_sizes=args.compile_sizes, cache=args.cache,
+                          attention=args.attention, fuse_qkv=args.fuse_qkv, vae_tiling=args.vae_tiling,
+                          gpu_memory=args.gpu_memory)
 
 
 def _parser() -> argparse.ArgumentParser:

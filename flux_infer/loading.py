@@ -326,9 +326,13 @@ def load_pipeline(
             ) from None
     configs = tuning.quantization_configs(plan, placement, transformer="transformer" not in components)
     quantization = PipelineQuantizationConfig(quant_mapping=configs) if configs else None
+    # Read the weights straight onto the device they will run on (quantized there, tensor by
+    # tensor), unless they are offloaded or cast for storage after loading: no full copy in RAM.
+    direct = plan.offload == "none" and plan.quantize != "fp8-storage"
     try:
         pipeline = FluxPipeline.from_pretrained(folder, dtype=placement.dtype, use_safetensors=True,
-                                                quantization_config=quantization, **components)
+                                                quantization_config=quantization,
+                                                device_map=placement.device if direct else None, **components)
     except (OSError, ValueError) as err:
         raise ModelLoadError(f"could not load a FluxPipeline from {folder}: {err}. {settings.DOWNLOAD_HINT}") from None
     return _finish(pipeline, source, placement, plan, options, loras, lora_folder)

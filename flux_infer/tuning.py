@@ -26,6 +26,9 @@ MEMORY_MODES = ("auto", "off")
 OFFLOAD_MODES = ("none", "model", "group", "sequential")
 QUANTIZE_MODES = ("none", "fp8-storage", "int8", "fp8", "nf4")
 VAE_TILING_MODES = ("auto", "on", "off")
+# torch.compile's modes: max-autotune* try kernel variants while compiling (slower to start);
+# reduce-overhead and max-autotune also capture CUDA graphs.
+COMPILE_MODES = ("default", "max-autotune-no-cudagraphs", "max-autotune", "reduce-overhead")
 # --cache KIND[:VALUE]: the value is a threshold, except TaylorSeer's, which is its refresh interval.
 CACHE_DEFAULTS = {"fbcache": 0.05, "taylorseer": 5, "magcache": 0.06}
 # Sizes warmed up at start-up with --compile (the Space's default size).
@@ -100,6 +103,7 @@ class Options:
     quantize: str | None = None
     quantize_text_encoder: bool | None = None
     compile: bool = False
+    compile_mode: str = "default"
     compile_sizes: tuple[tuple[int, int], ...] = DEFAULT_COMPILE_SIZES
     cache: CacheSpec | None = None
     attention: str | None = None
@@ -110,9 +114,12 @@ class Options:
     def __post_init__(self):
         for name, value, allowed in (("memory", self.memory, MEMORY_MODES), ("offload", self.offload, OFFLOAD_MODES),
                                      ("quantize", self.quantize, QUANTIZE_MODES),
-                                     ("vae-tiling", self.vae_tiling, VAE_TILING_MODES)):
+                                     ("vae-tiling", self.vae_tiling, VAE_TILING_MODES),
+                                     ("compile-mode", self.compile_mode, COMPILE_MODES)):
             if value is not None and value not in allowed:
                 raise OptionError(f"--{name} must be one of {', '.join(allowed)}, got {value!r}")
+        if self.compile_mode != "default" and not self.compile:
+            raise OptionError(f"--compile-mode {self.compile_mode} says how to compile: add --compile")
         if self.gpu_memory is not None and not self.gpu_memory > 0:
             raise OptionError(f"--gpu-memory takes the GiB this server may use on the GPU, more than 0, "
                               f"got {self.gpu_memory:g}")
@@ -373,8 +380,9 @@ class Runtime:
             projection.register_forward_hook(torch.compiler.disable(self._count_call))
             self._enable_cache(int(settings.NUM_INFERENCE_STEPS.default))
         if options.compile:
+            mode = None if options.compile_mode == "default" else options.compile_mode
             if options.cache is None:
-                transformer.compile_repeated_blocks(fullgraph=True)
+                transformer.compile_repeated_blocks(fullgraph=True, mode=mode)
             else:
                 # The cache hooks are torch.compiler.disable()d, so the graph splits around them
                 # (fullgraph off). The last single block stays eager: the step counter's hook
@@ -382,14 +390,13 @@ class Runtime:
                 last = transformer.single_transformer_blocks[-1]
                 for block in [*transformer.transformer_blocks, *transformer.single_transformer_blocks]:
                     if block is not last:
-                        block.compile(fullgraph=False)
+                        block.compile(fullgraph=False, mode=mode)
             pipe.vae.to(memory_format=torch.channels_last)
-            pipe.vae.decoder.compile()
+            pipe.vae.decoder.compile(mode=mode)
         log.info("options: %s; fused QKV %s; attention %s; cache %s; compile %s; VAE tiling %s",
                  self.plan.describe(), "on" if options.fuse_qkv and not quantized else "off",
-                 options.attention or "native (torch SDPA)",
-                 options.cache.describe() if options.cache else "none", "on" if options.compile else "off",
-                 options.vae_tiling)
+                 options.attention or "native (torch SDPA)", options.cache.describe() if options.cache else "none",
+                 f"on ({options.compile_mode} mode)" if options.compile else "off", options.vae_tiling)
         return self
 
     def _place(self, placement) -> None:

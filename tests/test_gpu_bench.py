@@ -36,7 +36,7 @@ def test_steps_are_told_apart_by_whether_the_transformer_ran(gpu_bench, tiny_dir
 @pytest.mark.e2e  # a child process
 def test_a_measurement_that_cannot_run_is_written_down_and_the_run_goes_on(gpu_bench, tmp_path):
     args = argparse.Namespace(out=tmp_path, model="random-small", device="cpu", size=256, steps=2, runs=0,
-                              timeout=300)
+                              timeout=300, profile=False, only=None)
     run = gpu_bench.Run(args)
     assert run.measure("offload", "model-offload", "--offload model") is None
     report = (tmp_path / "results.md").read_text()
@@ -52,8 +52,28 @@ def test_a_measurement_past_its_timeout_is_written_down_with_what_it_printed(gpu
         raise subprocess.TimeoutExpired(command, kwargs["timeout"], output=b"", stderr=b"building the pipeline\n")
 
     monkeypatch.setattr(gpu_bench.subprocess, "run", hangs)
-    args = argparse.Namespace(out=tmp_path, model="random", device=None, size=1024, steps=28, runs=3, timeout=240)
+    args = argparse.Namespace(out=tmp_path, model="random", device=None, size=1024, steps=28, runs=3, timeout=240,
+                              profile=False, only=None)
     assert gpu_bench.Run(args).measure("compile", "fp8-compile", "--quantize fp8 --compile") is None
     assert "| fp8-compile | `--quantize fp8 --compile` | could not run: timed out after 240 s (--timeout) |" in (
         tmp_path / "results.md").read_text()
     assert "building the pipeline" in (tmp_path / "children.log").read_text()
+
+
+def test_a_profiled_measurement_says_where_each_step_goes(gpu_bench, tiny_dir, tmp_path):
+    profile = tmp_path / "profiles" / "presets-bf16.txt"
+    row = gpu_bench.measure_one("--memory off", model=str(tiny_dir), device="cpu", size=256, steps=2, runs=1,
+                                step_times=False, started=time.time(), profile=str(profile))
+    per_step = row["profile_ms_per_step"]
+    assert set(per_step) == {"matmul", "attention", "other"}
+    assert per_step["matmul"] > 0 and per_step["attention"] > 0  # a CPU's aten::addmm and SDPA
+    assert "aten::addmm" in profile.read_text() and row["profile_file"] == str(profile)
+    assert row["peak_ram_gib"] > 0
+    line = gpu_bench.preset_line(gpu_bench.Run(argparse.Namespace(out=tmp_path)), "bf16", {**row, "peak_smi_gib": None})
+    assert f"matmul {per_step['matmul']:.1f}" in line
+
+
+def test_plain_diffusers_load_is_measured_beside_ours(gpu_bench, tiny_dir):
+    row = gpu_bench.measure_one("", model=str(tiny_dir), device="cpu", size=256, steps=2, runs=0,
+                                step_times=False, started=time.time(), plain=True)
+    assert row["plan_reason"].startswith("plain diffusers") and row["build_s"] > 0 and row["first_s"] > 0

@@ -90,3 +90,18 @@ def test_tiny_is_made_once_in_the_cache(tmp_path, monkeypatch):
     assert (folder / "model_index.json").stat().st_mtime_ns == made
     assert pipeline.transformer.config.in_channels == 64
     assert pipeline.transformer.dtype == placement.dtype
+
+
+def test_weights_are_read_straight_onto_the_device_unless_offloaded_or_cast_after(tiny_dir):
+    from diffusers import FluxPipeline
+
+    from flux_infer.tuning import Options
+
+    direct = load_pipeline(str(tiny_dir), device="cpu").pipeline
+    assert direct.hf_device_map == "cpu"  # diffusers' device_map: each tensor read onto its device
+    # The same weights as diffusers' default load (into RAM, then moved).
+    plain = FluxPipeline.from_pretrained(tiny_dir, dtype=torch.float32)
+    np.testing.assert_array_equal(_image(direct), _image(plain))
+    # fp8-storage casts after loading: loading to the GPU first would hold the full bf16 weights there.
+    cast = load_pipeline(str(tiny_dir), device="cpu", options=Options(quantize="fp8-storage")).pipeline
+    assert cast.hf_device_map is None

@@ -99,6 +99,11 @@ def test_option_values_are_checked():
     assert parse_cache("magcache:0.1") == tuning.CacheSpec("magcache", 0.1)
     assert parse_cache("taylorseer:3") == tuning.CacheSpec("taylorseer", 3)
     assert parse_cache("none") is None
+    with pytest.raises(OptionError, match="--compile-mode must be one of default, max-autotune-no-cudagraphs, "
+                       "max-autotune, reduce-overhead, got 'fastest'"):
+        Options(compile=True, compile_mode="fastest")
+    with pytest.raises(OptionError, match="--compile-mode reduce-overhead says how to compile: add --compile"):
+        Options(compile_mode="reduce-overhead")
     for bad, message in [("teacache", "--cache must be none or one of fbcache, taylorseer, magcache"),
                          ("fbcache:x", "needs a number after the colon"), ("fbcache:-1", "must be 0 or more"),
                          ("taylorseer:0.5", "whole refresh interval")]:
@@ -288,11 +293,32 @@ def test_group_offload_moves_t5_one_block_at_a_time(tiny_dir, reference):
     np.testing.assert_array_equal(pixels(offloaded), pixels(reference))
 
 
+@pytest.mark.parametrize("cache", [None, "fbcache:0.5"])
+def test_the_compile_mode_reaches_every_compiled_part(tiny_dir, monkeypatch, cache):
+    import torch
+
+    modes = []
+
+    def compile_spy(model=None, **kwargs):  # records the call; leaves the code eager (nothing compiled)
+        modes.append(kwargs.get("mode"))
+        return model
+
+    monkeypatch.setattr(torch, "compile", compile_spy)
+    options = Options(compile=True, compile_mode="max-autotune-no-cudagraphs",
+                      cache=parse_cache(cache) if cache else None)
+    pipe = load_pipeline(str(tiny_dir), device="cpu", options=options).pipeline
+    blocks = len(pipe.transformer.transformer_blocks) + len(pipe.transformer.single_transformer_blocks)
+    # Every block (with a cache, all but the last, which holds the step counter's hook), and the VAE decoder.
+    assert modes == ["max-autotune-no-cudagraphs"] * (blocks + 1 - (cache is not None)), modes
+
+
 def test_cli_reports_option_errors(tiny_dir, capsys):
     from flux_infer.cli import main
 
     assert main(["generate", "x", "--model", str(tiny_dir), "--device", "cpu", "--offload", "model"]) == 2
     assert "flux-infer: error: --offload model moves weights between a GPU and the CPU" in capsys.readouterr().err
+    assert main(["generate", "x", "--model", str(tiny_dir), "--compile-mode", "max-autotune"]) == 2
+    assert "flux-infer: error: --compile-mode max-autotune says how to compile: add --compile" in capsys.readouterr().err
     with pytest.raises(SystemExit) as exit_info:
         main(["generate", "x", "--cache", "teacache"])
     assert exit_info.value.code == 2
