@@ -307,6 +307,10 @@ def load_pipeline(
 
         pipeline = build_pipeline(source.location, placement=placement, plan=plan, gpu_memory_gib=options.gpu_memory)
         return _finish(pipeline, source, placement, plan, options, loras, lora_folder)
+    # Read the weights straight onto the device they will run on (quantized there, tensor by
+    # tensor), unless they are offloaded or cast for storage after loading: no full copy in RAM.
+    direct = plan.offload == "none" and plan.quantize != "fp8-storage"
+    device_map = placement.device if direct else None
     components = {}
     if source.kind == "single_file":
         if gguf:
@@ -318,7 +322,7 @@ def load_pipeline(
         try:
             components["transformer"] = FluxTransformer2DModel.from_single_file(
                 source.location, config=folder, subfolder="transformer", dtype=placement.dtype,
-                quantization_config=quantization,
+                quantization_config=quantization, device_map=device_map,
             )
         except (OSError, ValueError, KeyError, RuntimeError) as err:
             raise ModelLoadError(
@@ -326,13 +330,9 @@ def load_pipeline(
             ) from None
     configs = tuning.quantization_configs(plan, placement, transformer="transformer" not in components)
     quantization = PipelineQuantizationConfig(quant_mapping=configs) if configs else None
-    # Read the weights straight onto the device they will run on (quantized there, tensor by
-    # tensor), unless they are offloaded or cast for storage after loading: no full copy in RAM.
-    direct = plan.offload == "none" and plan.quantize != "fp8-storage"
     try:
         pipeline = FluxPipeline.from_pretrained(folder, dtype=placement.dtype, use_safetensors=True,
-                                                quantization_config=quantization,
-                                                device_map=placement.device if direct else None, **components)
+                                                quantization_config=quantization, device_map=device_map, **components)
     except (OSError, ValueError) as err:
         raise ModelLoadError(f"could not load a FluxPipeline from {folder}: {err}. {settings.DOWNLOAD_HINT}") from None
     return _finish(pipeline, source, placement, plan, options, loras, lora_folder)

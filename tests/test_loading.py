@@ -68,6 +68,7 @@ def test_single_file_transformer_with_folder_components(tmp_path, tiny_dir):
 
     single_pipeline, source, _, _, _ = load_pipeline(str(checkpoint), base_model=str(tiny_dir), device="cpu")
     assert source.kind == "single_file"
+    assert single_pipeline.transformer.hf_device_map == {"": torch.device("cpu")}  # read straight onto it
     np.testing.assert_array_equal(_image(single_pipeline), _image(folder_pipeline))
 
 
