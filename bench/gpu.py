@@ -23,6 +23,8 @@ Parts (`--parts`, comma-separated; each sized for about 5 minutes on an H100 at 
   against the direct call (needs the `server` wheels);
 - memory: `--memory auto` within `--gpu-memory` 24, 16, 12 and 8 GiB: the plan, s/image, peaks;
   nf4 needs the `nf4` wheels, else 12 GiB plans group offload;
+- lean: two leaner plans under the 8 GiB cap (fp8-storage with group offload, nf4 transformer and
+  T5 with model offload), against what --memory auto picks there;
 - cold: the random pipeline saved as a diffusers folder, page cache dropped, raw read time of its
   safetensors against load_pipeline's time to ready (cold and warm cache); time to a first image on
   a second `--compile` start with a kept TORCHINDUCTOR_CACHE_DIR.
@@ -31,7 +33,7 @@ On the GPU machine (torch present, our other dependencies not):
     ../shared/gpu/fetch-wheels nf4 .whl        # here, before the call; `server` for the served part
     python3 bench/gpu.py --wheels .whl --out "$OUT" --parts presets
 Check the whole script on a CPU first (random-small, 256x256, 4 steps, 1 run):
-    python bench/gpu.py --allow-cpu --out /tmp/gpu-check --parts presets,offload,steps,served,memory,cold
+    python bench/gpu.py --allow-cpu --out /tmp/gpu-check --parts presets,compile,offload,steps,served,memory,lean,cold,lora
 
 `--only NAMES` narrows the preset parts to some presets (bf16 eager is always measured, for the
 ratios); `--profile` adds a torch.profiler account of one more image per measurement: the kernels by
@@ -98,6 +100,7 @@ PARTS = {
     "steps": ["bf16"],
     "served": [],
     "memory": ["bf16"],
+    "lean": ["bf16"],
     "cold": [],
     "lora": [],
 }
@@ -453,6 +456,23 @@ def part_memory(run: Run) -> None:
         run.write(f"\n8 GiB: {run.ratio(run.rows['8 GiB']['median_s'])}x bf16 on a free card (goal <= {CAP_TIME_GOAL})")
 
 
+# Leaner plans than --memory auto picks for an 8 GiB card (group offload of the bf16 transformer),
+# measured under the same cap, to see which one should take its place.
+LEAN_8_GIB = {
+    "group offload, fp8-storage transformer": "--gpu-memory 8 --offload group --quantize fp8-storage",
+    "model offload, nf4 transformer and T5": "--gpu-memory 8 --offload model --quantize nf4 --quantize-text-encoder",
+}
+
+
+def part_lean(run: Run) -> None:
+    run.write("\n## Leaner plans within --gpu-memory 8\n\n" + PRESET_HEADER.replace("| preset |", "| plan |"))
+    for name, flags in LEAN_8_GIB.items():
+        row = run.measure("lean", name, flags, runs=1)
+        if row:
+            run.write(preset_line(run, name, row))
+            run.write(f"|  | peak under the cap: {'yes' if (row['peak_alloc_gib'] or 0) <= 8 else 'NO'} |")
+
+
 def _drop_page_cache(folder: Path) -> str:
     """Evict the folder's files from the page cache: all of it where allowed, else file by file."""
     os.sync()
@@ -672,6 +692,9 @@ def main() -> None:
         elif part == "memory":
             run.baseline(part)
             part_memory(run)
+        elif part == "lean":
+            run.baseline(part)
+            part_lean(run)
         elif part == "cold":
             part_cold(run)
         elif part == "served":
