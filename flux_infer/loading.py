@@ -292,6 +292,11 @@ def load_pipeline(
     gguf = source.kind == "single_file" and source.location.endswith(".gguf")
     plan = tuning.resolve_plan(options, placement, gguf_bytes=Path(source.location).stat().st_size if gguf else None)
     log.info("memory: %s (%s)", plan.describe(), plan.reason)
+    if lora_folder is not None and plan.quantize == "fp8-storage":
+        # PEFT gives a LoRA loaded later the dtype of the layer it wraps: float8, which cannot multiply.
+        raise tuning.OptionError("--lora-dir cannot switch LoRAs on --quantize fp8-storage weights (they would be "
+                                 "stored in float8 too): use --quantize fp8 or int8, or fuse one LoRA at start-up "
+                                 "with --lora PATH:SCALE")
     log.info("loading %s", source.describe())
     # Find (or fetch) the files before importing diffusers: weights that are missing are said in a
     # second rather than after diffusers' imports.

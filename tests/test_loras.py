@@ -99,6 +99,31 @@ def test_switching_loras_per_request_matches_fusing_them(tiny_dir, lora_dir):
     np.testing.assert_array_equal(pixels(inference, [LoraChoice("film", 0.8)])[0], film)
 
 
+@pytest.mark.parametrize("quantize", ["int8", "fp8"])
+def test_loras_switch_per_request_on_quantized_weights(tiny_dir, lora_dir, quantize):
+    pipeline, _, _, runtime, adapters = load_pipeline(str(tiny_dir), device="cpu", options=Options(quantize=quantize),
+                                                      lora_folder=LoraFolder(str(lora_dir)))
+    inference = FluxInference(pipeline, runtime=runtime, adapters=adapters)
+    base = pixels(inference)[0]
+    film = pixels(inference, [LoraChoice("film", 0.8)])[0]
+    assert np.abs(film - base).mean() > 1
+    np.testing.assert_array_equal(pixels(inference)[0], base)
+
+
+def test_fp8_storage_takes_a_start_up_lora_and_refuses_switching_ones(tiny_dir, lora_dir):
+    from flux_infer.tuning import OptionError
+
+    with pytest.raises(OptionError, match="--lora-dir cannot switch LoRAs on --quantize fp8-storage weights .*use "
+                                          "--quantize fp8 or int8, or fuse one LoRA at start-up"):
+        load_pipeline(str(tiny_dir), device="cpu", options=Options(quantize="fp8-storage"),
+                      lora_folder=LoraFolder(str(lora_dir)))
+    cast = Options(quantize="fp8-storage")
+    plain = load_pipeline(str(tiny_dir), device="cpu", options=cast).pipeline
+    with_film = load_pipeline(str(tiny_dir), device="cpu", options=cast,
+                              loras=((str(lora_dir / "film.safetensors"), 0.8),)).pipeline
+    assert np.abs(pixels(FluxInference(with_film))[0] - pixels(FluxInference(plain))[0]).mean() > 1
+
+
 @pytest.mark.e2e  # a soak: 200 switches
 def test_two_hundred_switches_keep_memory_bounded(tiny_dir, lora_dir):
     pipeline, *_, adapters = load_pipeline(str(tiny_dir), device="cpu",
