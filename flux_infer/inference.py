@@ -7,6 +7,7 @@ the Ray Serve replicas. Nothing here knows about Gradio or HTTP.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
@@ -234,15 +235,16 @@ class FluxInference:
 
     def pipeline_for(self, kind: str):
         """The pipeline for a request's kind: the loaded FluxPipeline, or diffusers' image-to-image or
-        inpainting pipeline made from its components with `from_pipe` (the same modules: no weight is
-        copied, and LoRAs, offloading and compilation apply to them as they are)."""
+        inpainting pipeline made from its components (the same modules: no weight is copied, and
+        LoRAs, quantization, offloading and compilation apply to them as they are). Not `from_pipe`:
+        it casts the shared modules to its `dtype` (float32 unless told), and refuses quantized ones."""
         if kind == "text-to-image":
             return self.pipeline
         if kind not in self._edit_pipelines:
             from diffusers import FluxImg2ImgPipeline, FluxInpaintPipeline
 
             kinds = {"image-to-image": FluxImg2ImgPipeline, "inpaint": FluxInpaintPipeline}
-            pipeline = kinds[kind].from_pipe(self.pipeline)
+            pipeline = kinds[kind](**self.pipeline.components)
             pipeline.set_progress_bar_config(disable=not self._progress_bar)
             self._edit_pipelines[kind] = pipeline
         return self._edit_pipelines[kind]
@@ -306,17 +308,18 @@ class FluxInference:
             if self.runtime is not None:
                 self.runtime.before(request)
             try:
-                output = self.pipeline_for(request.kind)(
-                    prompt=request.prompt,
-                    width=request.width,
-                    height=request.height,
-                    guidance_scale=request.guidance_scale,
-                    num_inference_steps=request.num_inference_steps,
-                    generator=generator,
-                    output_type="pil",
-                    **edit,
-                    **hooks,
-                )
+                with self.runtime.denoiser_context(request) if self.runtime is not None else contextlib.nullcontext():
+                    output = self.pipeline_for(request.kind)(
+                        prompt=request.prompt,
+                        width=request.width,
+                        height=request.height,
+                        guidance_scale=request.guidance_scale,
+                        num_inference_steps=request.num_inference_steps,
+                        generator=generator,
+                        output_type="pil",
+                        **edit,
+                        **hooks,
+                    )
             except torch.OutOfMemoryError as err:
                 # The operator's log gets torch's account (where, how much); the client a way out.
                 log.warning("out of GPU memory at %dx%d: %s", request.width, request.height,

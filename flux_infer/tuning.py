@@ -14,6 +14,7 @@ free memory. `Runtime` applies the options to a loaded pipeline and does the per
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 from dataclasses import dataclass, field, replace
@@ -38,7 +39,7 @@ DEFAULT_COMPILE_SIZES = ((1024, 1024),)
 # transformer, 4.7B T5-XXL encoder, CLIP-L and VAE) and the transient memory of the denoising
 # and of the VAE decode. Published sizes; a run of bench/gpu.py measures the real ones.
 TRANSFORMER_GIB = {"none": 22.2, "fp8-storage": 11.1, "int8": 11.1, "fp8": 11.1, "nf4": 6.3}
-T5_GIB = {"none": 8.9, "fp8-storage": 4.5, "int8": 4.5, "fp8": 4.5, "nf4": 2.7}
+T5_GIB = {"none": 8.9, "int8": 4.5, "fp8": 4.5, "nf4": 2.7}
 OTHER_GIB = 0.4  # CLIP-L, VAE
 DENOISE_GIB = 1.5
 DECODE_GIB = 3.0
@@ -120,6 +121,9 @@ class Options:
                 raise OptionError(f"--{name} must be one of {', '.join(allowed)}, got {value!r}")
         if self.compile_mode != "default" and not self.compile:
             raise OptionError(f"--compile-mode {self.compile_mode} says how to compile: add --compile")
+        if self.compile and self.quantize == "fp8-storage":
+            raise OptionError("--compile cannot trace fp8-storage's per-layer casts: use --quantize fp8 (float8 "
+                              "weights and matmuls, which compile), or leave --compile out")
         if self.gpu_memory is not None and not self.gpu_memory > 0:
             raise OptionError(f"--gpu-memory takes the GiB this server may use on the GPU, more than 0, "
                               f"got {self.gpu_memory:g}")
@@ -234,8 +238,12 @@ def check_plan(plan: MemoryPlan, placement, *, gguf: bool = False) -> None:
     """Refuse what cannot run here, saying what to use instead."""
     on_cuda = placement.device.startswith("cuda")
     if plan.quantize_text_encoder and plan.quantize == "none":
-        raise OptionError("--quantize-text-encoder quantizes T5 the way --quantize says: add --quantize int8, fp8, "
-                          "fp8-storage or nf4")
+        raise OptionError("--quantize-text-encoder quantizes T5 the way --quantize says: add --quantize int8, fp8 "
+                          "or nf4")
+    if plan.quantize_text_encoder and plan.quantize == "fp8-storage":
+        # FluxPipeline gives the prompt embeddings T5's weight dtype: float8 while stored.
+        raise OptionError("--quantize-text-encoder cannot store T5 in float8 (fp8-storage): its output would be "
+                          "float8 too; use --quantize fp8 or int8 to quantize T5, or leave --quantize-text-encoder out")
     if plan.offload != "none" and not on_cuda:
         raise OptionError(f"--offload {plan.offload} moves weights between a GPU and the CPU: it needs a CUDA GPU "
                           f"(this run is on {placement.device}); leave --offload at none")
@@ -360,13 +368,7 @@ class Runtime:
         if options.fuse_qkv and not quantized:
             transformer.fuse_qkv_projections()
         if self.plan.quantize == "fp8-storage":
-            from diffusers.hooks import apply_layerwise_casting
-
             transformer.enable_layerwise_casting(storage_dtype=torch.float8_e4m3fn, compute_dtype=placement.dtype)
-            if self.plan.quantize_text_encoder:
-                apply_layerwise_casting(pipe.text_encoder_2, storage_dtype=torch.float8_e4m3fn,
-                                        compute_dtype=placement.dtype,
-                                        skip_modules_pattern=("shared", "norm", "relative_attention_bias"))
         pipe.vae.enable_slicing()
         self._place(placement)
         if options.attention:
@@ -455,8 +457,8 @@ class Runtime:
         """Set what depends on the request: VAE tiling, MagCache's step count; reset the counter."""
         self._calls = 0
         spec = self.options.cache
-        if spec is not None and spec.kind == "magcache" and self._cache_steps != request.num_inference_steps:
-            self._enable_cache(request.num_inference_steps)
+        if spec is not None and spec.kind == "magcache" and self._cache_steps != request.denoising_steps:
+            self._enable_cache(request.denoising_steps)
         vae = self.pipeline.vae
         if self.tile(request.width, request.height):
             vae.enable_tiling()
@@ -474,9 +476,16 @@ class Runtime:
         log.info("VAE tiling on for %dx%d: decoding needs ~%.1f GiB, more than is free", width, height, needs / 1024**3)
         return True
 
+    def denoiser_context(self, request):
+        """The cache's state context around a pipeline call. diffusers' FLUX edit pipelines, unlike
+        FluxPipeline, open none, and a cache hook outside one fails; text-to-image opens its own."""
+        if self.options.cache is None or request.kind == "text-to-image":
+            return contextlib.nullcontext()
+        return self.pipeline.transformer.cache_context("cond")
+
     def after(self, request) -> dict:
         """What the cache did in the request just run (the transformer runs once per step)."""
-        steps = request.num_inference_steps
+        steps = request.denoising_steps
         if self.options.cache is None:
             return {"transformer_steps": steps, "cached_steps": 0}
         computed = min(self._calls, steps)

@@ -111,6 +111,34 @@ def test_the_edit_pipelines_share_every_weight(inference):
         assert inference.pipeline_for(kind).transformer is inference.pipeline.transformer
 
 
+def test_an_edit_leaves_the_shared_weights_as_they_were(tiny_dir):
+    """In bfloat16 (as on a GPU): diffusers' from_pipe would cast the shared modules to float32."""
+    pipeline, *_ = load_pipeline(str(tiny_dir), device="cpu", dtype="bfloat16")
+    inference = FluxInference(pipeline)
+    request = build_request("a fox", seed=2, randomize_seed=False, width=256, height=256, num_inference_steps=2)
+    before = np.asarray(inference.run(request).image)
+    edit(inference, picture(), left_half_mask())
+    edit(inference, picture())
+    assert {module.dtype for module in (pipeline.transformer, pipeline.text_encoder_2, pipeline.vae)} == {
+        torch.bfloat16}
+    np.testing.assert_array_equal(np.asarray(inference.run(request).image), before)
+
+
+@pytest.mark.parametrize("flags", [dict(quantize="int8"), dict(cache="fbcache:0.5")])
+def test_edits_run_on_quantized_weights_and_with_a_step_cache(tiny_dir, flags):
+    from flux_infer.tuning import Options, parse_cache
+
+    options = Options(quantize=flags.get("quantize"), cache=parse_cache(flags["cache"]) if "cache" in flags else None)
+    loaded = load_pipeline(str(tiny_dir), device="cpu", options=options)
+    inference = FluxInference(loaded.pipeline, runtime=loaded.runtime)
+    image = picture()
+    for mask in (None, left_half_mask()):
+        result = edit(inference, image, mask, strength=0.75, steps=8)
+        assert result.image.size == image.size
+        # A cache counts what it skipped out of the steps the edit ran (6 of 8 at strength 0.75).
+        assert 0 <= result.cached_steps < 6 if "cache" in flags else result.cached_steps == 0
+
+
 def test_cli_edit(tmp_path, tiny_dir, capsys):
     from flux_infer.cli import main
 

@@ -104,6 +104,14 @@ def test_option_values_are_checked():
         Options(compile=True, compile_mode="fastest")
     with pytest.raises(OptionError, match="--compile-mode reduce-overhead says how to compile: add --compile"):
         Options(compile_mode="reduce-overhead")
+    # Combinations that broke on the first image (found on the tiny model) are refused at start-up.
+    with pytest.raises(OptionError, match="--compile cannot trace fp8-storage's per-layer casts: use --quantize fp8"):
+        Options(compile=True, quantize="fp8-storage")
+    from flux_infer.loading import resolve_placement
+
+    with pytest.raises(OptionError, match=r"--quantize-text-encoder cannot store T5 in float8 \(fp8-storage\).*use "
+                                          "--quantize fp8 or int8"):
+        tuning.resolve_plan(Options(quantize="fp8-storage", quantize_text_encoder=True), resolve_placement("cpu"))
     for bad, message in [("teacache", "--cache must be none or one of fbcache, taylorseer, magcache"),
                          ("fbcache:x", "needs a number after the colon"), ("fbcache:-1", "must be 0 or more"),
                          ("taylorseer:0.5", "whole refresh interval")]:
