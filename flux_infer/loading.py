@@ -297,6 +297,10 @@ def load_pipeline(
         raise tuning.OptionError("--lora-dir cannot switch LoRAs on --quantize fp8-storage weights (they would be "
                                  "stored in float8 too): use --quantize fp8 or int8, or fuse one LoRA at start-up "
                                  "with --lora PATH:SCALE")
+    if lora_folder is not None and options.fuse_qkv:
+        # Fused attention runs to_qkv; adapters loaded later wrap to_q, to_k and to_v, which it skips.
+        raise tuning.OptionError("--fuse-qkv with --lora-dir would skip the LoRAs' Q, K and V layers: leave "
+                                 "--fuse-qkv out (a start-up --lora is fused before and works with it)")
     log.info("loading %s", source.describe())
     # Find (or fetch) the files before importing diffusers: weights that are missing are said in a
     # second rather than after diffusers' imports.

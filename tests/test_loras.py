@@ -110,6 +110,16 @@ def test_loras_switch_per_request_on_quantized_weights(tiny_dir, lora_dir, quant
     np.testing.assert_array_equal(pixels(inference)[0], base)
 
 
+def test_fused_qkv_refuses_switching_loras_and_applies_a_start_up_one_in_full(tiny_dir, lora_dir):
+    from flux_infer.tuning import OptionError
+
+    with pytest.raises(OptionError, match="--fuse-qkv with --lora-dir would skip the LoRAs' Q, K and V layers"):
+        load_pipeline(str(tiny_dir), device="cpu", options=Options(fuse_qkv=True), lora_folder=LoraFolder(str(lora_dir)))
+    start_up = ((str(lora_dir / "film.safetensors"), 0.8),)
+    fused_qkv = load_pipeline(str(tiny_dir), device="cpu", options=Options(fuse_qkv=True), loras=start_up).pipeline
+    assert np.abs(pixels(FluxInference(fused_qkv))[0] - fused(tiny_dir, lora_dir, ("film", 0.8))).max() <= 2
+
+
 def test_fp8_storage_takes_a_start_up_lora_and_refuses_switching_ones(tiny_dir, lora_dir):
     from flux_infer.tuning import OptionError
 
