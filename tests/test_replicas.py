@@ -21,8 +21,11 @@ def test_replicas_autoscale_spread_stream_agree_and_survive_a_kill(tiny_dir, tmp
     result = subprocess.run(["unshare", "-n", "sh", "-c", command], capture_output=True, text=True, timeout=900)
     print(result.stdout)
     server_logs = "".join(path.read_text(errors="replace")[-4000:] for path in tmp_path.glob("server-*.log"))
+    # Ray Serve's controller says what it decided (autoscaling, replacements) in its own log.
+    controller = "".join(path.read_text(errors="replace")[-3000:]
+                         for path in Path("/tmp/ray/session_latest/logs/serve").glob("controller_*.log"))
     assert result.returncode == 0 and result.stdout.rstrip().endswith("OK"), (
-        result.stdout[-3000:] + result.stderr[-3000:] + server_logs)
+        result.stdout[-3000:] + result.stderr[-3000:] + server_logs + "\nRay Serve controller:\n" + controller)
 
 
 def test_replica_options_are_ones_ray_serve_takes():
