@@ -77,3 +77,27 @@ def test_plain_diffusers_load_is_measured_beside_ours(gpu_bench, tiny_dir):
     row = gpu_bench.measure_one("", model=str(tiny_dir), device="cpu", size=256, steps=2, runs=0,
                                 step_times=False, started=time.time(), plain=True)
     assert row["plan_reason"].startswith("plain diffusers") and row["build_s"] > 0 and row["first_s"] > 0
+
+
+def test_a_compiling_measurement_counts_its_recompiles_and_graph_breaks(gpu_bench, tmp_path, monkeypatch):
+    import json
+    import subprocess
+
+    seen = {}
+
+    def child(command, **kwargs):  # a compiling child: its TORCH_LOGS lines on stderr, its row on stdout
+        if command[0] == "nvidia-smi":
+            raise OSError("no nvidia-smi here")
+        seen.update(env=kwargs["env"], spec=json.loads(command[-1]))
+        stderr = ("V1126 [__recompiles] Recompiling function forward in transformer_flux.py:383\n"
+                  "V1126 [__graph_breaks] Graph break in user code at hooks.py:217\n")
+        return subprocess.CompletedProcess(command, 0, json.dumps({"median_s": 1.0}) + "\n", stderr)
+
+    monkeypatch.setattr(gpu_bench.subprocess, "run", child)
+    args = argparse.Namespace(out=tmp_path, model="random", device=None, size=1024, steps=28, runs=3, timeout=240,
+                              profile=True, only=None)
+    row = gpu_bench.Run(args).measure("compile", "fp8-compile", "--quantize fp8 --compile")
+    assert (row["recompiles"], row["graph_breaks"]) == (1, 1)
+    assert seen["env"]["TORCH_LOGS"] == "recompiles,graph_breaks"
+    assert seen["spec"]["stacks_after"] == 225  # stacks written 15 s before --timeout
+    assert seen["spec"]["profile"] == str(tmp_path / "profiles" / "compile-fp8-compile.txt")
