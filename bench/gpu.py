@@ -36,8 +36,8 @@ Check the whole script on a CPU first (random-small, 256x256, 4 steps, 1 run):
     python bench/gpu.py --allow-cpu --out /tmp/gpu-check --parts presets,compile,offload,steps,served,memory,lean,cold,lora
 
 `--only NAMES` narrows the preset parts to some presets (bf16 eager is always measured, for the
-ratios); `--profile` adds a torch.profiler account of one more image per measurement: the kernels by
-GPU time in OUT/profiles/, and ms per step in matmuls, attention and the rest in the table, to see
+ratios); `--profile` adds a torch.profiler account of one more image per preset, cap or lean plan:
+the kernels by GPU time in OUT/profiles/, and ms per step in matmuls, attention and the rest, to see
 where a preset stands against the arithmetic floor. Compiling children log their recompilations
 and graph breaks (counted in the table); a child near --timeout writes its stacks to children.log.
 """
@@ -104,6 +104,9 @@ PARTS = {
     "cold": [],
     "lora": [],
 }
+# Parts whose measurements --profile accounts for: those with a goal on the time per image (the step
+# costs, the served path and loading are measured directly).
+PROFILED_PARTS = ("presets", "compile", "offload", "memory", "lean")
 # Backends that need a package torch does not bring; without it the preset is not measured.
 MODULES = {"flash3-attention": "flash_attn_interface", "flash-attention": "flash_attn"}
 CACHES = {"fbcache": "--cache fbcache:1000", "taylorseer": "--cache taylorseer:4", "magcache": "--cache magcache:1000"}
@@ -333,7 +336,7 @@ class Run:
         spec = dict(flags=flags, model=model or a.model, device=a.device, size=a.size, steps=a.steps,
                     runs=spec_runs(a, runs), step_times=step_times, started=time.time(), plain=plain,
                     profile=str(self.out / "profiles" / f"{part}-{re.sub(r'[^a-z0-9]+', '-', name.lower())}.txt")
-                    if a.profile and spec_runs(a, runs) > 0 else None, stacks_after=max(a.timeout - 15, 1))
+                    if a.profile and part in PROFILED_PARTS and spec_runs(a, runs) > 0 else None, stacks_after=max(a.timeout - 15, 1))
         compiling = "--compile" in flags
         env = {**os.environ, **({"TORCH_LOGS": "recompiles,graph_breaks"} if compiling else {}), **(env or {})}
         began = time.perf_counter()
@@ -642,7 +645,7 @@ def main() -> None:
     parser.add_argument("--only", type=lambda text: [n for n in text.split(",") if n], default=None,
                         help=f"measure only these presets in the preset parts (from {', '.join(PRESETS)}); "
                         "bf16 eager is always measured")
-    parser.add_argument("--profile", action="store_true", help="profile one more image per measurement with "
+    parser.add_argument("--profile", action="store_true", help="profile one more image per preset, cap or lean plan with "
                         "torch.profiler: kernels by device time in OUT/profiles/, matmul/attention/other per step")
     parser.add_argument("--allow-cpu", action="store_true", help="run on the CPU at a small size, to check the script")
     parser.add_argument("--one", help=argparse.SUPPRESS)
