@@ -78,7 +78,7 @@ def _add_runtime_flags(parser: argparse.ArgumentParser) -> None:
                        help="transformer weights: fp8-storage (float8 storage, compute in the dtype), int8 or fp8 "
                        "(torchao), nf4 (bitsandbytes, CUDA) (default: none, or --memory auto's)")
     group.add_argument("--quantize-text-encoder", action="store_true", default=None,
-                       help="quantize the T5 text encoder the same way")
+                       help="quantize the T5 text encoder the same way (int8, fp8 or nf4)")
     group.add_argument("--compile", action="store_true", help="torch.compile the transformer and VAE decoder, "
                        "warmed up at start-up (minutes on the first run; cached after)")
     group.add_argument("--compile-mode", choices=tuning.COMPILE_MODES, default=tuning.Options.compile_mode,
