@@ -27,11 +27,11 @@ def start_server(tiny: str, workdir: Path, *flags: str, env: dict | None = None)
                   env={"RAY_DEDUP_LOGS": "0", **(env or {})})
 
 
-# Ray Serve's replicas and handles report their load every 10 s by default: once a second here, so
-# that a short --upscale-delay acts on this second's load. One torch thread per replica: the busy
-# replica leaves the other core to the one starting (on two cores it would otherwise starve it).
-AUTOSCALE_ENV = {"RAY_SERVE_REPLICA_AUTOSCALING_METRIC_PUSH_INTERVAL_S": "1",
-                 "RAY_SERVE_HANDLE_AUTOSCALING_METRIC_PUSH_INTERVAL_S": "1", "OMP_NUM_THREADS": "1"}
+# One torch thread per replica: the busy replica leaves the other core to the one starting (on two
+# cores it would otherwise starve it). The server's handle reports its load to Ray every
+# `metrics_interval_s` of the autoscaling config (10 s; Ray 2.60 reads no environment variable for
+# it), so the second replica comes some 10-30 s into the load.
+AUTOSCALE_ENV = {"OMP_NUM_THREADS": "1"}
 
 
 def main(tiny: str, workdir: Path) -> None:
