@@ -188,10 +188,12 @@ def test_the_edit_tab_repaints_what_was_brushed(page, ui_server, tmp_path):
 
     picture(6, size=(1024, 768)).save(tmp_path / "in.png")  # big enough that each step takes a while here
     page.get_by_role("tab", name="Edit").click()
+    # The upload goes in once the tab has drawn its editor (its "Upload an image" prompt showing);
+    # the editor has a canvas before the picture is on it, so the stroke waits for the prompt to go.
+    prompt = page.locator("#editor").get_by_text("Upload an image")
+    prompt.wait_for(state="visible")
     page.locator("#editor input[type=file]").set_input_files(str(tmp_path / "in.png"))
-    # The editor has a canvas before the picture is on it: wait until its "Upload an image" prompt
-    # has gone, or the stroke lands on an empty editor.
-    page.locator("#editor").get_by_text("Upload an image").wait_for(state="hidden", timeout=120_000)
+    prompt.wait_for(state="hidden", timeout=120_000)
     canvas = page.locator("#editor canvas").first
     box = canvas.bounding_box()
     page.mouse.move(box["x"] + box["width"] * 0.2, box["y"] + box["height"] * 0.2)
