@@ -33,7 +33,8 @@ On the GPU machine (torch present, our other dependencies not):
     ../shared/gpu/fetch-wheels nf4 .whl        # here, before the call; `server` for the served part
     python3 bench/gpu.py --wheels .whl --out "$OUT" --parts presets
 Check the whole script on a CPU first (random-small, 256x256, 4 steps, 1 run):
-    python bench/gpu.py --allow-cpu --out /tmp/gpu-check --parts presets,compile,offload,steps,served,memory,lean,cold,lora
+    python bench/gpu.py --allow-cpu --out /tmp/gpu-check \
+        --parts presets,compile,offload,steps,served,memory,lean,cold,lora
 
 `--only NAMES` narrows the preset parts to some presets (bf16 eager is always measured, for the
 ratios); `--profile` adds a torch.profiler account of one more image per preset, cap or lean plan:
@@ -287,6 +288,8 @@ KERNEL_KINDS = (("attention", re.compile(r"flash|fmha|attention|sdpa|cudnn", re.
 def write_profile(profiler, path: Path, *, steps: int, cuda: bool) -> dict:
     """Write the top of torch.profiler's table to `path`; return milliseconds per step by kind
     (matmul, attention, other), from the GPU's kernels (a CPU's operators without one)."""
+    from torch.autograd import DeviceType
+
     events = profiler.key_averages()
     sort = "self_device_time_total" if cuda else "self_cpu_time_total"
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -294,17 +297,11 @@ def write_profile(profiler, path: Path, *, steps: int, cuda: bool) -> dict:
     totals = {"matmul": 0.0, "attention": 0.0, "other": 0.0}
     for event in events:
         micros = event.self_device_time_total if cuda else event.self_cpu_time_total
-        if micros <= 0 or (cuda and event.device_type != torch_device_type("CUDA")):
+        if micros <= 0 or (cuda and event.device_type != DeviceType.CUDA):
             continue
         kind = next((name for name, pattern in KERNEL_KINDS if pattern.search(event.key)), "other")
         totals[kind] += micros
     return {kind: micros / 1000 / steps for kind, micros in totals.items()}
-
-
-def torch_device_type(name: str):
-    from torch.autograd import DeviceType
-
-    return getattr(DeviceType, name)
 
 
 class Run:
@@ -333,10 +330,12 @@ class Run:
         A compiling child logs its recompilations and graph breaks (TORCH_LOGS), counted in the row;
         a child still running near --timeout writes its threads' stacks to children.log first."""
         a = self.args
-        spec = dict(flags=flags, model=model or a.model, device=a.device, size=a.size, steps=a.steps,
-                    runs=spec_runs(a, runs), step_times=step_times, started=time.time(), plain=plain,
-                    profile=str(self.out / "profiles" / f"{part}-{re.sub(r'[^a-z0-9]+', '-', name.lower())}.txt")
-                    if a.profile and part in PROFILED_PARTS and spec_runs(a, runs) > 0 else None, stacks_after=max(a.timeout - 15, 1))
+        runs = a.runs if runs is None else runs
+        profile = (self.out / "profiles" / f"{part}-{re.sub(r'[^a-z0-9]+', '-', name.lower())}.txt"
+                   if a.profile and part in PROFILED_PARTS and runs > 0 else None)
+        spec = dict(flags=flags, model=model or a.model, device=a.device, size=a.size, steps=a.steps, runs=runs,
+                    step_times=step_times, started=time.time(), plain=plain, profile=profile and str(profile),
+                    stacks_after=max(a.timeout - 15, 1))
         compiling = "--compile" in flags
         env = {**os.environ, **({"TORCH_LOGS": "recompiles,graph_breaks"} if compiling else {}), **(env or {})}
         began = time.perf_counter()
@@ -375,11 +374,6 @@ class Run:
         if value is None or not self.eager:
             return ""
         return f"{value / self.eager['median_s']:.2f}"
-
-
-def spec_runs(args, runs: int | None) -> int:
-    """Steady images after the first: a part's own count, else --runs."""
-    return args.runs if runs is None else runs
 
 
 def _text(output) -> str:
@@ -453,27 +447,33 @@ def part_memory(run: Run) -> None:
         row = run.measure("memory", f"{cap} GiB", f"--gpu-memory {cap}", runs=1)
         if row:
             run.write(preset_line(run, f"{cap} GiB", row))
-            under = row["peak_alloc_gib"] is not None and row["peak_alloc_gib"] <= cap
-            run.write(f"|  | plan: {row['plan_reason']} | peak under the cap: {'yes' if under else 'NO'} |")
+            run.write(f"|  | plan: {row['plan_reason']} | {under_cap(row, cap)} |")
     if "8 GiB" in run.rows and run.eager:
         run.write(f"\n8 GiB: {run.ratio(run.rows['8 GiB']['median_s'])}x bf16 on a free card (goal <= {CAP_TIME_GOAL})")
 
 
+def under_cap(row: dict, cap: float) -> str:
+    under = row["peak_alloc_gib"] is not None and row["peak_alloc_gib"] <= cap
+    return f"peak under the cap: {'yes' if under else 'NO'}"
+
+
 # Leaner plans than --memory auto picks for an 8 GiB card (group offload of the bf16 transformer),
 # measured under the same cap, to see which one should take its place.
-LEAN_8_GIB = {
-    "group offload, fp8-storage transformer": "--gpu-memory 8 --offload group --quantize fp8-storage",
-    "model offload, nf4 transformer and T5": "--gpu-memory 8 --offload model --quantize nf4 --quantize-text-encoder",
+LEAN_CAP_GIB = 8
+LEAN_PLANS = {
+    "group offload, fp8-storage transformer": "--offload group --quantize fp8-storage",
+    "model offload, nf4 transformer and T5": "--offload model --quantize nf4 --quantize-text-encoder",
 }
 
 
 def part_lean(run: Run) -> None:
-    run.write("\n## Leaner plans within --gpu-memory 8\n\n" + PRESET_HEADER.replace("| preset |", "| plan |"))
-    for name, flags in LEAN_8_GIB.items():
-        row = run.measure("lean", name, flags, runs=1)
+    run.write(f"\n## Leaner plans within --gpu-memory {LEAN_CAP_GIB}\n\n" +
+              PRESET_HEADER.replace("| preset |", "| plan |"))
+    for name, flags in LEAN_PLANS.items():
+        row = run.measure("lean", name, f"--gpu-memory {LEAN_CAP_GIB} {flags}", runs=1)
         if row:
             run.write(preset_line(run, name, row))
-            run.write(f"|  | peak under the cap: {'yes' if (row['peak_alloc_gib'] or 0) <= 8 else 'NO'} |")
+            run.write(f"|  | {under_cap(row, LEAN_CAP_GIB)} |")
 
 
 def _drop_page_cache(folder: Path) -> str:
@@ -645,8 +645,9 @@ def main() -> None:
     parser.add_argument("--only", type=lambda text: [n for n in text.split(",") if n], default=None,
                         help=f"measure only these presets in the preset parts (from {', '.join(PRESETS)}); "
                         "bf16 eager is always measured")
-    parser.add_argument("--profile", action="store_true", help="profile one more image per preset, cap or lean plan with "
-                        "torch.profiler: kernels by device time in OUT/profiles/, matmul/attention/other per step")
+    parser.add_argument("--profile", action="store_true", help="profile one more image per preset, cap or lean "
+                        "plan with torch.profiler: kernels by device time in OUT/profiles/, matmul/attention/other "
+                        "per step")
     parser.add_argument("--allow-cpu", action="store_true", help="run on the CPU at a small size, to check the script")
     parser.add_argument("--one", help=argparse.SUPPRESS)
     parser.add_argument("--save", help=argparse.SUPPRESS)
