@@ -290,17 +290,9 @@ def load_pipeline(
     log.info("device %s, dtype %s: %s", placement.device, placement.dtype_name, placement.reason)
     tuning.limit_gpu_memory(options.gpu_memory, placement.device)
     gguf = source.kind == "single_file" and source.location.endswith(".gguf")
-    plan = tuning.resolve_plan(options, placement, gguf_bytes=Path(source.location).stat().st_size if gguf else None)
+    plan = tuning.resolve_plan(options, placement, gguf_bytes=Path(source.location).stat().st_size if gguf else None,
+                               switching_loras=lora_folder is not None)
     log.info("memory: %s (%s)", plan.describe(), plan.reason)
-    if lora_folder is not None and plan.quantize == "fp8-storage":
-        # PEFT gives a LoRA loaded later the dtype of the layer it wraps: float8, which cannot multiply.
-        raise tuning.OptionError("--lora-dir cannot switch LoRAs on --quantize fp8-storage weights (they would be "
-                                 "stored in float8 too): use --quantize fp8 or int8, or fuse one LoRA at start-up "
-                                 "with --lora PATH:SCALE")
-    if lora_folder is not None and options.fuse_qkv:
-        # Fused attention runs to_qkv; adapters loaded later wrap to_q, to_k and to_v, which it skips.
-        raise tuning.OptionError("--fuse-qkv with --lora-dir would skip the LoRAs' Q, K and V layers: leave "
-                                 "--fuse-qkv out (a start-up --lora is fused before and works with it)")
     log.info("loading %s", source.describe())
     # Find (or fetch) the files before importing diffusers: weights that are missing are said in a
     # second rather than after diffusers' imports.

@@ -207,8 +207,10 @@ def _bitsandbytes_installed() -> bool:
     return importlib.util.find_spec("bitsandbytes") is not None
 
 
-def resolve_plan(options: Options, placement, *, gguf_bytes: int | None = None) -> MemoryPlan:
-    """The memory plan for these options on this placement; CUDA-only choices fail clearly elsewhere."""
+def resolve_plan(options: Options, placement, *, gguf_bytes: int | None = None,
+                 switching_loras: bool = False) -> MemoryPlan:
+    """The memory plan for these options on this placement; CUDA-only choices fail clearly elsewhere.
+    `switching_loras`: requests choose LoRAs from a --lora-dir."""
     import torch
 
     on_cuda = placement.device.startswith("cuda")
@@ -230,13 +232,24 @@ def resolve_plan(options: Options, placement, *, gguf_bytes: int | None = None) 
         plan = plan_memory(free_bytes(placement.device, options.gpu_memory) / 1024**3,
                            fp8=capability >= FP8_COMPUTE_CAPABILITY, nf4=_bitsandbytes_installed(),
                            gguf_gib=gguf_bytes / 1024**3 if gguf_bytes else None, where=where)
-    check_plan(plan, placement, gguf=gguf_bytes is not None)
+    check_plan(plan, placement, gguf=gguf_bytes is not None, switching_loras=switching_loras,
+               fuse_qkv=options.fuse_qkv)
     return plan
 
 
-def check_plan(plan: MemoryPlan, placement, *, gguf: bool = False) -> None:
+def check_plan(plan: MemoryPlan, placement, *, gguf: bool = False, switching_loras: bool = False,
+               fuse_qkv: bool = False) -> None:
     """Refuse what cannot run here, saying what to use instead."""
     on_cuda = placement.device.startswith("cuda")
+    if switching_loras and plan.quantize == "fp8-storage":
+        # PEFT gives a LoRA loaded later the dtype of the layer it wraps: float8, which cannot multiply.
+        raise OptionError("--lora-dir cannot switch LoRAs on --quantize fp8-storage weights (they would be stored "
+                          "in float8 too): use --quantize fp8 or int8, or fuse one LoRA at start-up with "
+                          "--lora PATH:SCALE")
+    if switching_loras and fuse_qkv:
+        # Fused attention runs to_qkv; adapters loaded later wrap to_q, to_k and to_v, which it skips.
+        raise OptionError("--fuse-qkv with --lora-dir would skip the LoRAs' Q, K and V layers: leave --fuse-qkv "
+                          "out (a start-up --lora is fused before and works with it)")
     if plan.quantize_text_encoder and plan.quantize == "none":
         raise OptionError("--quantize-text-encoder quantizes T5 the way --quantize says: add --quantize int8, fp8 "
                           "or nf4")
