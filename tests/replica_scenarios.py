@@ -134,10 +134,14 @@ def main(tiny: str, workdir: Path) -> None:
 
         # A replica killed mid-generation: that request gets a clear error, the next is served, and
         # Ray Serve starts a replacement.
-        job = client.submit("doomed", 77, False, 1024, 1024, 3.5, 28, api_name="/infer")
-        starting = r"replica (\w+) \(pid (\d+)\) starting seed 77"
-        wait_for(lambda: re.search(starting, log()), "a replica to start seed 77", timeout=60)
-        victim, pid = re.search(starting, log()).groups()
+        # Its seed is one the load above never sent, and only log lines written after the submit count
+        # (a replica that made a lower seed earlier must not be taken for the one serving this).
+        doomed = 10**6 + 77
+        mark = len(log())
+        job = client.submit("doomed", doomed, False, 1024, 1024, 3.5, 28, api_name="/infer")
+        starting = rf"replica (\w+) \(pid (\d+)\) starting seed {doomed}\b"
+        wait_for(lambda: re.search(starting, log()[mark:]), f"a replica to start seed {doomed}", timeout=60)
+        victim, pid = re.search(starting, log()[mark:]).groups()
         wait_for(job.outputs, "a preview from the replica (it is then mid-generation)", timeout=60)
         os.kill(int(pid), signal.SIGKILL)
         started = time.monotonic()
