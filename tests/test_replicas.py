@@ -18,7 +18,7 @@ def test_replicas_autoscale_spread_stream_agree_and_survive_a_kill(tiny_dir, tmp
     assert probe.returncode == 0, ("these tests run Ray in a loopback-only network namespace and need "
                                    f"`unshare -n` (root or user namespaces): {probe.stderr.strip()}")
     command = f"ip link set lo up && exec {sys.executable} {SCENARIOS} {tiny_dir} {tmp_path}"
-    result = subprocess.run(["unshare", "-n", "sh", "-c", command], capture_output=True, text=True, timeout=900)
+    result = subprocess.run(["unshare", "-n", "sh", "-c", command], capture_output=True, text=True, timeout=1200)
     print(result.stdout)
     server_logs = "".join(path.read_text(errors="replace")[-4000:] for path in tmp_path.glob("server-*.log"))
     # Ray Serve's controller says what it decided (autoscaling, replacements) in its own log.
