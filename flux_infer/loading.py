@@ -148,19 +148,24 @@ def resolve_placement(device: str | None = None, dtype: str | None = None) -> Pl
             device, why = "cpu", "no CUDA device found"
     else:
         device = device.lower()
-        if device.split(":")[0] not in DEVICES:
-            raise DeviceError(f"--device must be one of {', '.join(DEVICES)}, got {device!r}")
-        if device.startswith("cuda") and not torch.cuda.is_available():
+        try:
+            kind = torch.device(device).type
+        except RuntimeError:
+            kind = None
+        if kind not in DEVICES:
+            raise DeviceError(f"--device must be one of {', '.join(DEVICES)}, optionally numbered (cuda:1), "
+                              f"got {device!r}")
+        if kind == "cuda" and not torch.cuda.is_available():
             build = f"CUDA {torch.version.cuda}" if torch.version.cuda else "a CPU-only build"
             raise DeviceError(
                 f"--device {device} was asked for, but torch {torch.__version__} ({build}) sees no CUDA GPU: "
                 "check `nvidia-smi` and install a CUDA build of torch, or use --device cpu"
             )
-        if device == "mps" and not torch.backends.mps.is_available():
+        if kind == "mps" and not torch.backends.mps.is_available():
             raise DeviceError("--device mps was asked for, but this machine has no MPS device: use --device cpu")
         why = "asked for with --device"
     if dtype is None:
-        if device == "cpu":
+        if torch.device(device).type == "cpu":
             # bfloat16 matmuls are slow on most CPUs and float16 lacks CPU kernels.
             dtype, dtype_why = "float32", "float32 on CPU"
         else:
@@ -310,7 +315,9 @@ def load_pipeline(
         return _finish(pipeline, source, placement, plan, options, loras, lora_folder)
     # Read the weights straight onto the device they will run on (quantized there, tensor by
     # tensor), unless they are offloaded or cast for storage after loading: no full copy in RAM.
-    direct = plan.offload == "none" and plan.quantize != "fp8-storage"
+    # diffusers' pipeline device_map names a device type only ("cuda", not "cuda:1"), so a numbered
+    # device is loaded into RAM and moved there.
+    direct = plan.offload == "none" and plan.quantize != "fp8-storage" and ":" not in placement.device
     device_map = placement.device if direct else None
     components = {}
     if source.kind == "single_file":

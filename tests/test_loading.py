@@ -48,8 +48,12 @@ def test_placement_on_this_machine():
     assert resolve_placement("cpu", "bfloat16").dtype == torch.bfloat16
     with pytest.raises(DeviceError, match="--dtype must be one of bfloat16, float16, float32, got 'int3'"):
         resolve_placement("cpu", "int3")
-    with pytest.raises(DeviceError, match="--device must be one of cuda, mps, cpu, got 'tpu'"):
-        resolve_placement("tpu")
+    # A numbered device is the same kind of device (float32 on a CPU, as unnumbered).
+    assert (resolve_placement("cpu:0").device, resolve_placement("cpu:0").dtype) == ("cpu:0", torch.float32)
+    for wrong in ("tpu", "meta", "cuda:first"):
+        with pytest.raises(DeviceError, match=rf"--device must be one of cuda, mps, cpu, optionally numbered "
+                                              rf"\(cuda:1\), got '{wrong}'"):
+            resolve_placement(wrong)
 
 
 def _image(pipeline, seed=3):
@@ -106,3 +110,8 @@ def test_weights_are_read_straight_onto_the_device_unless_offloaded_or_cast_afte
     # fp8-storage casts after loading: loading to the GPU first would hold the full bf16 weights there.
     cast = load_pipeline(str(tiny_dir), device="cpu", options=Options(quantize="fp8-storage")).pipeline
     assert cast.hf_device_map is None
+    # A numbered device (`--device cuda:1` on a multi-GPU box) is one diffusers' pipeline device_map
+    # refuses (it names device types): loaded into RAM and moved there, with the same pixels.
+    numbered = load_pipeline(str(tiny_dir), device="cpu:0").pipeline
+    assert numbered.hf_device_map is None
+    np.testing.assert_array_equal(_image(numbered), _image(plain))
