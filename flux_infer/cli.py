@@ -267,6 +267,9 @@ def _serve(args) -> int:
                                 min_replicas=args.min_replicas, max_replicas=args.max_replicas,
                                 upscale_delay_s=args.upscale_delay, address=args.ray_address)
         cluster.check()  # before the model or Ray is touched
+        if args.device is not None and ":" in args.device:
+            raise ValueError(f"--device {args.device} picks one GPU, and each replica is given a GPU of its "
+                             "own: leave the number out (--device cuda)")
         inference, concurrency = start(_spec(args, **preview), cluster), cluster.most_replicas
     service = Service(inference, max_queue=args.max_queue, output_dir=args.output_dir, log_prompts=args.log_prompts,
                       concurrency=concurrency,
