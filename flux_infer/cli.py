@@ -47,7 +47,8 @@ def _add_model_flags(parser: argparse.ArgumentParser) -> None:
     loras.add_argument("--lora-rank", type=int, default=settings.DEFAULT_LORA_RANK, metavar="R",
                        help="with --compile: the largest LoRA rank that can be switched in without a recompile "
                        "(default: %(default)s)")
-    parser.add_argument("--device", default=None, help="cuda, mps or cpu, or a numbered GPU such as cuda:1 (default: cuda when available)")
+    parser.add_argument("--device", default=None,
+                        help="cuda, mps or cpu, or a numbered GPU such as cuda:1 (default: cuda when available)")
     parser.add_argument(
         "--dtype", default=None, help="bfloat16, float16 or float32 (default: bfloat16 on a GPU, float32 on CPU)"
     )

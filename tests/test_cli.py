@@ -142,7 +142,8 @@ def test_folder_that_is_not_a_pipeline(tmp_path):
         (["--replicas", "0"], "--replicas must be at least 1, got 0"),
         (["--replicas", "2", "--max-replicas", "3", "--min-replicas", "1"], "--replicas is a fixed count"),
         (["--replicas", "2", "--upscale-delay", "5"], "--upscale-delay applies when autoscaling"),
-        (["--replicas", "2", "--device", "cuda:1"], "--device cuda:1 picks one GPU, and each replica is given a GPU of its own"),
+        (["--replicas", "2", "--device", "cuda:1"],
+         "--device cuda:1 picks one GPU, and each replica is given a GPU of its own"),
     ],
 )
 def test_bad_replica_bounds_are_refused_before_ray_starts(tmp_path, tiny_dir, flags, expected):
