@@ -264,6 +264,7 @@ def measure_one(flags: str, *, model: str, device: str | None, size: int, steps:
                peak_alloc_gib=torch.cuda.max_memory_allocated() / 1024**3 if cuda else None,
                peak_ram_gib=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024**2,  # KiB on Linux
                device=placement.device, dtype=placement.dtype_name)
+    row.update(after_image_check(inference, result, size=size, steps=steps, cuda=cuda))
     if profile:
         with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU] +
                                     ([torch.profiler.ProfilerActivity.CUDA] if cuda else [])) as profiler:
@@ -277,6 +278,37 @@ def measure_one(flags: str, *, model: str, device: str | None, size: int, steps:
                    skipped_step_s=statistics.median(skipped) if skipped else None,
                    full_steps=len(full), skipped_steps=len(skipped))
     return row
+
+
+def after_image_check(inference, result, *, size: int, steps: int, cuda: bool) -> dict:
+    """An image-to-image edit of `result` (4 steps at strength 0.5: 2 run, at the measured size so
+    compiled graphs are reused) and a text-to-image cancelled after its second step, each followed by
+    the GPU memory still allocated: both must leave the GPU as a finished image does (with model
+    offload: nothing held)."""
+    import threading
+    from dataclasses import replace
+
+    import torch
+
+    from flux_infer.inference import GenerationCancelled, build_request
+
+    def held():
+        return torch.cuda.memory_allocated() / 1024**3 if cuda else None
+
+    after = {"image": held()}
+    request = build_request(PROMPT, seed=0, randomize_seed=False, width=size, height=size, num_inference_steps=steps)
+    began = time.perf_counter()
+    inference.run(replace(request, image=result.image, strength=0.5, num_inference_steps=4))
+    edit_s = time.perf_counter() - began
+    after["edit"] = held()
+    cancel = threading.Event()
+    try:
+        inference.run(request, on_step=lambda step: step.index >= 2 and cancel.set(), cancel=cancel)
+        cancelled = False
+    except GenerationCancelled:
+        cancelled = True
+    after["cancel"] = held()
+    return dict(edit_s=edit_s, cancelled=cancelled, held_after_gib=after)
 
 
 # Kernel (or, on a CPU, operator) names by what they compute, for the profile's per-step summary.
@@ -394,15 +426,26 @@ def preset_line(run: Run, name: str, row: dict) -> str:
     return (f"| {name} | `{row['flags']}` | {row['plan']} | {row['build_s']:.1f} | {row['warm_s']:.1f} | "
             f"{row['first_s']:.2f} | {row['median_s']:.3f} | {row['per_step_s']:.3f} | {run.ratio(row['median_s'])} | "
             f"{_gib(row['peak_alloc_gib'])} | {_gib(row['peak_smi_gib'])} | {_gib(row['peak_ram_gib'])} | {compiled} |"
-            + profile_note(row))
+            + row_notes(row))
 
 
-def profile_note(row: dict) -> str:
+def row_notes(row: dict) -> str:
+    """Lines under a preset's row: where each step went (with --profile), and the edit and cancel check."""
     ms = row.get("profile_ms_per_step")
-    if not ms:
+    profile = (f"\n|  | profile, ms per step: matmul {ms['matmul']:.1f}, attention {ms['attention']:.1f}, "
+               f"other {ms['other']:.1f} (kernels: {Path(row['profile_file']).name}) |") if ms else ""
+    return profile + after_image_note(row)
+
+
+def after_image_note(row: dict) -> str:
+    if "edit_s" not in row:
         return ""
-    return (f"\n|  | profile, ms per step: matmul {ms['matmul']:.1f}, attention {ms['attention']:.1f}, "
-            f"other {ms['other']:.1f} (kernels: {Path(row['profile_file']).name}) |")
+    held = row["held_after_gib"]
+    memory = ("" if held["image"] is None else
+              "; GPU GiB allocated after an image / the edit / the cancelled image: "
+              + " / ".join(f"{held[k]:.2f}" for k in ("image", "edit", "cancel")))
+    cancel = "cancelled after step 2" if row["cancelled"] else "NOT cancelled"
+    return f"\n|  | an edit (2 steps) {row['edit_s']:.2f} s; a second image {cancel}{memory} |"
 
 
 def part_presets(run: Run, part: str, names: list[str]) -> None:

@@ -308,7 +308,7 @@ class FluxInference:
             if self.runtime is not None:
                 self.runtime.before(request)
             try:
-                with self.runtime.denoiser_context(request) if self.runtime is not None else contextlib.nullcontext():
+                with self.runtime.call_context(request) if self.runtime is not None else contextlib.nullcontext():
                     output = self.pipeline_for(request.kind)(
                         prompt=request.prompt,
                         width=request.width,

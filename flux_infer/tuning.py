@@ -489,12 +489,25 @@ class Runtime:
         log.info("VAE tiling on for %dx%d: decoding needs ~%.1f GiB, more than is free", width, height, needs / 1024**3)
         return True
 
-    def denoiser_context(self, request):
-        """The cache's state context around a pipeline call. diffusers' FLUX edit pipelines, unlike
-        FluxPipeline, open none, and a cache hook outside one fails; text-to-image opens its own."""
-        if self.options.cache is None or request.kind == "text-to-image":
-            return contextlib.nullcontext()
-        return self.pipeline.transformer.cache_context("cond")
+    @contextlib.contextmanager
+    def call_context(self, request):
+        """Around a pipeline call, what diffusers leaves undone there:
+        - a cache's state context for edits: diffusers' FLUX edit pipelines, unlike FluxPipeline, open
+          none, and a cache hook outside one fails;
+        - with model offload, every module back on the CPU when the call ends, however it ends. diffusers
+          does that at the end of a finished FluxPipeline call only: an edit pipeline (made from these
+          components) frees its own offload hooks, which are none, and a cancelled or failed call frees
+          nothing, so the VAE, or the 23 GB transformer, would stay on the GPU beside the next
+          request's text encoders."""
+        try:
+            if self.options.cache is not None and request.kind != "text-to-image":
+                with self.pipeline.transformer.cache_context("cond"):
+                    yield
+            else:
+                yield
+        finally:
+            if self.plan.offload == "model":
+                self.pipeline.maybe_free_model_hooks()
 
     def after(self, request) -> dict:
         """What the cache did in the request just run (the transformer runs once per step)."""

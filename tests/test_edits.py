@@ -124,6 +124,32 @@ def test_an_edit_leaves_the_shared_weights_as_they_were(tiny_dir):
     np.testing.assert_array_equal(np.asarray(inference.run(request).image), before)
 
 
+def test_model_offload_frees_the_gpu_after_an_edit_or_a_cancelled_image(tiny_dir, monkeypatch):
+    """diffusers gives every model-offloaded module back to the CPU at the end of a finished
+    FluxPipeline call only: an edit pipeline made from the components frees its own offload hooks
+    (none), and a cancelled call frees nothing, so the VAE or the transformer would stay on the GPU.
+    The runtime frees them after every call. On a CPU nothing moves: what is seen is diffusers' call
+    that moves them (bench/gpu.py reads the GPU memory left allocated)."""
+    import threading
+
+    from flux_infer.inference import GenerationCancelled
+    from flux_infer.tuning import MemoryPlan, Options, Runtime
+
+    pipeline, *_ = load_pipeline(str(tiny_dir), device="cpu")
+    pipeline.enable_model_cpu_offload(device="cpu")  # what --offload model does on a GPU
+    inference = FluxInference(pipeline, runtime=Runtime(pipeline, Options(), MemoryPlan(offload="model"), "cpu"))
+    freed = []
+    free = pipeline.maybe_free_model_hooks
+    monkeypatch.setattr(pipeline, "maybe_free_model_hooks", lambda: (freed.append("freed"), free()))
+    assert edit(inference, picture(), left_half_mask()).image.size == SIZE
+    assert len(freed) == 1
+    cancel = threading.Event()
+    request = build_request("a fox", seed=2, randomize_seed=False, width=256, height=256, num_inference_steps=4)
+    with pytest.raises(GenerationCancelled):
+        inference.run(request, on_step=lambda step: cancel.set(), cancel=cancel)
+    assert len(freed) == 2
+
+
 @pytest.mark.parametrize("flags", [dict(quantize="int8"), dict(cache="fbcache:0.5")])
 def test_edits_run_on_quantized_weights_and_with_a_step_cache(tiny_dir, flags):
     from flux_infer.tuning import Options, parse_cache

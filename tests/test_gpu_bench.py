@@ -27,6 +27,12 @@ def test_steps_are_told_apart_by_whether_the_transformer_ran(gpu_bench, tiny_dir
     assert (plain["full_steps"], plain["skipped_steps"]) == (2, 0)  # steps 2..3: the first holds text encoding
     assert plain["full_step_s"] > 0 and plain["skipped_step_s"] is None
     assert plain["plan"] == "transformer unquantized, offload none" and plain["device"] == "cpu"
+    # After the timings: an edit runs and a second image is cancelled (on a GPU, each followed by the
+    # memory it left allocated; here there is none to read).
+    assert plain["edit_s"] > 0 and plain["cancelled"] is True
+    assert plain["held_after_gib"] == {"image": None, "edit": None, "cancel": None}
+    assert "an edit (2 steps)" in gpu_bench.after_image_note(plain)
+    assert "a second image cancelled after step 2" in gpu_bench.after_image_note(plain)
     # An unreachable threshold: every step after the first reuses the cached residual.
     cached = gpu_bench.measure_one("--memory off --cache fbcache:1000", **common)
     assert (cached["full_steps"], cached["skipped_steps"]) == (0, 2)
