@@ -146,6 +146,7 @@ def resolve_placement(device: str | None = None, dtype: str | None = None) -> Pl
             device, why = "cuda", f"CUDA device found ({torch.cuda.get_device_name(0)})"
         else:
             device, why = "cpu", "no CUDA device found"
+        kind = device
     else:
         device = device.lower()
         try:
@@ -165,7 +166,7 @@ def resolve_placement(device: str | None = None, dtype: str | None = None) -> Pl
             raise DeviceError("--device mps was asked for, but this machine has no MPS device: use --device cpu")
         why = "asked for with --device"
     if dtype is None:
-        if torch.device(device).type == "cpu":
+        if kind == "cpu":
             # bfloat16 matmuls are slow on most CPUs and float16 lacks CPU kernels.
             dtype, dtype_why = "float32", "float32 on CPU"
         else:

@@ -499,14 +499,16 @@ class Runtime:
           components) frees its own offload hooks, which are none, and a cancelled or failed call frees
           nothing, so the VAE, or the 23 GB transformer, would stay on the GPU beside the next
           request's text encoders."""
+        freed_by_diffusers = False
         try:
             if self.options.cache is not None and request.kind != "text-to-image":
                 with self.pipeline.transformer.cache_context("cond"):
                     yield
             else:
                 yield
+            freed_by_diffusers = request.kind == "text-to-image"
         finally:
-            if self.plan.offload == "model":
+            if self.plan.offload == "model" and not freed_by_diffusers:
                 self.pipeline.maybe_free_model_hooks()
 
     def after(self, request) -> dict:

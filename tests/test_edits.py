@@ -143,11 +143,13 @@ def test_model_offload_frees_the_gpu_after_an_edit_or_a_cancelled_image(tiny_dir
     monkeypatch.setattr(pipeline, "maybe_free_model_hooks", lambda: (freed.append("freed"), free()))
     assert edit(inference, picture(), left_half_mask()).image.size == SIZE
     assert len(freed) == 1
+    inference.run(build_request("a fox", seed=2, randomize_seed=False, width=256, height=256, num_inference_steps=2))
+    assert len(freed) == 2  # a finished text-to-image: diffusers' own call, not a second one
     cancel = threading.Event()
     request = build_request("a fox", seed=2, randomize_seed=False, width=256, height=256, num_inference_steps=4)
     with pytest.raises(GenerationCancelled):
         inference.run(request, on_step=lambda step: cancel.set(), cancel=cancel)
-    assert len(freed) == 2
+    assert len(freed) == 3
 
 
 @pytest.mark.parametrize("flags", [dict(quantize="int8"), dict(cache="fbcache:0.5")])
