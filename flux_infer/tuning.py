@@ -494,21 +494,23 @@ class Runtime:
         """Around a pipeline call, what diffusers leaves undone there:
         - a cache's state context for edits: diffusers' FLUX edit pipelines, unlike FluxPipeline, open
           none, and a cache hook outside one fails;
-        - with model offload, every module back on the CPU when the call ends, however it ends. diffusers
-          does that at the end of a finished FluxPipeline call only: an edit pipeline (made from these
-          components) frees its own offload hooks, which are none, and a cancelled or failed call frees
-          nothing, so the VAE, or the 23 GB transformer, would stay on the GPU beside the next
-          request's text encoders."""
-        freed_by_diffusers = False
+        - when the call ends, however it ends, the step cache's state reset and, with model offload,
+          every module back on the CPU (the pipeline's `maybe_free_model_hooks`). diffusers does both at
+          the end of a finished FluxPipeline call only. A cancelled or failed call does neither: the
+          next image would start from the cancelled one's TaylorSeer or MagCache state (other pixels
+          for the same seed), and the 23 GB transformer would stay on the GPU beside the next
+          request's text encoders. An edit pipeline made from these components resets the cache but
+          frees its own offload hooks, which are none, so the VAE would stay on the GPU."""
+        finished_text_to_image = False
         try:
             if self.options.cache is not None and request.kind != "text-to-image":
                 with self.pipeline.transformer.cache_context("cond"):
                     yield
             else:
                 yield
-            freed_by_diffusers = request.kind == "text-to-image"
+            finished_text_to_image = request.kind == "text-to-image"
         finally:
-            if self.plan.offload == "model" and not freed_by_diffusers:
+            if not finished_text_to_image:
                 self.pipeline.maybe_free_model_hooks()
 
     def after(self, request) -> dict:

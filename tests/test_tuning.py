@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import logging
+import threading
 
 import numpy as np
 import pytest
 
 from flux_infer import tuning
-from flux_infer.inference import FluxInference
+from flux_infer.inference import FluxInference, GenerationCancelled, build_request
 from flux_infer.loading import load_pipeline
 from flux_infer.tuning import MemoryPlan, OptionError, Options, parse_cache, plan_memory
 
@@ -142,7 +143,12 @@ def test_a_cache_skips_transformer_passes_and_says_how_many(tiny_dir, reference,
     assert 0 < result.cached_steps < steps
     assert f"ran the full transformer on {steps - result.cached_steps} of {steps} steps, " \
            f"skipped {result.cached_steps}" in caplog.text
-    # Same seed, same options, same image: the cache's state starts afresh with every image.
+    # Same seed, same options, same image: the cache's state starts afresh with every image, also
+    # after one cancelled half way (diffusers resets it at the end of a finished call only).
+    cancel = threading.Event()
+    with pytest.raises(GenerationCancelled):
+        inference.run(build_request("a storm at sea", seed=9, randomize_seed=False, **SMALL),
+                      on_step=lambda step: step.index >= 3 and cancel.set(), cancel=cancel)
     again = inference.infer("a lighthouse at dusk", seed=7, randomize_seed=False, **SMALL)
     np.testing.assert_array_equal(pixels(again), pixels(result))
     assert again.cached_steps == result.cached_steps
