@@ -501,12 +501,10 @@ class Runtime:
           for the same seed), and the 23 GB transformer would stay on the GPU beside the next
           request's text encoders. An edit pipeline made from these components resets the cache but
           frees its own offload hooks, which are none, so the VAE would stay on the GPU."""
+        edit_cache = self.options.cache is not None and request.kind != "text-to-image"
         finished_text_to_image = False
         try:
-            if self.options.cache is not None and request.kind != "text-to-image":
-                with self.pipeline.transformer.cache_context("cond"):
-                    yield
-            else:
+            with self.pipeline.transformer.cache_context("cond") if edit_cache else contextlib.nullcontext():
                 yield
             finished_text_to_image = request.kind == "text-to-image"
         finally:

@@ -50,8 +50,9 @@ class RayView:
         self._thread.start()
 
     def _watch(self):
+        import ray
+
         try:
-            import ray
             from ray.serve._private.common import DeploymentID
 
             ray.init(address="auto", namespace="serve", log_to_driver=False, logging_level="ERROR")
@@ -63,8 +64,6 @@ class RayView:
         except Exception as err:  # noqa: BLE001 - diagnostics must not fail the scenario
             self.points.append((time.monotonic() - self.started, f"unreadable: {type(err).__name__}: {err}"[:200]))
         finally:
-            import ray
-
             ray.shutdown()  # before the server stops Ray: a driver left connected would be ended with it
 
     def stop(self) -> str:
