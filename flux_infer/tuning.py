@@ -345,6 +345,15 @@ def free_bytes(device: str, gpu_memory: float | None = None) -> int:
     return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
 
 
+def _standard_strides(_block, _args, outputs):
+    """A single block's outputs as views with the strides of a tensor of their own. diffusers' block
+    returns its text and image halves as slices of one tensor: in a batch of one they are laid out
+    contiguously, but with another stride in the batch dimension than the first block's inputs, and
+    torch.compile guards on every stride, so it would compile the block a second time (the
+    same graph again, on every start). No copy is made for a batch of one."""
+    return tuple(output.flatten().view(output.shape) for output in outputs)
+
+
 def group_offload(pipe, onload_device, *, use_stream: bool = True) -> None:
     """Group offloading, one block at a time on the GPU. diffusers groups the ModuleLists that are a
     component's direct children; T5's blocks sit one level down (`encoder.block`), so T5 is told to
@@ -396,6 +405,11 @@ class Runtime:
             self._enable_cache(int(settings.NUM_INFERENCE_STEPS.default))
         if options.compile:
             mode = None if options.compile_mode == "default" else options.compile_mode
+            # torch.compile runs a module's hooks outside its compiled forward, each hook as a graph of
+            # its own unless it is disabled there: this one makes no kernels to compile.
+            standard_strides = torch.compiler.disable(_standard_strides)
+            for block in transformer.single_transformer_blocks:
+                block.register_forward_hook(standard_strides)
             if options.cache is None:
                 transformer.compile_repeated_blocks(fullgraph=True, mode=mode)
             else:
