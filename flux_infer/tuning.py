@@ -295,17 +295,23 @@ def quantization_configs(plan: MemoryPlan, placement, *, transformer: bool = Tru
 
 
 def torchao_config(quantize: str, placement):
-    """torchao's config for `--quantize int8` or `fp8` on this placement."""
+    """torchao's config for `--quantize int8` or `fp8` on this placement.
+
+    torchao would also switch on inductor's coordinate-descent kernel tuning for the whole process
+    when it quantizes (`set_inductor_config`); `--compile-mode` decides that instead (the
+    max-autotune modes tune, the default mode starts quickly), for quantized models as for others.
+    """
     import torch
     from torchao.quantization import (Float8DynamicActivationFloat8WeightConfig, Float8WeightOnlyConfig,
                                       Int8WeightOnlyConfig)
 
     if quantize == "int8":
-        return Int8WeightOnlyConfig()
+        return Int8WeightOnlyConfig(set_inductor_config=False)
     on_cuda = placement.device.startswith("cuda")
     if on_cuda and torch.cuda.get_device_capability(torch.device(placement.device)) >= FP8_COMPUTE_CAPABILITY:
-        return Float8DynamicActivationFloat8WeightConfig()  # float8 matmuls: faster as well as smaller
-    return Float8WeightOnlyConfig()  # float8 weights, matmuls in the compute dtype
+        # float8 matmuls: faster as well as smaller
+        return Float8DynamicActivationFloat8WeightConfig(set_inductor_config=False)
+    return Float8WeightOnlyConfig(set_inductor_config=False)  # float8 weights, matmuls in the compute dtype
 
 
 def limit_gpu_memory(gpu_memory: float | None, device: str) -> None:

@@ -107,3 +107,22 @@ def test_a_compiling_measurement_counts_its_recompiles_and_graph_breaks(gpu_benc
     assert seen["env"]["TORCH_LOGS"] == "recompiles,graph_breaks"
     assert seen["spec"]["stacks_after"] == 225  # stacks written 15 s before --timeout
     assert seen["spec"]["profile"] == str(tmp_path / "profiles" / "compile-fp8-compile.txt")
+
+
+def test_each_goal_names_the_fastest_preset_that_meets_it(gpu_bench, tmp_path, monkeypatch):
+    seconds = {"bf16": 5.3, "compile": 4.0, "compile-autotune": 3.8, "fp8-compile": 2.6,
+               "fp8-compile-autotune": 2.3, "compile-fused": None}  # None: could not run
+
+    def measure(self, part, name, flags, **_):
+        if seconds[name] is None:
+            return None
+        self.rows[name] = {"median_s": seconds[name]}
+        return self.rows[name]
+
+    monkeypatch.setattr(gpu_bench.Run, "measure", measure)
+    monkeypatch.setattr(gpu_bench, "preset_line", lambda run, name, row: f"| {name} |")
+    args = argparse.Namespace(out=tmp_path, only=list(seconds))
+    gpu_bench.part_presets(gpu_bench.Run(args), "compile", gpu_bench.PARTS["compile"])
+    report = (tmp_path / "results.md").read_text()
+    assert "fastest --compile, bf16: 3.800 s, compile-autotune (goal on an H100: <= 3.9 s)" in report
+    assert "fastest fp8: 2.300 s, fp8-compile-autotune (goal on an H100: <= 2.4 s)" in report
