@@ -389,50 +389,65 @@ class Runtime:
         """Cast, fuse, place or offload, pick attention, hook the cache, compile. Logs each choice."""
         import torch
 
-        pipe, options = self.pipeline, self.options
-        transformer = pipe.transformer
-        # Quantized weights (torchao, bitsandbytes, GGUF) cannot be concatenated into fused projections.
+        pipe, options, transformer = self.pipeline, self.options, self.pipeline.transformer
+        # Fused Q, K, V projections: not for quantized weights (torchao, bitsandbytes, GGUF), which
+        # cannot be concatenated.
         quantized = plan_quantized(self.plan) or getattr(transformer, "hf_quantizer", None) is not None
-        if options.fuse_qkv and not quantized:
+        fused = options.fuse_qkv and not quantized
+        if fused:
             transformer.fuse_qkv_projections()
+        # fp8-storage: float8 weights, cast to the compute dtype layer by layer as they run.
         if self.plan.quantize == "fp8-storage":
             transformer.enable_layerwise_casting(storage_dtype=torch.float8_e4m3fn, compute_dtype=placement.dtype)
+        # A batch decodes one image at a time; then the weights go to the device, or are offloaded.
         pipe.vae.enable_slicing()
         self._place(placement)
         if options.attention:
             self._set_attention(options.attention)
         if options.cache is not None:
-            # Count full transformer passes: a cached step skips the last block's attention. The
-            # hook runs outside compiled code (a graph break, which a cache makes anyway), so a
-            # Python counter is neither traced nor guarded on.
-            attention = transformer.single_transformer_blocks[-1].attn
-            projection = attention.to_qkv if getattr(attention, "fused_projections", False) else attention.to_q
-            projection.register_forward_hook(torch.compiler.disable(self._count_call))
-            self._enable_cache(int(settings.NUM_INFERENCE_STEPS.default))
+            self._hook_cache()
         if options.compile:
-            mode = None if options.compile_mode == "default" else options.compile_mode
-            # torch.compile runs a module's hooks outside its compiled forward, each hook as a graph of
-            # its own unless it is disabled there: this one makes no kernels to compile.
-            standard_strides = torch.compiler.disable(_standard_strides)
-            for block in transformer.single_transformer_blocks:
-                block.register_forward_hook(standard_strides)
-            if options.cache is None:
-                transformer.compile_repeated_blocks(fullgraph=True, mode=mode)
-            else:
-                # The cache hooks are torch.compiler.disable()d, so the graph splits around them
-                # (fullgraph off). The last single block stays eager: the step counter's hook
-                # lives there, and compiled graphs do not call it.
-                last = transformer.single_transformer_blocks[-1]
-                for block in [*transformer.transformer_blocks, *transformer.single_transformer_blocks]:
-                    if block is not last:
-                        block.compile(fullgraph=False, mode=mode)
-            pipe.vae.to(memory_format=torch.channels_last)
-            pipe.vae.decoder.compile(mode=mode)
+            self._compile()
         log.info("options: %s; fused QKV %s; attention %s; cache %s; compile %s; VAE tiling %s",
-                 self.plan.describe(), "on" if options.fuse_qkv and not quantized else "off",
+                 self.plan.describe(), "on" if fused else "off",
                  options.attention or "native (torch SDPA)", options.cache.describe() if options.cache else "none",
                  f"on ({options.compile_mode} mode)" if options.compile else "off", options.vae_tiling)
         return self
+
+    def _hook_cache(self) -> None:
+        """The step cache, and a count of full transformer passes: a cached step skips the last
+        block's attention. The counting hook runs outside compiled code (a graph break, which a
+        cache makes anyway), so a Python counter is neither traced nor guarded on."""
+        import torch
+
+        attention = self.pipeline.transformer.single_transformer_blocks[-1].attn
+        projection = attention.to_qkv if getattr(attention, "fused_projections", False) else attention.to_q
+        projection.register_forward_hook(torch.compiler.disable(self._count_call))
+        self._enable_cache(int(settings.NUM_INFERENCE_STEPS.default))
+
+    def _compile(self) -> None:
+        """torch.compile of the transformer's blocks (one graph per kind of block) and the VAE decoder."""
+        import torch
+
+        pipe, options, transformer = self.pipeline, self.options, self.pipeline.transformer
+        mode = None if options.compile_mode == "default" else options.compile_mode
+        # torch.compile runs a module's hooks outside its compiled forward, each hook as a graph of
+        # its own unless it is disabled there: this one makes no kernels to compile.
+        standard_strides = torch.compiler.disable(_standard_strides)
+        for block in transformer.single_transformer_blocks:
+            block.register_forward_hook(standard_strides)
+        if options.cache is None:
+            transformer.compile_repeated_blocks(fullgraph=True, mode=mode)
+        else:
+            # The cache hooks are torch.compiler.disable()d, so the graph splits around them
+            # (fullgraph off). The last single block stays eager: the step counter's hook lives
+            # there, and compiled graphs do not call it.
+            last = transformer.single_transformer_blocks[-1]
+            for block in [*transformer.transformer_blocks, *transformer.single_transformer_blocks]:
+                if block is not last:
+                    block.compile(fullgraph=False, mode=mode)
+        pipe.vae.to(memory_format=torch.channels_last)
+        pipe.vae.decoder.compile(mode=mode)
 
     def _place(self, placement) -> None:
         import torch
