@@ -26,8 +26,9 @@ Parts (`--parts`, comma-separated; each sized for about 5 minutes on an H100 at 
 - lean: two leaner plans under the 8 GiB cap (fp8-storage with group offload, nf4 transformer and
   T5 with model offload), against what --memory auto picks there;
 - cold: the random pipeline saved as a diffusers folder, page cache dropped, raw read time of its
-  safetensors against load_pipeline's time to ready (cold and warm cache); time to a first image on
-  a second `--compile` start with a kept TORCHINDUCTOR_CACHE_DIR.
+  safetensors against load_pipeline's time to ready (cold and warm cache, and cold with diffusers'
+  parallel shard loading; imports timed apart); time to a first image on a second `--compile` start
+  with a kept TORCHINDUCTOR_CACHE_DIR.
 
 On the GPU machine (torch present, our other dependencies not):
     ../shared/gpu/fetch-wheels nf4 .whl        # here, before the call; `server` for the served part
@@ -218,9 +219,12 @@ def measure_one(flags: str, *, model: str, device: str | None, size: int, steps:
     cuda = torch.cuda.is_available() and device != "cpu"
     sync = torch.cuda.synchronize if cuda else (lambda: None)
     began = time.perf_counter()
-    if plain:
-        from diffusers import FluxPipeline
+    # diffusers' and transformers' imports, timed apart from the load (load_pipeline would import them)
+    from diffusers import FluxPipeline, FluxTransformer2DModel, PipelineQuantizationConfig  # noqa: F401
 
+    import_s = time.perf_counter() - began
+    began = time.perf_counter()
+    if plain:
         placement = resolve_placement(device)
         pipeline = FluxPipeline.from_pretrained(model, dtype=placement.dtype).to(placement.device)
         runtime = Runtime(pipeline, options, MemoryPlan(reason="plain diffusers: from_pretrained, then .to()"),
@@ -261,8 +265,9 @@ def measure_one(flags: str, *, model: str, device: str | None, size: int, steps:
     steps_seen.clear()
     times = [one(seed)[0] for seed in range(1, runs + 1)]
     median = statistics.median(times) if times else first_s
-    row = dict(flags=flags, plan=runtime.plan.describe(), plan_reason=runtime.plan.reason, build_s=build_s,
-               warm_s=warm_s, first_s=first_s, median_s=median, times=times, per_step_s=median / steps,
+    row = dict(flags=flags, plan=runtime.plan.describe(), plan_reason=runtime.plan.reason, import_s=import_s,
+               build_s=build_s, warm_s=warm_s, first_s=first_s, median_s=median, times=times,
+               per_step_s=median / steps,
                cached_steps=result.cached_steps, first_image_after_start_s=first_image_at,
                peak_alloc_gib=torch.cuda.max_memory_allocated() / 1024**3 if cuda else None,
                peak_ram_gib=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024**2,  # KiB on Linux
@@ -564,19 +569,23 @@ def part_cold(run: Run) -> None:
     read_s, size = _read_all(folder)
     run.write(f"page cache {dropped}; raw read of its safetensors: {size / 1024**3:.1f} GiB in {read_s:.1f} s "
               f"({size / 1024**3 / read_s:.2f} GiB/s)\n")
-    run.write("| start | page cache | load s (to ready) | vs raw read | first image s | peak RAM GiB |\n"
-              "|---|---|---:|---:|---:|---:|")
-    loads = (("plain diffusers (from_pretrained into RAM, then .to)", "cold", "", True),
-             ("flux-infer `--memory off`", "cold", "--memory off", False),
-             ("flux-infer `--memory off`", "warm", "--memory off", False),
-             ("flux-infer `--quantize fp8` (quantized as it loads)", "cold", "--quantize fp8", False))
-    for label, cache, flags, plain in loads:
+    run.write("| start | page cache | load s (to ready) | vs raw read | imports s (before the load) | first image s | "
+              "peak RAM GiB |\n|---|---|---:|---:|---:|---:|---:|")
+    # diffusers and transformers read a model's shards in threads with HF_ENABLE_PARALLEL_LOADING
+    # ("profile before using it", their docs say): measured here, cold, beside the default.
+    parallel = {"HF_ENABLE_PARALLEL_LOADING": "yes"}
+    loads = (("plain diffusers (from_pretrained into RAM, then .to)", "cold", "", True, None),
+             ("flux-infer `--memory off`", "cold", "--memory off", False, None),
+             ("flux-infer `--memory off`, HF_ENABLE_PARALLEL_LOADING=yes", "cold", "--memory off", False, parallel),
+             ("flux-infer `--memory off`", "warm", "--memory off", False, None),
+             ("flux-infer `--quantize fp8` (quantized as it loads)", "cold", "--quantize fp8", False, None))
+    for label, cache, flags, plain, env in loads:
         if cache == "cold":
             _drop_page_cache(folder)
-        row = run.measure("cold", f"{label}, {cache}", flags, model=str(folder), runs=0, plain=plain)
+        row = run.measure("cold", f"{label}, {cache}", flags, model=str(folder), runs=0, plain=plain, env=env)
         if row:
             run.write(f"| {label} | {cache} | {row['build_s']:.1f} | {row['build_s'] / read_s:.2f} | "
-                      f"{row['first_s']:.2f} | {_gib(row['peak_ram_gib'])} |")
+                      f"{row['import_s']:.1f} | {row['first_s']:.2f} | {_gib(row['peak_ram_gib'])} |")
     cache = Path(a.scratch) / "inductor-cache"
     run.write(f"\n(goal: cold load <= {COLD_GOAL}x the raw read)\n\n| --compile start | process start to first "
               "image s | compile/warm-up s |\n|---|---:|---:|")
