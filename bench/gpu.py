@@ -219,8 +219,8 @@ def measure_one(flags: str, *, model: str, device: str | None, size: int, steps:
     cuda = torch.cuda.is_available() and device != "cpu"
     sync = torch.cuda.synchronize if cuda else (lambda: None)
     began = time.perf_counter()
-    # diffusers' and transformers' imports, timed apart from the load (load_pipeline would import them)
-    from diffusers import FluxPipeline, FluxTransformer2DModel, PipelineQuantizationConfig  # noqa: F401
+    # diffusers' and transformers' imports (FluxPipeline's pull in both), timed apart from the load
+    from diffusers import FluxPipeline
 
     import_s = time.perf_counter() - began
     began = time.perf_counter()
