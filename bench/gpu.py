@@ -20,7 +20,9 @@ Parts (`--parts`, comma-separated; each sized for about 5 minutes on an H100 at 
   skip counts on random weights mean nothing, the costs do);
 - served: `flux-infer serve` driven like the page (event stream, every preview fetched) and by
   gradio_client, previews latent and a random-weight TAEF1, and one OpenAI-route request,
-  against the direct call (needs the `server` wheels);
+  against the direct call (needs the `server` wheels); then what serving adds, each part timed
+  apart: a preview decoded on the device (latent map, TAEF1, TAEF1 on 2x2-pooled latents) and
+  the final image's PNG and WebP encoding;
 - memory: `--memory auto` within `--gpu-memory` 24, 16, 12 and 8 GiB: the plan, s/image, peaks;
   nf4 needs the `nf4` wheels, else 12 GiB plans group offload;
 - lean: two leaner plans under the 8 GiB cap (fp8-storage with group offload, nf4 transformer and
@@ -201,12 +203,14 @@ class SmiPeak:
 # -- one measurement, in its own process ----------------------------------------------------------
 
 def measure_one(flags: str, *, model: str, device: str | None, size: int, steps: int, runs: int,
-                step_times: bool, started: float, plain: bool = False, profile: str | None = None) -> dict:
+                step_times: bool, started: float, plain: bool = False, profile: str | None = None,
+                taef1: str | None = None) -> dict:
     """Load with `flags`, warm up, time a first image and `runs` more; the row as a dict.
 
     `plain`: load as plain diffusers does (`from_pretrained` into RAM, then `.to(device)`), flags
     ignored, for the cold-start comparison. `profile`: a file for torch.profiler's account of one
     more image (the kernels by device time, and the time per step in matmuls, attention and the rest).
+    `taef1`: a TAEF1 folder; the row then says what serving adds to each image (`serving_costs`).
     """
     import torch
 
@@ -273,6 +277,8 @@ def measure_one(flags: str, *, model: str, device: str | None, size: int, steps:
                peak_ram_gib=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024**2,  # KiB on Linux
                device=placement.device, dtype=placement.dtype_name)
     row.update(after_image_check(inference, result, size=size, steps=steps, cuda=cuda))
+    if taef1:
+        row.update(serving_costs=serving_costs(result.image, taef1, placement, size=size, sync=sync))
     if profile:
         with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU] +
                                     ([torch.profiler.ProfilerActivity.CUDA] if cuda else [])) as profiler:
@@ -317,6 +323,35 @@ def after_image_check(inference, result, *, size: int, steps: int, cuda: bool) -
         cancelled = True
     after["cancel"] = held()
     return dict(edit_s=edit_s, cancelled=cancelled, held_after_gib=after)
+
+
+def serving_costs(image, taef1: str, placement, *, size: int, sync) -> dict:
+    """Milliseconds that serving adds to an image, each timed apart (median of 5 after one): a preview
+    decoded on the device in the step callback (the denoising waits for it), for the latent map and
+    TAEF1 (and TAEF1 given latents pooled 2x2, a quarter of its work, as a cheaper candidate); the
+    final image's encoding on the CPU, PNG (what /infer and the OpenAI route send) and WebP."""
+    import torch
+    import torch.nn.functional as F
+
+    from flux_infer.images import encode
+    from flux_infer.previews import LatentPreview, load_preview_decoder
+
+    def ms(call) -> float:
+        times = []
+        for _ in range(6):
+            began = time.perf_counter()
+            call()
+            sync()
+            times.append(time.perf_counter() - began)
+        return statistics.median(times[1:]) * 1000
+
+    latents = torch.randn(16, size // 8, size // 8, device=placement.device, dtype=placement.dtype)
+    pooled = F.avg_pool2d(latents[None], 2)[0]
+    latent_map = LatentPreview()
+    decoder = load_preview_decoder("taef1", taef1=taef1, device=placement.device, dtype=placement.dtype)
+    return {"latent preview": ms(lambda: latent_map(latents)), "taef1 preview": ms(lambda: decoder(latents)),
+            "taef1 preview, pooled latents": ms(lambda: decoder(pooled)),
+            "png encode": ms(lambda: encode(image, "png")), "webp encode": ms(lambda: encode(image, "webp"))}
 
 
 # Kernel (or, on a CPU, operator) names by what they compute, for the profile's per-step summary.
@@ -364,7 +399,8 @@ class Run:
             lines.write(json.dumps({"part": part, "name": name, **row}) + "\n")
 
     def measure(self, part: str, name: str, flags: str, *, model: str | None = None, runs: int | None = None,
-                step_times: bool = False, env: dict | None = None, plain: bool = False) -> dict | None:
+                step_times: bool = False, env: dict | None = None, plain: bool = False,
+                taef1: str | None = None) -> dict | None:
         """Run one measurement in a child process; the row, or None (reason written) when it could not run.
 
         A compiling child logs its recompilations and graph breaks (TORCH_LOGS), counted in the row;
@@ -375,7 +411,7 @@ class Run:
                    if a.profile and part in PROFILED_PARTS and runs > 0 else None)
         spec = dict(flags=flags, model=model or a.model, device=a.device, size=a.size, steps=a.steps, runs=runs,
                     step_times=step_times, started=time.time(), plain=plain, profile=profile and str(profile),
-                    stacks_after=max(a.timeout - 15, 1))
+                    taef1=taef1, stacks_after=max(a.timeout - 15, 1))
         compiling = "--compile" in flags
         env = {**os.environ, **({"TORCH_LOGS": "recompiles,graph_breaks"} if compiling else {}), **(env or {})}
         began = time.perf_counter()
@@ -607,13 +643,14 @@ def part_served(run: Run) -> None:
     from previews import page_outputs
 
     run.write("\n## Served end to end\n")
-    direct = run.measure("served", "direct", "", runs=a.runs)  # the server's own defaults: --memory auto
-    if not direct:
-        return
     from flux_infer.random_weights import save_taef1
 
     workdir = Path(a.scratch) / "served"
     taef1 = save_taef1(workdir / "taef1-random")
+    # the server's own defaults: --memory auto
+    direct = run.measure("served", "direct", "", runs=a.runs, taef1=str(taef1))
+    if not direct:
+        return
     data = [PROMPT, 0, False, a.size, a.size, 3.5, a.steps]
     run.write("| consumer | previews | median s | vs direct | runs |\n|---|---|---:|---:|---|")
     run.write(f"| direct FluxInference.run | none | {direct['median_s']:.3f} | 1.00 | "
@@ -654,6 +691,17 @@ def part_served(run: Run) -> None:
             server.stop()
             (run.out / f"server-{preview}.log").write_bytes(server.log_path.read_bytes()[-200_000:])
     run.write(f"\n(goal: served/direct <= {SERVED_GOAL} with previews on)")
+    run.write(serving_costs_table(direct["serving_costs"], direct["median_s"], a.steps))
+
+
+def serving_costs_table(costs: dict, direct_s: float, steps: int) -> str:
+    """What serving adds to one image, from `serving_costs`: previews at every step, one encoding."""
+    lines = ["\nWhat serving adds to one image, each part timed apart:\n\n| part | ms each | per image ms | "
+             "of direct |\n|---|---:|---:|---:|"]
+    for name, ms in costs.items():
+        count = steps if "preview" in name else 1
+        lines.append(f"| {name} | {ms:.1f} | {ms * count:.0f} ({count}x) | {ms * count / 1000 / direct_s:.1%} |")
+    return "\n".join(lines)
 
 
 def part_lora(run: Run) -> None:

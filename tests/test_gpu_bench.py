@@ -85,6 +85,24 @@ def test_plain_diffusers_load_is_measured_beside_ours(gpu_bench, tiny_dir):
     assert row["plan_reason"].startswith("plain diffusers") and row["build_s"] > 0 and row["first_s"] > 0
 
 
+def test_the_served_direct_measurement_says_what_previews_and_encoding_add(gpu_bench, tiny_dir, tmp_path):
+    from flux_infer.random_weights import save_taef1
+
+    taef1 = save_taef1(tmp_path / "taef1")
+    row = gpu_bench.measure_one("", model=str(tiny_dir), device="cpu", size=256, steps=2, runs=0,
+                                step_times=False, started=time.time(), taef1=str(taef1))
+    costs = row["serving_costs"]
+    assert set(costs) == {"latent preview", "taef1 preview", "taef1 preview, pooled latents", "png encode",
+                          "webp encode"}
+    assert all(ms > 0 for ms in costs.values())
+    # TAEF1 given a quarter of the latents does a quarter of its convolutions
+    assert costs["taef1 preview, pooled latents"] < costs["taef1 preview"]
+    table = gpu_bench.serving_costs_table(costs, row["median_s"], steps=2).splitlines()
+    taef1_line = next(line for line in table if line.startswith("| taef1 preview |"))
+    assert f"{costs['taef1 preview'] * 2:.0f} (2x)" in taef1_line
+    assert next(line for line in table if line.startswith("| png encode |")).count("(1x)") == 1
+
+
 def test_a_compiling_measurement_counts_its_recompiles_and_graph_breaks(gpu_bench, tmp_path, monkeypatch):
     import json
     import subprocess
