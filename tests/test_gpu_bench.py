@@ -144,3 +144,25 @@ def test_each_goal_names_the_fastest_preset_that_meets_it(gpu_bench, tmp_path, m
     report = (tmp_path / "results.md").read_text()
     assert "fastest --compile, bf16: 3.800 s, compile-autotune (goal on an H100: <= 3.9 s)" in report
     assert "fastest fp8: 2.300 s, fp8-compile-autotune (goal on an H100: <= 2.4 s)" in report
+
+
+def test_every_measured_flag_set_is_one_the_cli_accepts(gpu_bench):
+    """A typo in a preset would cost a child's GPU minutes: each flag set parses into Options as the
+    child parses it, and each attention backend is one diffusers has."""
+    import shlex
+
+    from diffusers.models.attention_dispatch import AttentionBackendName
+
+    from flux_infer import cli
+
+    flag_sets = [*gpu_bench.PRESETS.values(), *(f"--memory off {flags}" for flags in gpu_bench.CACHES.values()),
+                 *(f"--gpu-memory {gpu_bench.LEAN_CAP_GIB} {flags}" for flags in gpu_bench.LEAN_PLANS.values()),
+                 *(f"--gpu-memory {cap}" for cap in gpu_bench.CAPS_GIB)]
+    backends = {name.value for name in AttentionBackendName}
+    for flags in flag_sets:
+        options = cli._options(cli._parser().parse_args(["generate", "x", *shlex.split(flags)]))
+        assert options.attention is None or options.attention in backends, flags
+    for part, names in gpu_bench.PARTS.items():
+        assert set(names) <= set(gpu_bench.PRESETS), part
+    assert set(gpu_bench.COMPILE_PRESETS) | set(gpu_bench.FP8_PRESETS) <= set(gpu_bench.PARTS["compile"]) | set(
+        gpu_bench.PARTS["presets"])
