@@ -430,8 +430,7 @@ class Run:
             log.write(f"### {part} {name}: {flags}\n{child.stderr[-20000:]}\n")
         lines = [line for line in child.stdout.splitlines() if line.startswith("{")]
         if child.returncode != 0 or not lines:
-            tail = [line for line in child.stderr.strip().splitlines() if line.strip()]
-            reason = tail[-1][:300] if tail else f"exit {child.returncode}"
+            reason = failure_reason(child.stderr, child.returncode)
             self.write(f"| {name} | `{flags}` | could not run: {reason} |")
             self.record(part, name, {"flags": flags, "error": reason})
             return None
@@ -453,6 +452,28 @@ class Run:
         if value is None or not self.eager:
             return ""
         return f"{value / self.eager['median_s']:.2f}"
+
+
+# A traceback's last line names the exception ("torch._dynamo.exc.TorchRuntimeError: ..."); torch's
+# errors go on with an explanation and advice lines ("Set TORCHDYNAMO_VERBOSE=1 ...").
+EXCEPTION_LINE = re.compile(r"^[A-Za-z_][\w.]*(Error|Exception|Exit|Interrupt)\b.*")
+
+
+def failure_reason(stderr: str, returncode: int) -> str:
+    """One line saying why a child failed: its last exception (with torch's explanation line when it
+    gives one), else its last line (a timeout says so there), else its exit status."""
+    lines = [line for line in stderr.strip().splitlines() if line.strip()]
+    if not lines:
+        return f"exit {returncode}"
+    if returncode != 124:
+        found = [i for i, line in enumerate(lines) if EXCEPTION_LINE.match(line)]
+        if found:
+            reason = lines[found[-1]]
+            following = lines[found[-1] + 1] if found[-1] + 1 < len(lines) else ""
+            if following.strip().startswith("Explanation:"):
+                reason += " " + following.strip()
+            return reason[:400]
+    return lines[-1][:300]
 
 
 def _text(output) -> str:

@@ -166,3 +166,21 @@ def test_every_measured_flag_set_is_one_the_cli_accepts(gpu_bench):
         assert set(names) <= set(gpu_bench.PRESETS), part
     assert set(gpu_bench.COMPILE_PRESETS) | set(gpu_bench.FP8_PRESETS) <= set(gpu_bench.PARTS["compile"]) | set(
         gpu_bench.PARTS["presets"])
+
+
+def test_a_failed_child_is_summed_up_by_its_exception_not_torchs_advice(gpu_bench):
+    stderr = ("INFO flux_infer.loading: memory: ...\nTraceback (most recent call last):\n  File \"x.py\", line 1\n"
+              "torch._dynamo.exc.TorchRuntimeError: RuntimeError when making fake tensor call\n"
+              "  Explanation: Dynamo failed to run FX node with fake tensors: No viable backend\n"
+              "  Hint: Your code may result in an error when running in eager.\n\n"
+              "Set TORCHDYNAMO_VERBOSE=1 for the internal stack trace\n")
+    assert gpu_bench.failure_reason(stderr, 1) == (
+        "torch._dynamo.exc.TorchRuntimeError: RuntimeError when making fake tensor call "
+        "Explanation: Dynamo failed to run FX node with fake tensors: No viable backend")
+    assert gpu_bench.failure_reason("loading\nValueError: width must be 256 or more\n", 1) == (
+        "ValueError: width must be 256 or more")
+    assert gpu_bench.failure_reason("a line\nkilled\n", -9) == "killed"
+    assert gpu_bench.failure_reason("", 3) == "exit 3"
+    # a timed-out child's last line is the timeout, whatever it printed before
+    assert gpu_bench.failure_reason("RuntimeError: earlier\ntimed out after 200 s (--timeout)", 124) == (
+        "timed out after 200 s (--timeout)")
