@@ -41,7 +41,8 @@ Check the whole script on a CPU first (random-small, 256x256, 4 steps, 1 run):
         --parts presets,compile,offload,steps,served,memory,lean,cold,lora
 
 `--only NAMES` narrows the preset parts to some presets (bf16 eager is always measured, for the
-ratios); `--profile` adds a torch.profiler account of one more image per preset, cap or lean plan:
+ratios); `--profile [PARTS]` adds a torch.profiler account of one more image per preset, cap or lean
+plan (in PARTS only, when given):
 the kernels by GPU time in OUT/profiles/, and ms per step in matmuls, attention and the rest, to see
 where a preset stands against the arithmetic floor. Compiling children log their recompilations
 and graph breaks (counted in the table); a child near --timeout writes its stacks to children.log.
@@ -411,7 +412,7 @@ class Run:
         a = self.args
         runs = a.runs if runs is None else runs
         profile = (self.out / "profiles" / f"{part}-{re.sub(r'[^a-z0-9]+', '-', name.lower())}.txt"
-                   if a.profile and part in PROFILED_PARTS and runs > 0 else None)
+                   if a.profile and part in a.profile and runs > 0 else None)
         spec = dict(flags=flags, model=model or a.model, device=a.device, size=a.size, steps=a.steps, runs=runs,
                     step_times=step_times, started=time.time(), plain=plain, profile=profile and str(profile),
                     taef1=taef1, stacks_after=max(a.timeout - 15, 1))
@@ -772,9 +773,11 @@ def main() -> None:
     parser.add_argument("--only", type=lambda text: [n for n in text.split(",") if n], default=None,
                         help=f"measure only these presets in the preset parts (from {', '.join(PRESETS)}); "
                         "bf16 eager is always measured")
-    parser.add_argument("--profile", action="store_true", help="profile one more image per preset, cap or lean "
-                        "plan with torch.profiler: kernels by device time in OUT/profiles/, matmul/attention/other "
-                        "per step")
+    parser.add_argument("--profile", nargs="?", const=list(PROFILED_PARTS), default=None,
+                        type=lambda text: [p for p in text.split(",") if p], metavar="PARTS",
+                        help="profile one more image per preset, cap or lean plan with torch.profiler: kernels by "
+                        "device time in OUT/profiles/, matmul/attention/other per step; in PARTS only, when given "
+                        f"(from {', '.join(PROFILED_PARTS)}; default: all of them)")
     parser.add_argument("--allow-cpu", action="store_true", help="run on the CPU at a small size, to check the script")
     parser.add_argument("--one", help=argparse.SUPPRESS)
     parser.add_argument("--save", help=argparse.SUPPRESS)
@@ -794,6 +797,8 @@ def main() -> None:
         raise SystemExit(f"--parts takes {', '.join(PARTS)}; got {args.parts}")
     if args.only and not set(args.only) <= set(PRESETS):
         raise SystemExit(f"--only takes {', '.join(PRESETS)}; got {','.join(args.only)}")
+    if args.profile and not set(args.profile) <= set(PROFILED_PARTS):
+        raise SystemExit(f"--profile takes {', '.join(PROFILED_PARTS)}; got {','.join(args.profile)}")
     ensure_dependencies(args.wheels)
 
     import torch

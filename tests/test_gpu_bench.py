@@ -119,12 +119,15 @@ def test_a_compiling_measurement_counts_its_recompiles_and_graph_breaks(gpu_benc
 
     monkeypatch.setattr(gpu_bench.subprocess, "run", child)
     args = argparse.Namespace(out=tmp_path, model="random", device=None, size=1024, steps=28, runs=3, timeout=240,
-                              profile=True, only=None)
-    row = gpu_bench.Run(args).measure("compile", "fp8-compile", "--quantize fp8 --compile")
+                              profile=["compile"], only=None)
+    run = gpu_bench.Run(args)
+    row = run.measure("compile", "fp8-compile", "--quantize fp8 --compile")
     assert (row["recompiles"], row["graph_breaks"]) == (1, 1)
     assert seen["env"]["TORCH_LOGS"] == "recompiles,graph_breaks"
     assert seen["spec"]["stacks_after"] == 225  # stacks written 15 s before --timeout
     assert seen["spec"]["profile"] == str(tmp_path / "profiles" / "compile-fp8-compile.txt")
+    run.measure("memory", "8 GiB", "--gpu-memory 8")  # --profile compile: the caps are not profiled
+    assert seen["spec"]["profile"] is None and "TORCH_LOGS" not in seen["env"]
 
 
 def test_each_goal_names_the_fastest_preset_that_meets_it(gpu_bench, tmp_path, monkeypatch):
