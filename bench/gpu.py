@@ -22,8 +22,8 @@ Parts (`--parts`, comma-separated; each sized for about 5 minutes on an H100 at 
 - served: `flux-infer serve` driven like the page (event stream, every preview fetched) and by
   gradio_client, previews latent and a random-weight TAEF1, and one OpenAI-route request,
   against the direct call (needs the `server` wheels); then what serving adds, each part timed
-  apart: a preview decoded on the device (latent map, TAEF1, TAEF1 on 2x2-pooled latents) and
-  the final image's PNG and WebP encoding;
+  apart: a preview decoded on the device (latent map, TAEF1, TAEF1 on 2x2-pooled latents or with
+  channels_last weights), the VAE decode (NCHW, channels_last) and the final PNG and WebP encoding;
 - memory: `--memory auto` within `--gpu-memory` 24, 16, 12 and 8 GiB: the plan, s/image, peaks;
   nf4 needs the `nf4` wheels, else 12 GiB plans group offload;
 - lean: two leaner plans under the 8 GiB cap (fp8-storage with group offload, nf4 transformer and
@@ -282,7 +282,8 @@ def measure_one(flags: str, *, model: str, device: str | None, size: int, steps:
                device=placement.device, dtype=placement.dtype_name)
     row.update(after_image_check(inference, result, size=size, steps=steps, cuda=cuda))
     if taef1:
-        row.update(serving_costs=serving_costs(result.image, taef1, placement, size=size, sync=sync))
+        row.update(serving_costs=serving_costs(result.image, taef1, placement, vae=pipeline.vae, size=size,
+                                               sync=sync))
     if profile:
         with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU] +
                                     ([torch.profiler.ProfilerActivity.CUDA] if cuda else [])) as profiler:
@@ -329,11 +330,12 @@ def after_image_check(inference, result, *, size: int, steps: int, cuda: bool) -
     return dict(edit_s=edit_s, cancelled=cancelled, held_after_gib=after)
 
 
-def serving_costs(image, taef1: str, placement, *, size: int, sync) -> dict:
-    """Milliseconds that serving adds to an image, each timed apart (median of 5 after one): a preview
-    decoded on the device in the step callback (the denoising waits for it), for the latent map and
-    TAEF1 (and TAEF1 given latents pooled 2x2, a quarter of its work, as a cheaper candidate); the
-    final image's encoding on the CPU, PNG (what /infer and the OpenAI route send) and WebP."""
+def serving_costs(image, taef1: str, placement, *, vae, size: int, sync) -> dict:
+    """Milliseconds each, timed apart (median of 5 after one): a preview decoded on the device in the
+    step callback (the denoising waits for it), for the latent map and TAEF1 (also given latents
+    pooled 2x2, a quarter of its work, and with channels_last weights, cuDNN's preferred layout for
+    convolutions); the pipeline's VAE decode (part of every image; NCHW and channels_last); the final
+    image's encoding on the CPU, PNG (what /infer and the OpenAI route send) and WebP."""
     import torch
     import torch.nn.functional as F
 
@@ -344,7 +346,8 @@ def serving_costs(image, taef1: str, placement, *, size: int, sync) -> dict:
         times = []
         for _ in range(6):
             began = time.perf_counter()
-            call()
+            with torch.no_grad():
+                call()
             sync()
             times.append(time.perf_counter() - began)
         return statistics.median(times[1:]) * 1000
@@ -353,9 +356,17 @@ def serving_costs(image, taef1: str, placement, *, size: int, sync) -> dict:
     pooled = F.avg_pool2d(latents[None], 2)[0]
     latent_map = LatentPreview()
     decoder = load_preview_decoder("taef1", taef1=taef1, device=placement.device, dtype=placement.dtype)
-    return {"latent preview": ms(lambda: latent_map(latents)), "taef1 preview": ms(lambda: decoder(latents)),
-            "taef1 preview, pooled latents": ms(lambda: decoder(pooled)),
-            "png encode": ms(lambda: encode(image, "png")), "webp encode": ms(lambda: encode(image, "webp"))}
+    costs = {"latent preview": ms(lambda: latent_map(latents)), "taef1 preview": ms(lambda: decoder(latents)),
+             "taef1 preview, pooled latents": ms(lambda: decoder(pooled))}
+    decoder.vae.to(memory_format=torch.channels_last)
+    costs["taef1 preview, channels_last"] = ms(lambda: decoder(latents))
+    vae_latents = latents[None].to(vae.dtype)
+    costs["vae decode"] = ms(lambda: vae.decode(vae_latents, return_dict=False))
+    vae.to(memory_format=torch.channels_last)
+    costs["vae decode, channels_last"] = ms(lambda: vae.decode(vae_latents, return_dict=False))
+    vae.to(memory_format=torch.contiguous_format)  # as it was, for what the child measures next
+    costs.update({"png encode": ms(lambda: encode(image, "png")), "webp encode": ms(lambda: encode(image, "webp"))})
+    return costs
 
 
 # Kernel (or, on a CPU, operator) names by what they compute, for the profile's per-step summary.
@@ -720,8 +731,10 @@ def part_served(run: Run) -> None:
 
 
 def serving_costs_table(costs: dict, direct_s: float, steps: int) -> str:
-    """What serving adds to one image, from `serving_costs`: previews at every step, one encoding."""
-    lines = ["\nWhat serving adds to one image, each part timed apart:\n\n| part | ms each | per image ms | "
+    """From `serving_costs`, per image: previews at every step (the served path only), one VAE decode
+    (inside the direct time too), one encoding (the served path only)."""
+    lines = ["\nPer image, each part timed apart: previews (decoded in the denoising, served only), the VAE "
+             "decode (in direct too), the final encoding (served only):\n\n| part | ms each | per image ms | "
              "of direct |\n|---|---:|---:|---:|"]
     for name, ms in costs.items():
         count = steps if "preview" in name else 1

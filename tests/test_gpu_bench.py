@@ -92,7 +92,8 @@ def test_the_served_direct_measurement_says_what_previews_and_encoding_add(gpu_b
     row = gpu_bench.measure_one("", model=str(tiny_dir), device="cpu", size=256, steps=2, runs=0,
                                 step_times=False, started=time.time(), taef1=str(taef1))
     costs = row["serving_costs"]
-    assert set(costs) == {"latent preview", "taef1 preview", "taef1 preview, pooled latents", "png encode",
+    assert set(costs) == {"latent preview", "taef1 preview", "taef1 preview, pooled latents",
+                          "taef1 preview, channels_last", "vae decode", "vae decode, channels_last", "png encode",
                           "webp encode"}
     assert all(ms > 0 for ms in costs.values())
     # TAEF1 given a quarter of the latents does a quarter of its convolutions
@@ -101,6 +102,7 @@ def test_the_served_direct_measurement_says_what_previews_and_encoding_add(gpu_b
     taef1_line = next(line for line in table if line.startswith("| taef1 preview |"))
     assert f"{costs['taef1 preview'] * 2:.0f} (2x)" in taef1_line
     assert next(line for line in table if line.startswith("| png encode |")).count("(1x)") == 1
+    assert "(1x)" in next(line for line in table if line.startswith("| vae decode |"))
 
 
 def test_a_compiling_measurement_counts_its_recompiles_and_graph_breaks(gpu_bench, tmp_path, monkeypatch):
