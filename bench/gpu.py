@@ -214,7 +214,8 @@ def measure_one(flags: str, *, model: str, device: str | None, size: int, steps:
     `plain`: load as plain diffusers does (`from_pretrained` into RAM, then `.to(device)`), flags
     ignored, for the cold-start comparison. `profile`: a file for torch.profiler's account of one
     more image (the kernels by device time, and the time per step in matmuls, attention and the rest).
-    `taef1`: a TAEF1 folder; the row then says what serving adds to each image (`serving_costs`).
+    `taef1`: a TAEF1 folder; the row then has `serving_costs` (previews, the VAE decode and the final
+    encoding, each timed apart).
     """
     import torch
 
@@ -282,8 +283,9 @@ def measure_one(flags: str, *, model: str, device: str | None, size: int, steps:
                device=placement.device, dtype=placement.dtype_name)
     row.update(after_image_check(inference, result, size=size, steps=steps, cuda=cuda))
     if taef1:
-        row.update(serving_costs=serving_costs(result.image, taef1, placement, vae=pipeline.vae, size=size,
-                                               sync=sync))
+        resident = runtime.plan.offload == "none"  # offloaded, its decode would time the weights' transfers too
+        row.update(serving_costs=serving_costs(result.image, taef1, placement, vae=pipeline.vae if resident else None,
+                                               size=size, sync=sync))
     if profile:
         with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU] +
                                     ([torch.profiler.ProfilerActivity.CUDA] if cuda else [])) as profiler:
@@ -334,8 +336,9 @@ def serving_costs(image, taef1: str, placement, *, vae, size: int, sync) -> dict
     """Milliseconds each, timed apart (median of 5 after one): a preview decoded on the device in the
     step callback (the denoising waits for it), for the latent map and TAEF1 (also given latents
     pooled 2x2, a quarter of its work, and with channels_last weights, cuDNN's preferred layout for
-    convolutions); the pipeline's VAE decode (part of every image; NCHW and channels_last); the final
-    image's encoding on the CPU, PNG (what /infer and the OpenAI route send) and WebP."""
+    convolutions); the pipeline's VAE decode (part of every image; NCHW and channels_last; left out
+    when `vae` is None); the final image's encoding on the CPU, PNG (what /infer and the OpenAI route
+    send) and WebP."""
     import torch
     import torch.nn.functional as F
 
@@ -360,11 +363,12 @@ def serving_costs(image, taef1: str, placement, *, vae, size: int, sync) -> dict
              "taef1 preview, pooled latents": ms(lambda: decoder(pooled))}
     decoder.vae.to(memory_format=torch.channels_last)
     costs["taef1 preview, channels_last"] = ms(lambda: decoder(latents))
-    vae_latents = latents[None].to(vae.dtype)
-    costs["vae decode"] = ms(lambda: vae.decode(vae_latents, return_dict=False))
-    vae.to(memory_format=torch.channels_last)
-    costs["vae decode, channels_last"] = ms(lambda: vae.decode(vae_latents, return_dict=False))
-    vae.to(memory_format=torch.contiguous_format)  # as it was, for what the child measures next
+    if vae is not None:
+        vae_latents = latents[None].to(vae.dtype)
+        costs["vae decode"] = ms(lambda: vae.decode(vae_latents, return_dict=False))
+        vae.to(memory_format=torch.channels_last)
+        costs["vae decode, channels_last"] = ms(lambda: vae.decode(vae_latents, return_dict=False))
+        vae.to(memory_format=torch.contiguous_format)  # as it was, for what the child measures next
     costs.update({"png encode": ms(lambda: encode(image, "png")), "webp encode": ms(lambda: encode(image, "webp"))})
     return costs
 
