@@ -187,14 +187,28 @@ def test_the_edit_tab_repaints_what_was_brushed(page, ui_server, tmp_path):
     from test_edits import picture
 
     picture(6, size=(1024, 768)).save(tmp_path / "in.png")  # big enough that each step takes a while here
+    ARTIFACTS.mkdir(parents=True, exist_ok=True)
     page.get_by_role("tab", name="Edit").click()
-    # The upload goes in once the tab has drawn its editor (its "Upload an image" prompt showing);
-    # the editor has a canvas before the picture is on it, so the stroke waits for the prompt to go.
+    # The upload goes in once the tab has drawn its editor (its "Upload an image" prompt and its
+    # canvas showing); the canvas is there before the picture is on it, so the stroke waits for the
+    # prompt to go. A GPU-less chromium under load once kept the prompt for 120 s after the file was
+    # set (the picture never reached the editor): the file is set again while the prompt stays.
+    from playwright.sync_api import TimeoutError as PlaywrightTimeout
+
     prompt = page.locator("#editor").get_by_text("Upload an image")
     prompt.wait_for(state="visible")
-    page.locator("#editor input[type=file]").set_input_files(str(tmp_path / "in.png"))
-    prompt.wait_for(state="hidden", timeout=120_000)
     canvas = page.locator("#editor canvas").first
+    canvas.wait_for(state="attached")
+    for attempt in range(3):
+        page.locator("#editor input[type=file]").set_input_files(str(tmp_path / "in.png"))
+        try:
+            prompt.wait_for(state="hidden", timeout=60_000)
+            break
+        except PlaywrightTimeout:
+            page.screenshot(path=str(ARTIFACTS / f"edit-upload-{attempt}.png"))
+    else:
+        pytest.fail("the editor kept its upload prompt after the picture was set three times (screenshots: "
+                    f"{ARTIFACTS}/edit-upload-*.png)")
     box = canvas.bounding_box()
     page.mouse.move(box["x"] + box["width"] * 0.2, box["y"] + box["height"] * 0.2)
     page.mouse.down()
@@ -203,7 +217,6 @@ def test_the_edit_tab_repaints_what_was_brushed(page, ui_server, tmp_path):
         page.mouse.move(box["x"] + box["width"] * 0.25, box["y"] + box["height"] * fraction)
     page.mouse.up()
     page.locator("#edit-prompt textarea, #edit-prompt input").first.fill("a fox in the snow")
-    ARTIFACTS.mkdir(parents=True, exist_ok=True)
     page.screenshot(path=str(ARTIFACTS / "edit-brushed.png"))
     before = ui_server.log().count("(inpaint)")
     page.locator("#edit-run").click()
