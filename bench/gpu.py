@@ -45,7 +45,9 @@ ratios); `--profile [PARTS]` adds a torch.profiler account of one more image per
 plan (in PARTS only, when given):
 the kernels by GPU time in OUT/profiles/, and ms per step in matmuls, attention and the rest, to see
 where a preset stands against the arithmetic floor. Compiling children log their recompilations
-and graph breaks (counted in the table); a child near --timeout writes its stacks to children.log.
+and graph breaks (counted in the table); a child near its time limit writes its stacks to
+children.log. `--deadline SECONDS` bounds the whole run: each child gets at most what is left, and
+none starts that could not finish, so a GPU window's run ends by itself with every log kept.
 """
 
 from __future__ import annotations
@@ -122,6 +124,10 @@ PROFILED_PARTS = ("presets", "compile", "offload", "memory", "lean")
 MODULES = {"flash3-attention": "flash_attn_interface", "flash-attention": "flash_attn"}
 CACHES = {"fbcache": "--cache fbcache:1000", "taylorseer": "--cache taylorseer:4", "magcache": "--cache magcache:1000"}
 CAPS_GIB = (24, 16, 12, 8)
+# --deadline: a child gets what is left less this margin (for writing the report), and none starts
+# with less than MIN_CHILD_S left (too short for a FLUX.1-dev build and one image).
+DEADLINE_MARGIN_S = 10
+MIN_CHILD_S = 30
 PROMPT = "a tiny astronaut hatching from an egg on the moon"
 
 
@@ -401,12 +407,24 @@ def write_profile(profiler, path: Path, *, steps: int, cuda: bool) -> dict:
 class Run:
     """One invocation: the settings, the output folder, and the figures so far."""
 
-    def __init__(self, args):
+    def __init__(self, args, *, began: float | None = None):
         self.args = args
         self.out = Path(args.out)
         self.out.mkdir(parents=True, exist_ok=True)
         self.rows: dict[str, dict] = {}
         self.eager: dict | None = None
+        self.began = time.monotonic() if began is None else began  # --deadline counts from here
+
+    def child_timeout(self) -> tuple[float, str] | None:
+        """Seconds the next child may take and the flag that bounds it (--timeout, or what is left of
+        --deadline less DEADLINE_MARGIN_S); None when less than MIN_CHILD_S is left."""
+        a = self.args
+        if a.deadline is None:
+            return a.timeout, "--timeout"
+        left = a.deadline - (time.monotonic() - self.began) - DEADLINE_MARGIN_S
+        if left < MIN_CHILD_S:
+            return None
+        return (a.timeout, "--timeout") if a.timeout <= left else (left, "--deadline")
 
     def write(self, text: str) -> None:
         print(text, flush=True)
@@ -423,24 +441,30 @@ class Run:
         """Run one measurement in a child process; the row, or None (reason written) when it could not run.
 
         A compiling child logs its recompilations and graph breaks (TORCH_LOGS), counted in the row;
-        a child still running near --timeout writes its threads' stacks to children.log first."""
+        a child still running near its time limit writes its threads' stacks to children.log first."""
         a = self.args
+        limit = self.child_timeout()
+        if limit is None:
+            self.write(f"| {name} | `{flags}` | not measured: --deadline {a.deadline:.0f} s reached |")
+            self.record(part, name, {"flags": flags, "error": "--deadline reached"})
+            return None
+        timeout, bound = limit
         runs = a.runs if runs is None else runs
         profile = (self.out / "profiles" / f"{part}-{re.sub(r'[^a-z0-9]+', '-', name.lower())}.txt"
                    if a.profile and part in a.profile and runs > 0 else None)
         spec = dict(flags=flags, model=model or a.model, device=a.device, size=a.size, steps=a.steps, runs=runs,
                     step_times=step_times, started=time.time(), plain=plain, profile=profile and str(profile),
-                    taef1=taef1, stacks_after=max(a.timeout - 15, 1))
+                    taef1=taef1, stacks_after=max(timeout - 15, 1))
         compiling = "--compile" in flags
         env = {**os.environ, **({"TORCH_LOGS": "recompiles,graph_breaks"} if compiling else {}), **(env or {})}
         began = time.perf_counter()
         with SmiPeak() as smi:
             try:
                 child = subprocess.run([sys.executable, __file__, "--one", json.dumps(spec)], capture_output=True,
-                                       text=True, env=env, timeout=a.timeout)
+                                       text=True, env=env, timeout=timeout)
             except subprocess.TimeoutExpired as err:  # its output is bytes, whatever text= said
                 child = subprocess.CompletedProcess(err.cmd, 124, _text(err.stdout), _text(err.stderr) +
-                                                    f"\ntimed out after {a.timeout:.0f} s (--timeout)")
+                                                    f"\ntimed out after {timeout:.0f} s ({bound})")
         wall = time.perf_counter() - began
         with open(self.out / "children.log", "a") as log:
             log.write(f"### {part} {name}: {flags}\n{child.stderr[-20000:]}\n")
@@ -755,10 +779,15 @@ def part_lora(run: Run) -> None:
         command = [sys.executable, str(REPO / "bench" / "lora.py"), "--model", a.model, "--size", str(a.size),
                    "--steps", str(a.steps), "--runs", str(a.runs), *extra]
         name = " ".join(extra) or "eager"
+        limit = run.child_timeout()
+        if limit is None:
+            run.write(f"{name}: not measured: --deadline {a.deadline:.0f} s reached")
+            continue
+        timeout, bound = limit
         try:
-            child = subprocess.run(command, capture_output=True, text=True, timeout=a.timeout)
+            child = subprocess.run(command, capture_output=True, text=True, timeout=timeout)
         except subprocess.TimeoutExpired as err:
-            run.write(f"{name}: timed out after {a.timeout:.0f} s (--timeout)\n```\n{_text(err.output)[-2000:]}\n```")
+            run.write(f"{name}: timed out after {timeout:.0f} s ({bound})\n```\n{_text(err.output)[-2000:]}\n```")
             continue
         shown = child.stdout if child.returncode == 0 else child.stdout + child.stderr[-3000:]
         run.write(f"`{' '.join(command[1:])}` (exit {child.returncode})\n```\n{shown.strip()}\n```")
@@ -775,6 +804,7 @@ def save_pipeline(folder: str, model: str, allow_cpu: bool) -> None:
 
 
 def main() -> None:
+    began = time.monotonic()
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
     parser.add_argument("--parts", default="presets", help=f"comma-separated, from {', '.join(PARTS)} "
@@ -786,6 +816,10 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=None, help="default: 28 (4 with --allow-cpu)")
     parser.add_argument("--runs", type=int, default=None, help="steady images per preset (default: 3; 1 on a CPU)")
     parser.add_argument("--timeout", type=float, default=600, help="seconds one measurement may take")
+    parser.add_argument("--deadline", type=float, default=None,
+                        help="seconds the whole run may take: each measurement gets at most what is left (less "
+                        f"{DEADLINE_MARGIN_S} s), so the run ends by itself, its last child's log and stacks kept, "
+                        "before an outer `timeout` would kill it")
     parser.add_argument("--scratch", default=tempfile.gettempdir(), help="disk for the cold-start folder and caches")
     parser.add_argument("--only", type=lambda text: [n for n in text.split(",") if n], default=None,
                         help=f"measure only these presets in the preset parts (from {', '.join(PRESETS)}); "
@@ -828,7 +862,7 @@ def main() -> None:
     args.size = args.size or (256 if cpu else 1024)
     args.steps = args.steps or (4 if cpu else 28)
     args.runs = args.runs if args.runs is not None else (1 if cpu else 3)
-    run = Run(args)
+    run = Run(args, began=began)
     facts = versions()
     run.write(f"# bench/gpu.py on {facts['card']}\n\n" + ", ".join(f"{k} {v}" for k, v in facts.items()) +
               f"\n\n`python bench/gpu.py {' '.join(shlex.quote(x) for x in sys.argv[1:])}`: model {args.model}, "

@@ -42,7 +42,7 @@ def test_steps_are_told_apart_by_whether_the_transformer_ran(gpu_bench, tiny_dir
 @pytest.mark.e2e  # a child process
 def test_a_measurement_that_cannot_run_is_written_down_and_the_run_goes_on(gpu_bench, tmp_path):
     args = argparse.Namespace(out=tmp_path, model="random-small", device="cpu", size=256, steps=2, runs=0,
-                              timeout=300, profile=False, only=None)
+                              timeout=300, profile=False, only=None, deadline=None)
     run = gpu_bench.Run(args)
     assert run.measure("offload", "model-offload", "--offload model") is None
     report = (tmp_path / "results.md").read_text()
@@ -59,7 +59,7 @@ def test_a_measurement_past_its_timeout_is_written_down_with_what_it_printed(gpu
 
     monkeypatch.setattr(gpu_bench.subprocess, "run", hangs)
     args = argparse.Namespace(out=tmp_path, model="random", device=None, size=1024, steps=28, runs=3, timeout=240,
-                              profile=False, only=None)
+                              profile=False, only=None, deadline=None)
     assert gpu_bench.Run(args).measure("compile", "fp8-compile", "--quantize fp8 --compile") is None
     assert "| fp8-compile | `--quantize fp8 --compile` | could not run: timed out after 240 s (--timeout) |" in (
         tmp_path / "results.md").read_text()
@@ -121,7 +121,7 @@ def test_a_compiling_measurement_counts_its_recompiles_and_graph_breaks(gpu_benc
 
     monkeypatch.setattr(gpu_bench.subprocess, "run", child)
     args = argparse.Namespace(out=tmp_path, model="random", device=None, size=1024, steps=28, runs=3, timeout=240,
-                              profile=["compile"], only=None)
+                              profile=["compile"], only=None, deadline=None)
     run = gpu_bench.Run(args)
     row = run.measure("compile", "fp8-compile", "--quantize fp8 --compile")
     assert (row["recompiles"], row["graph_breaks"]) == (1, 1)
@@ -189,3 +189,33 @@ def test_a_failed_child_is_summed_up_by_its_exception_not_torchs_advice(gpu_benc
     # a timed-out child's last line is the timeout, whatever it printed before
     assert gpu_bench.failure_reason("RuntimeError: earlier\ntimed out after 200 s (--timeout)", 124) == (
         "timed out after 200 s (--timeout)")
+
+
+def test_a_deadline_bounds_each_child_and_starts_none_it_cannot_finish(gpu_bench, tmp_path, monkeypatch):
+    import subprocess
+
+    timeouts = []
+
+    def hangs(command, **kwargs):
+        if command[0] == "nvidia-smi":
+            raise OSError("no nvidia-smi here")
+        timeouts.append(kwargs["timeout"])
+        raise subprocess.TimeoutExpired(command, kwargs["timeout"], output=b"", stderr=b"compiling\n")
+
+    monkeypatch.setattr(gpu_bench.subprocess, "run", hangs)
+    args = argparse.Namespace(out=tmp_path, model="random", device=None, size=1024, steps=28, runs=3, timeout=200,
+                              profile=None, only=None, deadline=300)
+    clock = [1000.0]
+    monkeypatch.setattr(gpu_bench.time, "monotonic", lambda: clock[0])
+    run = gpu_bench.Run(args)
+    run.measure("compile", "compile", "--compile")  # 300 s left: --timeout bounds it
+    clock[0] += 150
+    run.measure("compile", "fp8-compile", "--quantize fp8 --compile")  # 150 s left: the deadline does
+    clock[0] += 125
+    assert run.measure("memory", "24 GiB", "--gpu-memory 24") is None  # 25 s left: not started
+    assert timeouts == [200, 300 - 150 - gpu_bench.DEADLINE_MARGIN_S]
+    report = (tmp_path / "results.md").read_text()
+    assert "could not run: timed out after 200 s (--timeout)" in report
+    assert "could not run: timed out after 140 s (--deadline)" in report
+    assert "| 24 GiB | `--gpu-memory 24` | not measured: --deadline 300 s reached |" in report
+    assert report.count("compiling") == 0 and (tmp_path / "children.log").read_text().count("compiling") == 2
