@@ -46,8 +46,10 @@ plan (in PARTS only, when given):
 the kernels by GPU time in OUT/profiles/, and ms per step in matmuls, attention and the rest, to see
 where a preset stands against the arithmetic floor. Compiling children log their recompilations
 and graph breaks (counted in the table); a child near its time limit writes its stacks to
-children.log. `--deadline SECONDS` bounds the whole run: each child gets at most what is left, and
-none starts that could not finish, so a GPU window's run ends by itself with every log kept.
+children.log. `--deadline SECONDS` bounds the measurements: each measurement child (and
+bench/lora.py's) gets at most what is left, and none starts that could not finish, so a GPU window's
+run ends by itself with every log kept (saving the cold part's folder and the served part's servers
+are not bounded by it).
 """
 
 from __future__ import annotations
