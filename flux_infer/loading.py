@@ -102,6 +102,9 @@ def tiny_model_dir() -> Path:
 def resolve_source(model: str | None = None, *, base_model: str | None = None) -> ModelSource:
     """Say what `model` names, without loading or downloading anything."""
     model = model or default_model()
+    if base_model is not None and not model.endswith(SINGLE_FILE_SUFFIXES):
+        raise ModelLoadError(f"--base-model completes a single-file transformer (a .safetensors or .gguf "
+                             f"--model); {model} is a whole pipeline already: leave --base-model out")
     if model == settings.TINY_MODEL_NAME:
         return ModelSource("tiny", str(tiny_model_dir()))
     if model in (settings.RANDOM_MODEL_NAME, settings.RANDOM_SMALL_MODEL_NAME):

@@ -36,6 +36,8 @@ def test_sources_are_told_apart(tmp_path, tiny_dir, monkeypatch):
     assert single.kind == "single_file" and single.base.location == str(tiny_dir)
     with pytest.raises(ModelLoadError, match="must be a diffusers folder or repo id"):
         resolve_source(str(checkpoint), base_model=str(checkpoint))
+    with pytest.raises(ModelLoadError, match="tiny is a whole pipeline already: leave --base-model out"):
+        resolve_source("tiny", base_model=str(tiny_dir))
 
 
 def test_placement_on_this_machine():

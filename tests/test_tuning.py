@@ -18,7 +18,8 @@ CUDA_CONTEXT_GIB = 0.6  # what a CUDA context takes before anything is loaded
 
 
 def generate(tiny_dir, options=None, prompt="a lighthouse at dusk", seed=7, model=None, **size):
-    pipeline, _, _, runtime, _ = load_pipeline(model or str(tiny_dir), base_model=str(tiny_dir), device="cpu",
+    base = str(tiny_dir) if model else None  # a single-file transformer's other components
+    pipeline, _, _, runtime, _ = load_pipeline(model or str(tiny_dir), base_model=base, device="cpu",
                                             options=options or Options())
     inference = FluxInference(pipeline, runtime=runtime)
     return inference, inference.infer(prompt, seed=seed, randomize_seed=False, **{**SMALL, **size})
