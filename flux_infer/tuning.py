@@ -403,7 +403,7 @@ class Runtime:
         pipe.vae.enable_slicing()
         self._place(placement)
         if options.attention:
-            self._set_attention(options.attention)
+            self._set_attention(options.attention, placement)
         if options.cache is not None:
             self._hook_cache()
         if options.compile:
@@ -462,17 +462,30 @@ class Runtime:
         else:
             pipe.to(placement.device)
 
-    def _set_attention(self, backend: str) -> None:
-        from diffusers.models.attention_dispatch import AttentionBackendName
+    def _set_attention(self, backend: str, placement) -> None:
+        """diffusers' attention backend, tried once on the device and in the dtype the images will
+        use: a backend that is installed but cannot run there (cuDNN's on a CPU, or in float32)
+        fails now, with what to do, rather than at every request."""
+        import torch
+        from diffusers import attention_backend
+        from diffusers.models.attention_dispatch import AttentionBackendName, dispatch_attention_fn
 
         names = [b.value for b in AttentionBackendName]
         if backend not in names:
             raise OptionError(f"--attention must be one of {', '.join(n for n in names if not n.startswith('_'))}, "
                               f"got {backend!r}")
+        transformer = self.pipeline.transformer
+        where = f"{placement.device} in {str(placement.dtype).removeprefix('torch.')}"
+        heads, width = transformer.config.num_attention_heads, transformer.config.attention_head_dim
         try:
-            self.pipeline.transformer.set_attention_backend(backend)
+            # diffusers' context manager checks the backend's package and puts the process-wide
+            # active backend back afterwards (set_attention_backend sets it for good).
+            with attention_backend(backend), torch.no_grad():
+                probe = torch.randn(1, 64, heads, width, device=placement.device, dtype=placement.dtype)
+                dispatch_attention_fn(probe, probe, probe)
+            transformer.set_attention_backend(backend)
         except (RuntimeError, ImportError, ValueError) as err:
-            raise OptionError(f"attention backend {backend} cannot run here: {str(err).splitlines()[0]} "
+            raise OptionError(f"attention backend {backend} cannot run on {where}: {str(err).splitlines()[0]} "
                               "(leave --attention out for torch's own SDPA)") from None
 
     def _enable_cache(self, steps: int) -> None:

@@ -206,8 +206,15 @@ def test_compile_with_a_cache_counts_skips_without_recompiling(tiny_dir):
 def test_attention_backend_choice(tiny_dir, reference):
     _, result = generate(tiny_dir, Options(attention="native", fuse_qkv=False))
     np.testing.assert_array_equal(pixels(result), pixels(reference))
-    with pytest.raises(OptionError, match="attention backend flash cannot run here: .*leave --attention out"):
+    with pytest.raises(OptionError, match="attention backend flash cannot run on cpu in float32: .*flash-attn"):
         generate(tiny_dir, Options(attention="flash"))
+    # Installed (it is torch's) but not for a CPU: refused at start-up, not at every request.
+    with pytest.raises(OptionError, match="attention backend _native_cudnn cannot run on cpu in float32: "
+                                          ".*leave --attention out"):
+        generate(tiny_dir, Options(attention="_native_cudnn"))
+    # ...and the refusal leaves the process's attention as it was (diffusers keeps a process-wide one).
+    _, result = generate(tiny_dir, Options(fuse_qkv=False))
+    np.testing.assert_array_equal(pixels(result), pixels(reference))
     with pytest.raises(OptionError, match="--attention must be one of .*native.*got 'fastest'"):
         generate(tiny_dir, Options(attention="fastest"))
 
