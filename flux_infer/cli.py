@@ -248,10 +248,11 @@ def _serve(args) -> int:
         raise ValueError(f"--preview-every must be at least 1, got {args.preview_every}")
     if args.keep_outputs <= 0:
         raise ValueError(f"--keep-outputs must be more than 0 seconds, got {args.keep_outputs:g}")
-    from flux_infer.server import ServerConfig, parse_auth, serve
+    from flux_infer.server import ServerConfig, claim_address, parse_auth, serve
     from flux_infer.service import Service
     from flux_infer.web import build_demo
 
+    sock = claim_address(args.host, args.port)  # before the slow load: a port in use is said at once
     config = ServerConfig(host=args.host, port=args.port, auth=parse_auth(args.auth) if args.auth else None,
                           api_key=args.api_key, mcp=args.mcp, keep_outputs=args.keep_outputs,
                           model_aliases=tuple(args.model_alias))
@@ -276,7 +277,7 @@ def _serve(args) -> int:
                       concurrency=concurrency,
                       loras=args.lora_folder.library() if args.lora_folder is not None else None)
     demo = build_demo(service, image_format=args.image_format)
-    serve(service, demo, config)
+    serve(service, demo, config, sock)
     return 0
 
 

@@ -8,8 +8,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import ipaddress
 import logging
+import socket
 import time
 from dataclasses import dataclass
 
@@ -215,6 +217,38 @@ class _QuietStreamClose(logging.Filter):
         return "timeout graceful shutdown exceeded" not in record.getMessage()
 
 
+def claim_address(host: str, port: int) -> socket.socket:
+    """The server's socket, bound before the model loads (uvicorn starts listening on it once the
+    model is ready; until then connections are refused, as if nothing were there). A port in use or
+    an address this machine does not have is said at once, not after the minutes a load can take.
+    Port 0 takes any free port (the log says which)."""
+    if not 0 <= port <= 65535:
+        raise ValueError(f"--port must be between 1 and 65535 (or 0: any free port), got {port}")
+    try:
+        family, kind, proto, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM,
+                                                             flags=socket.AI_PASSIVE)[0]
+    except socket.gaierror as err:
+        raise ValueError(f"--host {host} is not a name or address this machine can resolve ({err.strerror}): "
+                         f"use 127.0.0.1 (this machine only) or 0.0.0.0 (every network)") from None
+    sock = socket.socket(family, kind, proto)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn: a restart reuses the port at once
+    try:
+        sock.bind(address)
+    except OSError as err:
+        sock.close()
+        if err.errno == errno.EADDRINUSE:
+            raise ValueError(f"port {port} on {host} is in use (another server, or an earlier flux-infer still "
+                             "running): stop it, or pick another --port") from None
+        if err.errno == errno.EADDRNOTAVAIL:
+            raise ValueError(f"--host {host} is not an address of this machine: use 127.0.0.1 (this machine "
+                             "only), 0.0.0.0 (every network) or one of its own addresses") from None
+        if err.errno == errno.EACCES:
+            raise ValueError(f"port {port} needs administrator rights here: pick one above 1023 "
+                             f"(the default is {settings.DEFAULT_PORT})") from None
+        raise ValueError(f"cannot listen on {host}:{port}: {err.strerror or err}") from None
+    return sock
+
+
 def exposure_warnings(config: ServerConfig) -> list[str]:
     """What is open to the network when binding beyond this machine."""
     if is_loopback(config.host):
@@ -229,8 +263,9 @@ def exposure_warnings(config: ServerConfig) -> list[str]:
     return warnings
 
 
-def serve(service, demo, config: ServerConfig) -> None:
-    """Build the app and serve it with uvicorn until interrupted."""
+def serve(service, demo, config: ServerConfig, sock: socket.socket | None = None) -> None:
+    """Build the app and serve it with uvicorn until interrupted, on `sock` (from `claim_address`,
+    bound early) or on a socket bound now to the config's address."""
     import uvicorn
 
     class Server(uvicorn.Server):
@@ -272,9 +307,11 @@ def serve(service, demo, config: ServerConfig) -> None:
     for warning in exposure_warnings(config):
         log.warning(warning)
     logging.getLogger("uvicorn.error").addFilter(_QuietStreamClose())
+    sock = sock or claim_address(config.host, config.port)
     app = build_app(service, demo, config)
-    log.info("serving on http://%s:%d (page and /infer at /, OpenAI route at /v1%s)", config.host, config.port,
+    port = sock.getsockname()[1]
+    log.info("serving on http://%s:%d (page and /infer at /, OpenAI route at /v1%s)", config.host, port,
              ", MCP at /gradio_api/mcp/" if config.mcp else "")
-    Server(uvicorn.Config(app, host=config.host, port=config.port, log_level="warning",
-                          timeout_graceful_shutdown=5)).run()
+    Server(uvicorn.Config(app, host=config.host, port=port, log_level="warning",
+                          timeout_graceful_shutdown=5)).run(sockets=[sock])
     log.info("stopped")

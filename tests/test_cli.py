@@ -178,3 +178,37 @@ def test_serve_reads_gradio_server_name_and_port(monkeypatch):
     args = _parser().parse_args(["serve"])
     assert (args.host, args.port) == ("0.0.0.0", 9001)
     assert _parser().parse_args(["serve", "--port", "9002"]).port == 9002
+
+
+def test_serve_says_a_port_in_use_or_a_foreign_address_before_loading(monkeypatch, capsys):
+    import socket
+
+    from flux_infer import cli
+    from flux_infer.launcher import free_port
+
+    loads = []
+    monkeypatch.setattr(cli, "_load", lambda *args, **kwargs: loads.append(args))
+    port = free_port()
+    with socket.create_server(("127.0.0.1", port)):  # another server holds the port
+        assert cli.main(["serve", "--model", "tiny", "--port", str(port)]) == 2
+    assert f"port {port} on 127.0.0.1 is in use" in capsys.readouterr().err
+    # 192.0.2.1 is a documentation address (RFC 5737): on no machine's interfaces, and no DNS asked.
+    assert cli.main(["serve", "--model", "tiny", "--host", "192.0.2.1", "--port", str(port)]) == 2
+    assert "--host 192.0.2.1 is not an address of this machine" in capsys.readouterr().err
+    assert cli.main(["serve", "--model", "tiny", "--port", "70000"]) == 2
+    assert "--port must be between 1 and 65535" in capsys.readouterr().err
+    assert loads == []  # each said before any model was loaded
+
+
+def test_the_claimed_port_refuses_connections_until_the_server_listens():
+    import socket
+
+    from flux_infer.server import claim_address
+
+    with claim_address("127.0.0.1", 0) as sock:  # port 0: any free one
+        port = sock.getsockname()[1]
+        assert port > 0
+        with pytest.raises(ConnectionRefusedError):  # loading: nothing answers, as if nothing were there
+            socket.create_connection(("127.0.0.1", port), timeout=5).close()
+        sock.listen()
+        socket.create_connection(("127.0.0.1", port), timeout=5).close()
