@@ -249,10 +249,12 @@ def _serve(args) -> int:
     if args.keep_outputs <= 0:
         raise ValueError(f"--keep-outputs must be more than 0 seconds, got {args.keep_outputs:g}")
     from flux_infer.server import ServerConfig, claim_address, parse_auth, serve
-    from flux_infer.service import Service
+    from flux_infer.service import Service, output_folder
     from flux_infer.web import build_demo
 
-    sock = claim_address(args.host, args.port)  # before the slow load: a port in use is said at once
+    # Before the slow load: an unwritable folder or a port in use is said at once.
+    output_dir = output_folder(args.output_dir) if args.output_dir is not None else None
+    sock = claim_address(args.host, args.port)
     config = ServerConfig(host=args.host, port=args.port, auth=parse_auth(args.auth) if args.auth else None,
                           api_key=args.api_key, mcp=args.mcp, keep_outputs=args.keep_outputs,
                           model_aliases=tuple(args.model_alias))
@@ -273,7 +275,7 @@ def _serve(args) -> int:
             raise ValueError(f"--device {args.device} picks one GPU, and each replica is given a GPU of its "
                              "own: leave the number out (--device cuda)")
         inference, concurrency = start(_spec(args, **preview), cluster), cluster.most_replicas
-    service = Service(inference, max_queue=args.max_queue, output_dir=args.output_dir, log_prompts=args.log_prompts,
+    service = Service(inference, max_queue=args.max_queue, output_dir=output_dir, log_prompts=args.log_prompts,
                       concurrency=concurrency,
                       loras=args.lora_folder.library() if args.lora_folder is not None else None)
     demo = build_demo(service, image_format=args.image_format)

@@ -73,6 +73,21 @@ class Metrics:
         return generate_latest(self.registry), CONTENT_TYPE_LATEST
 
 
+def output_folder(folder: Path) -> Path:
+    """`--output-dir`, made now and found writable, or said with what to do before the model loads."""
+    import tempfile
+
+    folder = Path(folder).expanduser()
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=folder):
+            pass
+    except OSError as err:
+        raise ValueError(f"--output-dir {folder} cannot be written ({err.strerror or err}): point it at a folder "
+                         "you can write to") from None
+    return folder
+
+
 class Service:
     def __init__(self, inference, *, max_queue: int = settings.DEFAULT_MAX_QUEUE,
                  output_dir: Path | None = None, log_prompts: bool = True, concurrency: int = 1, loras=None):
@@ -178,7 +193,11 @@ class Service:
                 self.metrics.replica_images.labels(result.replica).inc()
                 self.metrics.replica_seconds.labels(result.replica).observe(result.seconds)
             if self.output_dir is not None:
-                self.save(result)
+                try:
+                    self.save(result)
+                except OSError as err:  # a full disk, a folder removed: the caller still gets the image
+                    log.error("could not save the image in --output-dir %s (%s); it is still sent to the client",
+                              self.output_dir, err)
             return result
         finally:
             REQUEST_ID.reset(token)

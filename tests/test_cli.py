@@ -180,7 +180,8 @@ def test_serve_reads_gradio_server_name_and_port(monkeypatch):
     assert _parser().parse_args(["serve", "--port", "9002"]).port == 9002
 
 
-def test_serve_says_a_port_in_use_or_a_foreign_address_before_loading(monkeypatch, capsys):
+def test_serve_says_a_port_in_use_a_foreign_address_or_an_unwritable_folder_before_loading(monkeypatch, capsys,
+                                                                                           tmp_path):
     import socket
 
     from flux_infer import cli
@@ -197,6 +198,9 @@ def test_serve_says_a_port_in_use_or_a_foreign_address_before_loading(monkeypatc
     assert "--host 192.0.2.1 is not an address of this machine" in capsys.readouterr().err
     assert cli.main(["serve", "--model", "tiny", "--port", "70000"]) == 2
     assert "--port must be between 1 and 65535" in capsys.readouterr().err
+    (tmp_path / "a-file").write_text("")
+    assert cli.main(["serve", "--model", "tiny", "--output-dir", str(tmp_path / "a-file" / "out")]) == 2
+    assert f"--output-dir {tmp_path / 'a-file' / 'out'} cannot be written" in capsys.readouterr().err
     assert loads == []  # each said before any model was loaded
 
 

@@ -88,6 +88,25 @@ def test_no_log_prompts_keeps_prompts_out_of_the_log(caplog):
     assert service.metrics.requests.labels("test", "ok")._value.get() == 1
 
 
+def test_an_image_that_cannot_be_saved_still_reaches_the_caller(tmp_path, caplog):
+    from flux_infer.inference import FluxInference, build_request
+    from flux_infer.service import Service
+
+    folder = tmp_path / "outputs"
+    service = Service(FluxInference(FailsOnExplode()), output_dir=folder)
+    request = build_request("fine", seed=1, randomize_seed=False, width=256, height=256)
+    service.run(request, route="test")
+    assert len(list(folder.glob("*.png"))) == 1
+    for saved in folder.iterdir():
+        saved.unlink()
+    folder.rmdir()
+    folder.write_text("a file where the folder was")  # --output-dir gone (a full disk fails the same way)
+    result = service.run(request, route="test")
+    assert result.image.size == (256, 256) and result.seed == 1
+    assert "could not save the image in --output-dir" in caplog.text
+    assert service.metrics.requests.labels("test", "ok")._value.get() == 2
+
+
 def test_the_gallery_keeps_the_newest_first_and_drops_deleted_files(tmp_path):
     from flux_infer import settings
     from flux_infer.web import remember
