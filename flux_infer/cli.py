@@ -248,6 +248,8 @@ def _serve(args) -> int:
         raise ValueError(f"--preview-every must be at least 1, got {args.preview_every}")
     if args.keep_outputs <= 0:
         raise ValueError(f"--keep-outputs must be more than 0 seconds, got {args.keep_outputs:g}")
+    if any(not alias.strip() for alias in args.model_alias):
+        raise ValueError("--model-alias needs a name, such as dall-e-3")
     from flux_infer.server import ServerConfig, claim_address, parse_auth, serve
     from flux_infer.service import Service, output_folder
     from flux_infer.web import build_demo
@@ -255,11 +257,13 @@ def _serve(args) -> int:
     # Before the slow load: an unwritable folder or a port in use is said at once.
     output_dir = output_folder(args.output_dir) if args.output_dir is not None else None
     sock = claim_address(args.host, args.port)
+    # An empty $FLUX_AUTH or $FLUX_API_KEY (an unset variable passed through) means none, as unset.
     config = ServerConfig(host=args.host, port=args.port, auth=parse_auth(args.auth) if args.auth else None,
-                          api_key=args.api_key, mcp=args.mcp, keep_outputs=args.keep_outputs,
+                          api_key=args.api_key or None, mcp=args.mcp, keep_outputs=args.keep_outputs,
                           model_aliases=tuple(args.model_alias))
     preview = dict(preview=args.preview, preview_every=args.preview_every, taef1=args.taef1)
-    if args.replicas is None and args.min_replicas is None and args.max_replicas is None and args.ray_address is None:
+    cluster_flags = (args.replicas, args.min_replicas, args.max_replicas, args.upscale_delay, args.ray_address)
+    if all(flag is None for flag in cluster_flags):
         inference, concurrency = _load(args, **preview), 1
     else:
         from flux_infer.cluster import ClusterConfig, start

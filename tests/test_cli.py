@@ -201,6 +201,10 @@ def test_serve_says_a_port_in_use_a_foreign_address_or_an_unwritable_folder_befo
     (tmp_path / "a-file").write_text("")
     assert cli.main(["serve", "--model", "tiny", "--output-dir", str(tmp_path / "a-file" / "out")]) == 2
     assert f"--output-dir {tmp_path / 'a-file' / 'out'} cannot be written" in capsys.readouterr().err
+    assert cli.main(["serve", "--model", "tiny", "--model-alias", ""]) == 2
+    assert "--model-alias needs a name" in capsys.readouterr().err
+    assert cli.main(["serve", "--model", "tiny", "--upscale-delay", "5"]) == 2  # not ignored without autoscaling
+    assert "--upscale-delay applies when autoscaling" in capsys.readouterr().err
     assert loads == []  # each said before any model was loaded
 
 
@@ -216,3 +220,21 @@ def test_the_claimed_port_refuses_connections_until_the_server_listens():
             socket.create_connection(("127.0.0.1", port), timeout=5).close()
         sock.listen()
         socket.create_connection(("127.0.0.1", port), timeout=5).close()
+
+
+def test_an_empty_api_key_or_auth_variable_means_none(monkeypatch):
+    """`FLUX_API_KEY=` (a variable passed through unset) leaves /v1 open, as unset, rather than
+    demanding an empty Bearer token; the same for FLUX_AUTH."""
+    from flux_infer import cli, server, web
+
+    served = []
+    monkeypatch.setenv("FLUX_API_KEY", "")
+    monkeypatch.setenv("FLUX_AUTH", "")
+    monkeypatch.setattr(cli, "_load", lambda *args, **kwargs: object())
+    monkeypatch.setattr(web, "build_demo", lambda service, **kwargs: None)
+    monkeypatch.setattr(server, "serve", lambda service, demo, config, sock: served.append(config) or sock.close())
+    assert cli.main(["serve", "--model", "tiny", "--port", "0"]) == 0
+    assert (served[0].api_key, served[0].auth) == (None, None)
+    monkeypatch.setenv("FLUX_API_KEY", "sk-local")
+    assert cli.main(["serve", "--model", "tiny", "--port", "0"]) == 0
+    assert served[1].api_key == "sk-local"
