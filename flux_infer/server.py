@@ -224,18 +224,16 @@ def claim_address(host: str, port: int) -> socket.socket:
     Port 0 takes any free port (the log says which)."""
     if not 0 <= port <= 65535:
         raise ValueError(f"--port must be between 1 and 65535 (or 0: any free port), got {port}")
-    try:
-        family, kind, proto, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM,
-                                                             flags=socket.AI_PASSIVE)[0]
-    except socket.gaierror as err:
-        raise ValueError(f"--host {host} is not a name or address this machine can resolve ({err.strerror}): "
-                         f"use 127.0.0.1 (this machine only) or 0.0.0.0 (every network)") from None
-    sock = socket.socket(family, kind, proto)
+    # The family as uvicorn picks it (a name such as localhost binds its IPv4 address).
+    sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn: a restart reuses the port at once
     try:
-        sock.bind(address)
+        sock.bind((host, port))
     except OSError as err:
         sock.close()
+        if isinstance(err, socket.gaierror):
+            raise ValueError(f"--host {host} is not a name or address this machine can resolve ({err.strerror}): "
+                             "use 127.0.0.1 (this machine only) or 0.0.0.0 (every network)") from None
         if err.errno == errno.EADDRINUSE:
             raise ValueError(f"port {port} on {host} is in use (another server, or an earlier flux-infer still "
                              "running): stop it, or pick another --port") from None
@@ -310,7 +308,8 @@ def serve(service, demo, config: ServerConfig, sock: socket.socket | None = None
     sock = sock or claim_address(config.host, config.port)
     app = build_app(service, demo, config)
     port = sock.getsockname()[1]
-    log.info("serving on http://%s:%d (page and /infer at /, OpenAI route at /v1%s)", config.host, port,
+    log.info("serving on http://%s:%d (page and /infer at /, OpenAI route at /v1%s)",
+             f"[{config.host}]" if ":" in config.host else config.host, port,
              ", MCP at /gradio_api/mcp/" if config.mcp else "")
     Server(uvicorn.Config(app, host=config.host, port=port, log_level="warning",
                           timeout_graceful_shutdown=5)).run(sockets=[sock])
