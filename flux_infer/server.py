@@ -261,9 +261,9 @@ def exposure_warnings(config: ServerConfig) -> list[str]:
     return warnings
 
 
-def serve(service, demo, config: ServerConfig, sock: socket.socket | None = None) -> None:
+def serve(service, demo, config: ServerConfig, sock: socket.socket) -> None:
     """Build the app and serve it with uvicorn until interrupted, on `sock` (from `claim_address`,
-    bound early) or on a socket bound now to the config's address."""
+    bound before the model loaded)."""
     import uvicorn
 
     class Server(uvicorn.Server):
@@ -305,7 +305,6 @@ def serve(service, demo, config: ServerConfig, sock: socket.socket | None = None
     for warning in exposure_warnings(config):
         log.warning(warning)
     logging.getLogger("uvicorn.error").addFilter(_QuietStreamClose())
-    sock = sock or claim_address(config.host, config.port)
     app = build_app(service, demo, config)
     port = sock.getsockname()[1]
     log.info("serving on http://%s:%d (page and /infer at /, OpenAI route at /v1%s)",
