@@ -20,8 +20,7 @@ fields the API does not have. Extensions in the body: `seed`, `guidance_scale`, 
 carries the seed of each image. The API key is a dependency of every route.
 """
 
-# No `from __future__ import annotations`: FastAPI reads the route functions' annotations, and
-# `Request` is imported inside router(), where only evaluated annotations can see it.
+# No `from __future__ import annotations`: FastAPI reads the handlers' annotations (`Request`).
 
 import asyncio
 import base64
@@ -39,6 +38,7 @@ from typing import Any, Literal
 
 from pydantic import (BaseModel, ConfigDict, StrictBool, StrictInt, StrictStr, ValidationError, ValidationInfo,
                       field_validator, model_validator)
+from starlette.requests import Request
 
 from flux_infer import settings
 from flux_infer.images import MIME_TYPES, encode
@@ -348,8 +348,6 @@ def _request_id(request):
 
 def bearer_key(api_key: str | None):
     """A FastAPI dependency: the request's `Authorization: Bearer` must carry `api_key` (when set)."""
-    from fastapi import Request
-
     def check(request: Request) -> None:
         if api_key is None:
             return
@@ -390,90 +388,93 @@ def _encode(results, body: ImageRequest, files: ImageFiles) -> list[dict]:
     return data
 
 
-def router(service: Service, *, api_key: str | None = None, files: ImageFiles | None = None,
-           aliases: tuple[str, ...] = ()):
-    """`/v1`'s routes. Their ApiErrors need `api_error_handler` on the app (server.build_app).
-    `aliases`: more names clients may give as `model` (`--model-alias`)."""
-    from fastapi import APIRouter, Depends, Request
-    from fastapi.responses import FileResponse, JSONResponse
-    from starlette.concurrency import run_in_threadpool
+class ImagesApi:
+    """`/v1`'s handlers over one Service, a method per route (`router()` registers them): each door
+    parses its body into an ImageRequest and its generation requests, then `answer()` admits them to
+    the service's line, generates and encodes them, and replies in OpenAI's shape. Their ApiErrors
+    need `api_error_handler` on the app (server.build_app). `aliases`: more names clients may give as
+    `model` (`--model-alias`)."""
 
-    files = files or ImageFiles()
-    served = tuple(dict.fromkeys((*MODEL_IDS, *aliases)))
-    routes = APIRouter(dependencies=[Depends(bearer_key(api_key))])
+    def __init__(self, service: Service, *, files: ImageFiles | None = None, aliases: tuple[str, ...] = ()):
+        self.service = service
+        self.files = files or ImageFiles()
+        self.served = tuple(dict.fromkeys((*MODEL_IDS, *aliases)))
 
-    @routes.get("/v1/models")
-    async def models():
+    async def models(self):
         created = 1722470400  # FLUX.1-dev's release, 2024-08-01
         return {"object": "list", "data": [{"id": name, "object": "model", "created": created,
-                                            "owned_by": "black-forest-labs"} for name in served]}
+                                            "owned_by": "black-forest-labs"} for name in self.served]}
 
-    @routes.get("/v1/loras")
-    async def loras():
+    async def loras(self):
         """The LoRAs a request may name in `loras`, with their rank and the layers they touch."""
-        library = service.loras
+        from starlette.concurrency import run_in_threadpool
+
+        library = self.service.loras
         if library is None:
             return {"object": "list", "data": [], "lora_dir": None}
         listed = await run_in_threadpool(library.describe)  # reads file headers
         return {"object": "list", "data": listed, "lora_dir": str(library.folder)}
 
-    @routes.post("/v1/images/generations")
-    async def generations(request: Request):
+    async def generations(self, request: Request):
         with _request_id(request) as request_id:
-            return await generate_images(request, request_id)
+            try:
+                body = parse_body(await request.body(), self.served)
+                generation_requests = body.generation_requests(self.service)
+            except ApiError:
+                self.service.count_rejected("openai", "invalid")
+                raise
+            return await self.answer(request, request_id, body, generation_requests)
 
-    async def generate_images(request: Request, request_id: str):
-        try:
-            body = parse_body(await request.body(), served)
-            generation_requests = body.generation_requests(service)
-        except ApiError:
-            service.count_rejected("openai", "invalid")
-            raise
-        return await serve(request, request_id, body, generation_requests)
-
-    @routes.post("/v1/images/edits")
-    async def edits(request: Request):
+    async def edits(self, request: Request):
         with _request_id(request) as request_id:
-            return await edit_images(request, request_id)
+            try:
+                body, image, mask = await self.read_edit(request)
+                generation_requests = body.edit_requests(self.service, image, mask)
+            except ApiError:
+                self.service.count_rejected("openai", "invalid")
+                raise
+            return await self.answer(request, request_id, body, generation_requests)
 
-    async def edit_images(request: Request, request_id: str):
+    async def read_edit(self, request: Request):
+        """An edit's multipart body as (EditRequest, image, mask), the files bounded and decoded off
+        the event loop; ApiError(400) naming what is wrong."""
+        from starlette.concurrency import run_in_threadpool
         from starlette.datastructures import UploadFile
 
         try:
-            try:
-                form = await request.form(max_files=2, max_fields=64)
-            except Exception as err:  # starlette's MultiPartException, a body that is not a form
-                raise ApiError(400, f"the body must be multipart/form-data with an `image` file and a `prompt` "
-                               f"({str(err)[:200] or type(err).__name__})") from None
-            try:
-                uploads = {key: value for key, value in form.multi_items() if isinstance(value, UploadFile)}
-                fields = {key: value for key, value in form.multi_items() if not isinstance(value, UploadFile)}
-                unknown_files = set(uploads) - {"image", "image[]", "mask"}
-                if unknown_files:
-                    raise ApiError(400, f"unexpected file field(s) {', '.join(sorted(unknown_files))}: send `image` "
-                                   "and optionally `mask`", param=sorted(unknown_files)[0])
-                image_file = uploads.get("image") or uploads.get("image[]")
-                if image_file is None:
-                    raise ApiError(400, "`image` is required: the picture to edit, as a PNG, JPEG or WebP file",
-                                   param="image")
-                body = parse_form(fields, served)
-                image_bytes = await image_file.read(settings.MAX_UPLOAD_BYTES + 1)
-                mask_bytes = await uploads["mask"].read(settings.MAX_UPLOAD_BYTES + 1) if "mask" in uploads else None
-            finally:
-                await form.close()
-            try:
-                image, mask = await run_in_threadpool(_read_uploads, image_bytes, mask_bytes)
-            except InvalidRequest as err:
-                raise ApiError(400, str(err), param=str(err).split(" ", 1)[0]) from None
-            generation_requests = body.edit_requests(service, image, mask)
-        except ApiError:
-            service.count_rejected("openai", "invalid")
-            raise
-        return await serve(request, request_id, body, generation_requests)
+            form = await request.form(max_files=2, max_fields=64)
+        except Exception as err:  # starlette's MultiPartException, a body that is not a form
+            raise ApiError(400, f"the body must be multipart/form-data with an `image` file and a `prompt` "
+                           f"({str(err)[:200] or type(err).__name__})") from None
+        try:
+            uploads = {key: value for key, value in form.multi_items() if isinstance(value, UploadFile)}
+            fields = {key: value for key, value in form.multi_items() if not isinstance(value, UploadFile)}
+            unknown_files = set(uploads) - {"image", "image[]", "mask"}
+            if unknown_files:
+                raise ApiError(400, f"unexpected file field(s) {', '.join(sorted(unknown_files))}: send `image` "
+                               "and optionally `mask`", param=sorted(unknown_files)[0])
+            image_file = uploads.get("image") or uploads.get("image[]")
+            if image_file is None:
+                raise ApiError(400, "`image` is required: the picture to edit, as a PNG, JPEG or WebP file",
+                               param="image")
+            body = parse_form(fields, self.served)
+            image_bytes = await image_file.read(settings.MAX_UPLOAD_BYTES + 1)
+            mask_bytes = await uploads["mask"].read(settings.MAX_UPLOAD_BYTES + 1) if "mask" in uploads else None
+        finally:
+            await form.close()
+        try:
+            image, mask = await run_in_threadpool(_read_uploads, image_bytes, mask_bytes)
+        except InvalidRequest as err:
+            raise ApiError(400, str(err), param=str(err).split(" ", 1)[0]) from None
+        return body, image, mask
 
-    async def serve(request: Request, request_id: str, body: ImageRequest, generation_requests: list):
+    async def answer(self, request: Request, request_id: str, body: ImageRequest, generation_requests: list):
         """Admit the request's images, wait their turn (or leave the line if the caller hangs up),
         generate them one after the other in one slot, and answer in OpenAI's shape."""
+        from fastapi.responses import JSONResponse
+        from starlette.concurrency import run_in_threadpool
+
+        service = self.service
         if ignored := body.without_effect():
             log.info("accepted without effect on the image: %s",
                      ", ".join(f"{name}={value!r}" for name, value in ignored.items()))
@@ -498,7 +499,7 @@ def router(service: Service, *, api_key: str | None = None, files: ImageFiles | 
                         for generation in generation_requests]
 
             results = await run_in_threadpool(generate_all)
-            data = await run_in_threadpool(_encode, results, body, files)
+            data = await run_in_threadpool(_encode, results, body, self.files)
         except GenerationCancelled as err:
             log.info("the caller closed the connection: %s", err)
             raise ApiError(499, "the client closed the request", kind="server_error") from None
@@ -524,12 +525,26 @@ def router(service: Service, *, api_key: str | None = None, files: ImageFiles | 
                              "size": f"{made.width}x{made.height}", "background": "opaque"},
                             headers={"x-request-id": request_id})
 
-    @routes.get("/v1/files/{name}", name="image_file")
-    async def image_file(name: str):
-        path = files.path(name)
+    async def image_file(self, name: str):
+        from fastapi.responses import FileResponse
+
+        path = self.files.path(name)
         if path is None:
-            raise ApiError(404, f"no image {name!r} here (they are kept for {files.keep_seconds:g} s)",
+            raise ApiError(404, f"no image {name!r} here (they are kept for {self.files.keep_seconds:g} s)",
                            code="not_found")
         return FileResponse(path, media_type=MIME_TYPES[path.suffix.lstrip(".")])
 
+
+def router(service: Service, *, api_key: str | None = None, files: ImageFiles | None = None,
+           aliases: tuple[str, ...] = ()):
+    """`/v1`'s routes: ImagesApi's handlers behind the API key (`bearer_key`)."""
+    from fastapi import APIRouter, Depends
+
+    api = ImagesApi(service, files=files, aliases=aliases)
+    routes = APIRouter(dependencies=[Depends(bearer_key(api_key))])
+    routes.add_api_route("/v1/models", api.models, methods=["GET"])
+    routes.add_api_route("/v1/loras", api.loras, methods=["GET"])
+    routes.add_api_route("/v1/images/generations", api.generations, methods=["POST"])
+    routes.add_api_route("/v1/images/edits", api.edits, methods=["POST"])
+    routes.add_api_route("/v1/files/{name}", api.image_file, methods=["GET"], name="image_file")
     return routes
