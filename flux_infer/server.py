@@ -1,7 +1,9 @@
 """One process, one port: the Gradio page and API, the OpenAI route, MCP and the ops routes.
 
-A FastAPI app holds `/healthz`, `/readyz`, `/metrics` and `/v1/...`; the Gradio Blocks are mounted
-at `/` beside them (with `--auth` and `--mcp` when asked), and uvicorn serves the lot.
+A FastAPI app holds `/healthz`, `/readyz`, `/metrics` (OpsRoutes) and `/v1/...` (openai_api); the
+Gradio Blocks are mounted at `/` beside them (with `--auth` and `--mcp` when asked), Housekeeping
+runs beside them, and uvicorn serves the lot, draining on a signal (DrainingServer). Imported only
+to serve: it imports uvicorn.
 """
 
 from __future__ import annotations
@@ -14,6 +16,8 @@ import logging
 import socket
 import time
 from dataclasses import dataclass
+
+import uvicorn
 
 from flux_infer import gradio_internals, settings
 
@@ -120,13 +124,78 @@ def is_loopback(host: str) -> bool:
         return False
 
 
+class Housekeeping:
+    """What runs beside the server for its whole life (the app's lifespan): the served images'
+    temporary files (Gradio's and /v1's) are deleted once older than `keep_seconds`, looked for every
+    so often and all deleted at the end; and MCP's session manager, when MCP is on."""
+
+    def __init__(self, demo, files, keep_seconds: float, mcp=None):
+        self.demo, self.files, self.keep_seconds, self.mcp = demo, files, keep_seconds, mcp
+
+    def sweep(self, age: float | None) -> None:
+        """Delete the temporary images older than `age` seconds (None: all of them)."""
+        from flux_infer import web
+
+        deleted = web.sweep_files(self.demo, age) + self.files.sweep(age)
+        if deleted:
+            log.debug("deleted %d temporary image files", deleted)
+
+    async def sweep_forever(self, every: float) -> None:
+        while True:
+            await asyncio.sleep(every)
+            try:
+                await asyncio.to_thread(self.sweep, self.keep_seconds)
+            except Exception as err:  # a full or read-only disk, anything: say so, try again next time
+                log.warning("could not delete old temporary images (will try again): %s: %s",
+                            type(err).__name__, err)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(self, app):
+        task = asyncio.create_task(self.sweep_forever(min(max(self.keep_seconds, 1.0), SWEEP_EVERY_S)))
+        try:
+            async with self.mcp.session_manager.run() if self.mcp else contextlib.nullcontext():
+                yield
+        finally:
+            task.cancel()
+            self.sweep(None)
+
+
+class OpsRoutes:
+    """`/healthz` (the process answers), `/readyz` (it takes work: 503 while closing) and `/metrics`
+    (Prometheus), over one Service."""
+
+    def __init__(self, service):
+        self.service = service
+
+    async def healthz(self):
+        return {"status": "ok"}
+
+    async def readyz(self):
+        from fastapi.responses import JSONResponse
+
+        service = self.service
+        body = {"ready": service.ready, "model_loaded": True, "queue_depth": service.queue_depth(),
+                "running": service.scheduler.running, "max_queue": service.max_queue}
+        return JSONResponse(body, status_code=200 if service.ready else 503)
+
+    async def metrics(self):
+        from fastapi.responses import Response
+
+        payload, content_type = self.service.metrics.render()
+        return Response(payload, media_type=content_type)
+
+    def register(self, app) -> None:
+        app.add_api_route("/healthz", self.healthz, methods=["GET"])
+        app.add_api_route("/readyz", self.readyz, methods=["GET"])
+        app.add_api_route("/metrics", self.metrics, methods=["GET"])
+
+
 def build_app(service, demo, config: ServerConfig):
     """The FastAPI app with every route; `demo` is queued and mounted at `/`."""
     import gradio as gr
     from fastapi import FastAPI
-    from fastapi.responses import JSONResponse, Response
 
-    from flux_infer import openai_api, web
+    from flux_infer import openai_api
 
     files = openai_api.ImageFiles(keep_seconds=config.keep_outputs)
     mcp = None
@@ -134,50 +203,11 @@ def build_app(service, demo, config: ServerConfig):
         from flux_infer.mcp_tool import build_mcp
 
         mcp = build_mcp(service, host=config.host)
+    housekeeping = Housekeeping(demo, files, config.keep_outputs, mcp)
 
-    def sweep(age):
-        deleted = web.sweep_files(demo, age) + files.sweep(age)
-        if deleted:
-            log.debug("deleted %d temporary image files", deleted)
-
-    @contextlib.asynccontextmanager
-    async def lifespan(app):
-        """Every so often delete the images made more than --keep-outputs seconds ago; all at the end."""
-        async def sweep_forever(every):
-            while True:
-                await asyncio.sleep(every)
-                try:
-                    await asyncio.to_thread(sweep, config.keep_outputs)
-                except Exception as err:  # a full or read-only disk, anything: say so, try again next time
-                    log.warning("could not delete old temporary images (will try again): %s: %s",
-                                type(err).__name__, err)
-
-        task = asyncio.create_task(sweep_forever(min(max(config.keep_outputs, 1.0), SWEEP_EVERY_S)))
-        try:
-            async with mcp.session_manager.run() if mcp else contextlib.nullcontext():
-                yield
-        finally:
-            task.cancel()
-            sweep(None)
-
-    app = FastAPI(title="flux-infer", docs_url=None, redoc_url=None, openapi_url=None, lifespan=lifespan)
-
-    @app.get("/healthz")
-    async def healthz():
-        return {"status": "ok"}
-
-    @app.get("/readyz")
-    async def readyz():
-        ready = service.ready
-        body = {"ready": ready, "model_loaded": True, "queue_depth": service.queue_depth(),
-                "running": service.scheduler.running, "max_queue": service.max_queue}
-        return JSONResponse(body, status_code=200 if ready else 503)
-
-    @app.get("/metrics")
-    async def metrics():
-        payload, content_type = service.metrics.render()
-        return Response(payload, media_type=content_type)
-
+    app = FastAPI(title="flux-infer", docs_url=None, redoc_url=None, openapi_url=None,
+                  lifespan=housekeeping.lifespan)
+    OpsRoutes(service).register(app)
     app.include_router(openai_api.router(service, api_key=config.api_key, files=files,
                                          aliases=config.model_aliases))
     app.add_exception_handler(openai_api.ApiError, openai_api.api_error_handler)
@@ -261,47 +291,53 @@ def exposure_warnings(config: ServerConfig) -> list[str]:
     return warnings
 
 
+class DrainingServer(uvicorn.Server):
+    """uvicorn, draining on SIGTERM/SIGINT instead of closing the door on work in flight.
+
+    The first signal closes the line (new requests at every door are refused as "shutting down",
+    /readyz answers 503); every request already admitted, running or waiting, whatever its door, is
+    still served, for up to DRAIN_SECONDS; then up to DOWNLOAD_GRACE_S after the last generation ended
+    for clients to fetch their images, the page and gradio_client heartbeat streams are ended, and
+    uvicorn stops; the process exits with 0. A second signal stops at once, as does the first one
+    before the service is ready.
+    """
+
+    def __init__(self, config: uvicorn.Config, service):
+        super().__init__(config)
+        self.service = service
+        self.draining = None
+
+    async def startup(self, sockets=None):
+        self.loop = asyncio.get_running_loop()
+        await super().startup(sockets)
+
+    def handle_exit(self, sig, frame):
+        if not self.service.ready:
+            self.should_exit = self.force_exit = True
+            return
+        self.service.close()
+        log.info("shutting down: draining %d running and %d waiting (a second signal stops now)",
+                 self.service.scheduler.running, self.service.scheduler.waiting)
+        self.loop.call_soon_threadsafe(self._start_drain)
+
+    def _start_drain(self):
+        self.draining = self.loop.create_task(self.drain())  # held: the loop keeps tasks only weakly
+
+    async def drain(self):
+        scheduler = self.service.scheduler
+        with contextlib.suppress(asyncio.TimeoutError):  # what is still running then is cut off
+            await asyncio.wait_for(scheduler.drained(), DRAIN_SECONDS)
+        # A client told its image is ready a moment ago may not have asked for the file yet.
+        if scheduler.last_finished is not None:
+            await asyncio.sleep(max(0.0, scheduler.last_finished + DOWNLOAD_GRACE_S - time.monotonic()))
+        # Pages and gradio_clients keep a heartbeat stream open; uvicorn would wait for them.
+        gradio_internals.end_streams(self.config.app)
+        self.should_exit = True
+
+
 def serve(service, demo, config: ServerConfig, sock: socket.socket) -> None:
     """Build the app and serve it with uvicorn until interrupted, on `sock` (from `claim_address`,
     bound before the model loaded)."""
-    import uvicorn
-
-    class Server(uvicorn.Server):
-        """uvicorn, draining on SIGTERM/SIGINT instead of closing the door on work in flight.
-
-        The first signal closes the line (new requests at every door are refused as "shutting
-        down", /readyz answers 503); every request already admitted, running or waiting, whatever
-        its door, is still served, for up to DRAIN_SECONDS; then up to DOWNLOAD_GRACE_S after the last
-        generation ended for clients to fetch their images, the page and gradio_client heartbeat
-        streams are ended, and uvicorn stops; the process exits with 0. A second signal stops at once.
-        """
-
-        async def startup(self, sockets=None):
-            self.loop = asyncio.get_running_loop()
-            await super().startup(sockets)
-
-        def handle_exit(self, sig, frame):
-            if not service.ready:
-                self.should_exit = self.force_exit = True
-                return
-            service.close()
-            log.info("shutting down: draining %d running and %d waiting (a second signal stops now)",
-                     service.scheduler.running, service.scheduler.waiting)
-            self.loop.call_soon_threadsafe(self._start_drain)
-
-        def _start_drain(self):
-            self.draining = self.loop.create_task(self._drain())  # held: the loop keeps tasks only weakly
-
-        async def _drain(self):
-            with contextlib.suppress(asyncio.TimeoutError):  # what is still running then is cut off
-                await asyncio.wait_for(service.scheduler.drained(), DRAIN_SECONDS)
-            # A client told its image is ready a moment ago may not have asked for the file yet.
-            if service.scheduler.last_finished is not None:
-                await asyncio.sleep(max(0.0, service.scheduler.last_finished + DOWNLOAD_GRACE_S - time.monotonic()))
-            # Pages and gradio_clients keep a heartbeat stream open; uvicorn would wait for them.
-            gradio_internals.end_streams(app)
-            self.should_exit = True
-
     for warning in exposure_warnings(config):
         log.warning(warning)
     logging.getLogger("uvicorn.error").addFilter(_QuietStreamClose())
@@ -310,6 +346,6 @@ def serve(service, demo, config: ServerConfig, sock: socket.socket) -> None:
     log.info("serving on http://%s:%d (page and /infer at /, OpenAI route at /v1%s)",
              f"[{config.host}]" if ":" in config.host else config.host, port,
              ", MCP at /gradio_api/mcp/" if config.mcp else "")
-    Server(uvicorn.Config(app, host=config.host, port=port, log_level="warning",
-                          timeout_graceful_shutdown=5)).run(sockets=[sock])
+    DrainingServer(uvicorn.Config(app, host=config.host, port=port, log_level="warning",
+                                  timeout_graceful_shutdown=5), service).run(sockets=[sock])
     log.info("stopped")

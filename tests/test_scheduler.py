@@ -124,3 +124,43 @@ def test_closing_refuses_new_requests_and_serves_every_admitted_one():
 def test_limits_are_checked():
     with pytest.raises(ValueError, match="slots and max_queue must be at least 1"):
         Scheduler(slots=0, max_queue=4)
+
+
+def test_a_signal_closes_the_line_drains_it_then_ends_the_streams_and_a_second_signal_stops_at_once(monkeypatch):
+    import signal
+    from types import SimpleNamespace
+
+    import uvicorn
+    from starlette.applications import Starlette
+    from starlette.routing import Mount
+
+    from flux_infer import server
+    from flux_infer.service import Service
+
+    monkeypatch.setattr(server, "DOWNLOAD_GRACE_S", 0.0)  # no client is fetching a file here
+
+    async def scenario():
+        page = SimpleNamespace(stop_event=asyncio.Event())  # the mounted Gradio app's heartbeat switch
+        service = Service(inference=None, max_queue=4)
+        running = service.admit("gradio")
+        await service.wait_turn(running)
+        waiting = service.admit("openai")
+        uvicorn_server = server.DrainingServer(uvicorn.Config(Starlette(routes=[Mount("/", app=page)])), service)
+        uvicorn_server.loop = asyncio.get_running_loop()
+
+        uvicorn_server.handle_exit(signal.SIGTERM, None)
+        assert not service.ready
+        with pytest.raises(Busy, match="shutting down"):
+            service.admit("mcp")
+        await _settle()
+        for ticket in (running, waiting):  # both admitted before the signal: both are served
+            assert not uvicorn_server.should_exit and not page.stop_event.is_set()
+            await service.wait_turn(ticket)
+            service.done(ticket)
+        await uvicorn_server.draining
+        assert uvicorn_server.should_exit and page.stop_event.is_set() and not uvicorn_server.force_exit
+
+        uvicorn_server.handle_exit(signal.SIGTERM, None)
+        assert uvicorn_server.force_exit
+
+    run(scenario())
