@@ -348,4 +348,5 @@ def serve(service, demo, config: ServerConfig, sock: socket.socket) -> None:
              ", MCP at /gradio_api/mcp/" if config.mcp else "")
     DrainingServer(uvicorn.Config(app, host=config.host, port=port, log_level="warning",
                                   timeout_graceful_shutdown=5), service).run(sockets=[sock])
+    service.saved()  # the last images' --output-dir files
     log.info("stopped")

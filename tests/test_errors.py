@@ -96,6 +96,7 @@ def test_an_image_that_cannot_be_saved_still_reaches_the_caller(tmp_path, caplog
     service = Service(FluxInference(FailsOnExplode()), output_dir=folder)
     request = build_request("fine", seed=1, randomize_seed=False, width=256, height=256)
     service.run(request, route="test")
+    service.saved()
     assert len(list(folder.glob("*.png"))) == 1
     for saved in folder.iterdir():
         saved.unlink()
@@ -103,8 +104,40 @@ def test_an_image_that_cannot_be_saved_still_reaches_the_caller(tmp_path, caplog
     folder.write_text("a file where the folder was")  # --output-dir gone (a full disk fails the same way)
     result = service.run(request, route="test")
     assert result.image.size == (256, 256) and result.seed == 1
+    service.saved()
     assert "could not save the image in --output-dir" in caplog.text
     assert service.metrics.requests.labels("test", "ok")._value.get() == 2
+
+
+def test_the_caller_does_not_wait_for_output_dir_saving_and_the_file_keeps_its_request_id(tmp_path, caplog):
+    import logging
+    import threading
+
+    from flux_infer.inference import FluxInference, build_request
+    from flux_infer.service import REQUEST_ID, RequestIdFilter, Service
+
+    caplog.handler.addFilter(RequestIdFilter())
+    caplog.set_level(logging.INFO, logger="flux_infer")
+    folder = tmp_path / "outputs"
+    service = Service(FluxInference(FailsOnExplode()), output_dir=folder)
+    disk_free = threading.Event()  # a slow disk: a save beside the caller waits until the test lets it go on
+    write = service.save
+
+    def slow_save(result):
+        if threading.current_thread() is not threading.main_thread():  # (in the caller's thread: not held)
+            disk_free.wait()
+        return write(result)
+
+    service.save = slow_save
+    request = build_request("fine", seed=3, randomize_seed=False, width=256, height=256)
+    result = service.run(request, route="test", request_id="req42")
+    assert result.seed == 3 and REQUEST_ID.get() == "-"
+    assert not folder.exists() or not list(folder.iterdir())  # the image came back before its file
+    disk_free.set()
+    service.saved()
+    saved = list(folder.glob("*-3-req42.png"))
+    assert len(saved) == 1 and Image.open(saved[0]).size == (256, 256), list(folder.iterdir())
+    assert [record.request_id for record in caplog.records if record.getMessage().startswith("saved ")] == ["req42"]
 
 
 def test_the_gallery_keeps_the_newest_first_and_drops_deleted_files(tmp_path):

@@ -12,7 +12,7 @@ import time
 import httpx
 import numpy as np
 import pytest
-from conftest import Server
+from conftest import Server, wait_for
 from PIL import Image
 
 pytestmark = pytest.mark.e2e  # starts servers
@@ -207,6 +207,9 @@ def test_a_caller_that_hangs_up_stops_its_generation(extras_server, openai_clien
 
 def test_output_dir_keeps_every_image_with_its_settings(extras_server):
     extras_server.client().predict("a saved owl", 77, False, 256, 256, 3.5, 2, api_name="/infer")
+    # The file is written beside the next requests, after the caller has the image: its log line.
+    wait_for(lambda: "-77-" in "".join(line for line in extras_server.log().splitlines() if " saved " in line),
+             "the saved image's log line")
     saved = sorted((extras_server.workdir / "outputs").glob("*-77-*.png"))
     assert saved, list((extras_server.workdir / "outputs").iterdir())
     sidecar = json.loads(saved[-1].with_suffix(".json").read_text())

@@ -293,7 +293,9 @@ def test_soak_300_requests_memory_and_temp_files_stay_bounded(soak_server):
           f"{2 * keep + 3} s) per 30 requests {files}")
     assert growth < 50 * 2**20, [r // 2**20 for r in rss]
     assert all(count <= recent + 2 for count, recent in files), files
-    # --output-dir keeps exactly what was asked for: an image and its settings per request, nothing else.
+    # --output-dir keeps exactly what was asked for: an image and its settings per request, nothing else
+    # (the last ones are written just after their callers got them).
+    wait_for(lambda: srv.log().count(" saved ") == 300, "the last images' --output-dir files")
     assert sorted({path.suffix for path in srv.saved.iterdir()}) == [".json", ".png"]
     assert len(list(srv.saved.glob("*.png"))) == len(list(srv.saved.glob("*.json"))) == 300
     # Once requests stop, every temporary file goes within a few sweeps.
