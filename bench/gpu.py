@@ -428,6 +428,10 @@ class Run:
             return None
         return (a.timeout, "--timeout") if a.timeout <= left else (left, "--deadline")
 
+    def deadline_reached(self) -> str:
+        """Why a child was not started (child_timeout() gave None)."""
+        return f"--deadline {self.args.deadline:.0f} s reached"
+
     def write(self, text: str) -> None:
         print(text, flush=True)
         with open(self.out / "results.md", "a") as report:
@@ -447,7 +451,7 @@ class Run:
         a = self.args
         limit = self.child_timeout()
         if limit is None:
-            self.write(f"| {name} | `{flags}` | not measured: --deadline {a.deadline:.0f} s reached |")
+            self.write(f"| {name} | `{flags}` | not measured: {self.deadline_reached()} |")
             self.record(part, name, {"flags": flags, "error": "--deadline reached"})
             return None
         timeout, bound = limit
@@ -660,11 +664,22 @@ def part_cold(run: Run) -> None:
     folder = Path(a.scratch) / "flux-random-pipeline"
     run.write("\n## Cold start\n")
     if not (folder / "model_index.json").is_file():
+        limit = run.child_timeout()  # bounded like a measurement: writing 30+ GB can take minutes
+        if limit is None:
+            run.write(f"could not save the pipeline: {run.deadline_reached()}")
+            return
+        timeout, bound = limit
         began = time.perf_counter()
-        saved = subprocess.run([sys.executable, __file__, "--save", str(folder), "--model", a.model,
-                                *(["--allow-cpu"] if a.allow_cpu else [])], capture_output=True, text=True)
-        if saved.returncode != 0:
-            run.write(f"could not save the pipeline: {saved.stderr.strip().splitlines()[-1:]}")
+        try:
+            saved = subprocess.run([sys.executable, __file__, "--save", str(folder), "--model", a.model,
+                                    *(["--allow-cpu"] if a.allow_cpu else [])], capture_output=True, text=True,
+                                   timeout=timeout)
+            failed = saved.stderr.strip().splitlines()[-1:] if saved.returncode != 0 else None
+        except subprocess.TimeoutExpired:
+            failed = f"timed out after {timeout:.0f} s ({bound})"
+        if failed:
+            shutil.rmtree(folder, ignore_errors=True)  # a part-written folder would pass for a whole one next time
+            run.write(f"could not save the pipeline: {failed}")
             return
         run.write(f"saved `{a.model}` as a diffusers folder in {time.perf_counter() - began:.1f} s")
     dropped = _drop_page_cache(folder)
@@ -783,7 +798,7 @@ def part_lora(run: Run) -> None:
         name = " ".join(extra) or "eager"
         limit = run.child_timeout()
         if limit is None:
-            run.write(f"{name}: not measured: --deadline {a.deadline:.0f} s reached")
+            run.write(f"{name}: not measured: {run.deadline_reached()}")
             continue
         timeout, bound = limit
         try:

@@ -219,3 +219,22 @@ def test_a_deadline_bounds_each_child_and_starts_none_it_cannot_finish(gpu_bench
     assert "could not run: timed out after 140 s (--deadline)" in report
     assert "| 24 GiB | `--gpu-memory 24` | not measured: --deadline 300 s reached |" in report
     assert report.count("compiling") == 0 and (tmp_path / "children.log").read_text().count("compiling") == 2
+
+
+def test_a_pipeline_save_past_its_time_is_written_down_and_leaves_no_half_folder(gpu_bench, tmp_path, monkeypatch):
+    import subprocess
+
+    def writes_then_hangs(command, **kwargs):
+        folder = Path(command[command.index("--save") + 1])
+        folder.mkdir(parents=True)
+        (folder / "model_index.json").write_text("{}")  # written first; the weights never came
+        raise subprocess.TimeoutExpired(command, kwargs["timeout"])
+
+    monkeypatch.setattr(gpu_bench.subprocess, "run", writes_then_hangs)
+    args = argparse.Namespace(out=tmp_path / "out", scratch=str(tmp_path / "scratch"), model="random",
+                              allow_cpu=False, timeout=200, deadline=None)
+    gpu_bench.part_cold(gpu_bench.Run(args))
+    report = (tmp_path / "out" / "results.md").read_text()
+    assert "could not save the pipeline: timed out after 200 s (--timeout)" in report
+    assert "raw read" not in report  # nothing measured on a folder that is not whole
+    assert not (tmp_path / "scratch" / "flux-random-pipeline").exists()
