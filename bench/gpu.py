@@ -773,6 +773,18 @@ def part_served(run: Run) -> None:
             (run.out / f"server-{preview}.log").write_bytes(server.log_path.read_bytes()[-200_000:])
     run.write(f"\n(goal: served/direct <= {SERVED_GOAL} with previews on)")
     run.write(serving_costs_table(direct["serving_costs"], direct["median_s"], a.steps))
+    # The encoding as timed above is of a random model's noise; a photograph's, on this machine's CPU:
+    run.write("\nThe final image's encoding on this machine's CPU (`bench/encode.py --runs 3`):\n")
+    limit = run.child_timeout()
+    if limit is None:
+        run.write(f"not measured: {run.deadline_reached()}")
+        return
+    try:
+        encoded = subprocess.run([sys.executable, str(REPO / "bench" / "encode.py"), "--size", str(a.size),
+                                  "--runs", "3"], capture_output=True, text=True, timeout=limit[0])
+        run.write(encoded.stdout if encoded.returncode == 0 else f"could not run: {encoded.stderr.strip()[-500:]}")
+    except subprocess.TimeoutExpired:
+        run.write(f"timed out after {limit[0]:.0f} s ({limit[1]})")
 
 
 def serving_costs_table(costs: dict, direct_s: float, steps: int) -> str:

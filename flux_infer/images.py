@@ -2,11 +2,24 @@
 
 from __future__ import annotations
 
+import zlib
 from pathlib import Path
 
 SUFFIX_FORMATS = {".png": "PNG", ".webp": "WEBP"}
 # The formats the OpenAI route can answer in (output_format), with their MIME types.
 MIME_TYPES = {"png": "image/png", "jpeg": "image/jpeg", "webp": "image/webp"}
+# How every PNG is written: zlib's run-length strategy after PNG's own row filters. On photographs
+# (what FLUX makes) the files are as small as with zlib's default strategy, within a few percent
+# either way, and written 4-8x faster: a 1024x1024 photograph in about 80 ms instead of 390 ms on
+# a 2-core CPU (bench/encode.py). The final image's encoding is on every served request's path.
+PNG_OPTIONS = {"compress_type": zlib.Z_RLE}
+
+
+def fast_png(image):
+    """`image`, set to be written with PNG_OPTIONS by whatever saves it as PNG (Gradio's encoding of
+    a handler's result too), through Pillow's per-image save parameters (`encoderinfo`)."""
+    image.encoderinfo = {**getattr(image, "encoderinfo", {}), **PNG_OPTIONS}
+    return image
 
 
 def encode(image, image_format: str, *, quality: int | None = None) -> bytes:
@@ -23,7 +36,7 @@ def encode(image, image_format: str, *, quality: int | None = None) -> bytes:
         for key, value in image.info.items():
             if isinstance(value, str):
                 chunks.add_text(key, value)
-        image.save(buffer, format="PNG", pnginfo=chunks)
+        image.save(buffer, format="PNG", pnginfo=chunks, **PNG_OPTIONS)
     elif image_format in ("JPEG", "WEBP"):
         image.convert("RGB").save(buffer, format=image_format, **({} if quality is None else {"quality": quality}))
     else:

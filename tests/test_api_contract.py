@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 from conftest import SMALL
 from PIL import Image
+
+from flux_infer.images import encode
 
 pytestmark = pytest.mark.e2e  # starts servers
 
@@ -82,6 +85,8 @@ def test_same_seed_gives_the_pixels_of_a_direct_pipeline_call(client, tiny_dir):
     path, used = client.predict(prompt, seed, False, 256, 256, 3.5, 4, api_name="/infer")
     assert used == seed
     served = np.asarray(Image.open(path).convert("RGB"))
+    # Gradio wrote it as every door writes a PNG (images.PNG_OPTIONS), its settings in text chunks.
+    assert Path(path).read_bytes() == encode(Image.open(path), "png")
 
     pipe = FluxPipeline.from_pretrained(tiny_dir, dtype=torch.float32)
     direct = pipe(
