@@ -2,9 +2,9 @@
 
 Every served image is encoded once on the CPU before its caller gets it (Gradio's postprocess for
 `/infer`, the OpenAI route's and MCP's own), so the encoding is on every request's path. Compared,
-on the same images in one run: Pillow's default PNG (zlib's default strategy at level 6), PNG as
-flux-infer writes it (`images.PNG_OPTIONS`), PNG at level 1, and WebP at Pillow's defaults (what
-`--image-format webp` sends). Times are the best of `--runs`; ratios are to Pillow's default PNG.
+on the same images in one run: PNG and WebP as flux-infer writes them (`images.SAVE_OPTIONS`)
+against Pillow's defaults (what Gradio alone would write), and PNG at level 1. Times are the best
+of `--runs`; ratios are to Pillow's default of the same format; WebP (lossy) also gets its PSNR.
 
 The images: a photograph shipped with Gradio (resized), when present, and synthetic ones (a smooth
 field, a photo-like one with fine noise, a detailed one, flat shapes); `--images` adds files of
@@ -20,12 +20,14 @@ import io
 import time
 from pathlib import Path
 
-VARIANTS = {
-    "PNG, Pillow's default": ("PNG", {}),
-    "PNG as written (PNG_OPTIONS)": ("PNG", None),  # filled in from flux_infer.images
-    "PNG, level 1": ("PNG", {"compress_level": 1}),
-    "WebP, Pillow's default": ("WEBP", {}),
-}
+
+def variants() -> dict:
+    """Name -> (format, save parameters); the first of each format is its baseline."""
+    from flux_infer.images import SAVE_OPTIONS
+
+    return {"PNG, Pillow's default": ("PNG", {}), "PNG as written": ("PNG", SAVE_OPTIONS["PNG"]),
+            "PNG, level 1": ("PNG", {"compress_level": 1}),
+            "WebP, Pillow's default": ("WEBP", {}), "WebP as written": ("WEBP", SAVE_OPTIONS["WEBP"])}
 
 
 def test_images(size: int, extra: list[Path]) -> dict:
@@ -63,16 +65,24 @@ def test_images(size: int, extra: list[Path]) -> dict:
     return images
 
 
-def timed(image, image_format: str, options: dict, runs: int) -> tuple[float, int]:
-    """(best seconds, bytes) of writing `image`."""
-    best, size = float("inf"), 0
+def timed(image, image_format: str, options: dict, runs: int) -> tuple[float, bytes]:
+    """(best seconds, the file) of writing `image`."""
+    best, data = float("inf"), b""
     for _ in range(runs):
         buffer = io.BytesIO()
         began = time.perf_counter()
         image.save(buffer, format=image_format, **options)
         best = min(best, time.perf_counter() - began)
-        size = buffer.tell()
-    return best, size
+        data = buffer.getvalue()
+    return best, data
+
+
+def psnr(image, data: bytes) -> float:
+    import numpy as np
+    from PIL import Image
+
+    error = np.asarray(Image.open(io.BytesIO(data)).convert("RGB"), dtype=np.float64) - np.asarray(image)
+    return float(10 * np.log10(255**2 / max((error**2).mean(), 1e-12)))
 
 
 def main() -> None:
@@ -85,21 +95,26 @@ def main() -> None:
     import PIL
     from PIL import features
 
-    from flux_infer.images import PNG_OPTIONS
-
-    variants = {name: (kind, PNG_OPTIONS if options is None else options) for name, (kind, options) in VARIANTS.items()}
-    print(f"Pillow {PIL.__version__} (zlib {features.version('zlib')}), {args.size}x{args.size}, best of {args.runs}\n")
-    print("| image | " + " | ".join(variants) + " |")
-    print("|---|" + "---:|" * len(variants))
-    speedups = []
+    compared = variants()
+    print(f"Pillow {PIL.__version__} (zlib {features.version('zlib')}, libwebp {features.version('webp')}), "
+          f"{args.size}x{args.size}, best of {args.runs}\n")
+    print("| image | " + " | ".join(compared) + " |")
+    print("|---|" + "---:|" * len(compared))
+    speedups = {"PNG": [], "WEBP": []}
     for name, image in test_images(args.size, args.images).items():
-        figures = {variant: timed(image, kind, options, args.runs) for variant, (kind, options) in variants.items()}
-        base_s, base_bytes = figures["PNG, Pillow's default"]
-        cells = [f"{s * 1000:.0f} ms, {size / 2**20:.2f} MiB ({s / base_s:.2f}x time, {size / base_bytes:.2f}x size)"
-                 for s, size in figures.values()]
+        cells, baseline = [], {}
+        for variant, (kind, options) in compared.items():
+            seconds, data = timed(image, kind, options, args.runs)
+            base_s, base_bytes = baseline.setdefault(kind, (seconds, len(data)))
+            cell = (f"{seconds * 1000:.0f} ms, {len(data) / 2**20:.2f} MiB ({seconds / base_s:.2f}x time, "
+                    f"{len(data) / base_bytes:.2f}x size")
+            cells.append(cell + (f", {psnr(image, data):.1f} dB)" if kind == "WEBP" else ")"))
+            if variant.endswith("as written"):
+                speedups[kind].append(base_s / seconds)
         print(f"| {name} | " + " | ".join(cells) + " |")
-        speedups.append(base_s / figures["PNG as written (PNG_OPTIONS)"][0])
-    print(f"\nPNG as written against Pillow's default: {min(speedups):.1f}x to {max(speedups):.1f}x faster")
+    for kind, ratios in speedups.items():
+        print(f"\n{kind} as written against Pillow's default: {min(ratios):.1f}x to {max(ratios):.1f}x faster", end="")
+    print()
 
 
 if __name__ == "__main__":

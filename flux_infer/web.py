@@ -18,7 +18,7 @@ import os
 import time
 
 from flux_infer import gradio_internals, settings
-from flux_infer.images import fast_png
+from flux_infer.images import quick_to_encode
 from flux_infer.inference import GenerationFailed, InvalidRequest
 from flux_infer.previews import Step
 from flux_infer.service import Busy, Service, new_request_id
@@ -91,9 +91,9 @@ async def _to_page(service: Service, request, ticket, progress, steps_shown: Per
                 progress((item.index, item.total), desc="Denoising", unit="steps")
                 shown.set(session, f"Step {item.index} of {item.total}")
                 if item.preview is not None:
-                    yield fast_png(item.preview.image()), request.seed
+                    yield quick_to_encode(item.preview.image()), request.seed
             else:
-                yield fast_png(item.image), item.seed
+                yield quick_to_encode(item.image), item.seed
     except asyncio.CancelledError:
         if ticket.started is not None:
             raise

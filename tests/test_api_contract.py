@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import SMALL
+from conftest import SMALL, InProcessServer
 from PIL import Image
 
 from flux_infer.images import encode
@@ -85,7 +85,7 @@ def test_same_seed_gives_the_pixels_of_a_direct_pipeline_call(client, tiny_dir):
     path, used = client.predict(prompt, seed, False, 256, 256, 3.5, 4, api_name="/infer")
     assert used == seed
     served = np.asarray(Image.open(path).convert("RGB"))
-    # Gradio wrote it as every door writes a PNG (images.PNG_OPTIONS), its settings in text chunks.
+    # Gradio wrote it as every door writes a PNG (images.SAVE_OPTIONS), its settings in text chunks.
     assert Path(path).read_bytes() == encode(Image.open(path), "png")
 
     pipe = FluxPipeline.from_pretrained(tiny_dir, dtype=torch.float32)
@@ -101,6 +101,30 @@ def test_same_seed_gives_the_pixels_of_a_direct_pipeline_call(client, tiny_dir):
     # And the seed matters: another seed gives other pixels.
     other, _ = client.predict(prompt, seed + 1, False, 256, 256, 3.5, 4, api_name="/infer")
     assert not np.array_equal(served, np.asarray(Image.open(other).convert("RGB")))
+
+
+def test_image_format_webp_sends_the_spaces_webp_written_as_every_door_writes_it(tiny_dir):
+    from gradio_client import Client
+
+    from flux_infer.inference import FluxInference, build_request
+    from flux_infer.loading import load_pipeline
+    from flux_infer.server import ServerConfig, build_app
+    from flux_infer.service import Service
+    from flux_infer.web import build_demo
+
+    pipeline, *_ = load_pipeline(str(tiny_dir), device="cpu")
+    service = Service(FluxInference(pipeline))
+    server = InProcessServer(build_app(service, build_demo(service, image_format="webp"), ServerConfig()))
+    try:
+        path, seed = Client(server.url, verbose=False).predict("a webp owl", 5, False, 256, 256, 3.5, 2,
+                                                               api_name="/infer")
+    finally:
+        server.stop()
+    assert seed == 5 and Image.open(path).format == "WEBP"
+    made = service.run(build_request("a webp owl", seed=5, randomize_seed=False, width=256, height=256,
+                                     num_inference_steps=2), route="test")
+    # Gradio wrote the same pixels with images.SAVE_OPTIONS (lossy: compared as the files).
+    assert Path(path).read_bytes() == encode(made.image, "webp")
 
 
 def test_float_sizes_are_floored_to_multiples_of_16(client):

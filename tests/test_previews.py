@@ -41,7 +41,7 @@ def test_submit_streams_a_preview_per_step_then_the_predict_image(client, server
     assert {Image.open(p).size for p, _ in previews} == {(64, 48)}
     frames = [_pixels(p) for p, _ in previews]
     assert all(not np.array_equal(a, b) for a, b in zip(frames, frames[1:]))
-    # Previews are written as the final image is (images.PNG_OPTIONS), quick to encode at every step.
+    # Previews are written as the final image is (images.SAVE_OPTIONS), quick to encode at every step.
     assert Path(previews[-1][0]).read_bytes() == encode(Image.open(previews[-1][0]), "png")
     assert Image.open(final[0]).size == (512, 384)
     predicted, seed = client.predict(*args, api_name="/infer")
