@@ -103,7 +103,7 @@ class Service:
         self.scheduler = Scheduler(slots=concurrency, max_queue=max_queue)
         self.metrics = Metrics(self.queue_depth)
         # --output-dir: one thread writes the images, in order, off the caller's path (encoding a
-        # 1024x1024 PNG takes 0.1-0.2 s of CPU, which the caller's own copy need not wait for).
+        # 1024x1024 PNG and writing it takes about 0.1 s of CPU, which the caller need not wait for).
         self._saver = ThreadPoolExecutor(max_workers=1, thread_name_prefix="flux-save") if self.output_dir else None
 
     @property
@@ -198,8 +198,12 @@ class Service:
             if result.replica:
                 self.metrics.replica_images.labels(result.replica).inc()
                 self.metrics.replica_seconds.labels(result.replica).observe(result.seconds)
-            if self._saver is not None:  # with this request's id, for the file's name and the log
-                self._saver.submit(contextvars.copy_context().run, self._save_or_say, result)
+            if self._saver is not None:
+                # Its own copy of the image: a Pillow image is not safe to save from two threads at
+                # once (save() sets its encoder parameters on it), and the caller's is being encoded
+                # beside it. With this request's id, for the file's name and the log.
+                self._saver.submit(contextvars.copy_context().run, self._save_or_say,
+                                   replace(result, image=result.image.copy()))
             return result
         finally:
             REQUEST_ID.reset(token)

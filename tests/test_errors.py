@@ -123,17 +123,26 @@ def test_the_caller_does_not_wait_for_output_dir_saving_and_the_file_keeps_its_r
     disk_free = threading.Event()  # a slow disk: a save beside the caller waits until the test lets it go on
     write = service.save
 
+    handed, saving = [], threading.Event()
+
     def slow_save(result):
+        handed.append(result.image)
+        saving.set()
         if threading.current_thread() is not threading.main_thread():  # (in the caller's thread: not held)
             disk_free.wait()
         return write(result)
 
     service.save = slow_save
     request = build_request("fine", seed=3, randomize_seed=False, width=256, height=256)
-    result = service.run(request, route="test", request_id="req42")
-    assert result.seed == 3 and REQUEST_ID.get() == "-"
-    assert not folder.exists() or not list(folder.iterdir())  # the image came back before its file
-    disk_free.set()
+    try:
+        result = service.run(request, route="test", request_id="req42")
+        assert result.seed == 3 and REQUEST_ID.get() == "-"
+        assert not folder.exists() or not list(folder.iterdir())  # the image came back before its file
+        # The saver writes a copy: Pillow images are not safe to save from two threads at once.
+        assert saving.wait(60), "the save never started"
+        assert handed[0] is not result.image and handed[0].info == result.image.info
+    finally:
+        disk_free.set()  # a failed assertion must not leave the saver's thread waiting for ever
     service.saved()
     saved = list(folder.glob("*-3-req42.png"))
     assert len(saved) == 1 and Image.open(saved[0]).size == (256, 256), list(folder.iterdir())
