@@ -162,7 +162,8 @@ def versions() -> dict:
     found = {"date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
              "card": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "CPU (no CUDA GPU)",
              "torch": torch.__version__, "cuda": torch.version.cuda or "none", "python": sys.version.split()[0]}
-    for name in ("diffusers", "transformers", "torchao", "bitsandbytes", "gradio"):
+    # Pillow: below 11.3 the save parameters set on the page's images are ignored (images.quick_to_encode).
+    for name in ("diffusers", "transformers", "torchao", "bitsandbytes", "gradio", "pillow"):
         try:
             found[name] = metadata.version(name)
         except metadata.PackageNotFoundError:
