@@ -173,10 +173,10 @@ class OpsRoutes:
     async def readyz(self):
         from fastapi.responses import JSONResponse
 
-        service = self.service
-        body = {"ready": service.ready, "model_loaded": True, "queue_depth": service.queue_depth(),
+        service, ready = self.service, self.service.ready  # read once: the body and the status agree
+        body = {"ready": ready, "model_loaded": True, "queue_depth": service.queue_depth(),
                 "running": service.scheduler.running, "max_queue": service.max_queue}
-        return JSONResponse(body, status_code=200 if service.ready else 503)
+        return JSONResponse(body, status_code=200 if ready else 503)
 
     async def metrics(self):
         from fastapi.responses import Response
