@@ -172,6 +172,8 @@ def test_health_readiness_metrics_and_request_ids(extras_server, openai_client):
                                                           extra_body={"seed": 3, **TINY_ARGS})
     request_id = raw.headers["x-request-id"]
     assert f"[{request_id}]" in extras_server.log() and "openai request: 'a lamp'" in extras_server.log()
+    refused = extras_server.http.post("v1/images/generations", json={"prompt": "a lamp", "n": 99})
+    assert refused.status_code == 400  # counted as invalid
     metrics = extras_server.http.get("metrics").text
     assert 'flux_requests_total{outcome="ok",route="openai"}' in metrics
     assert 'flux_requests_total{outcome="invalid",route="openai"}' in metrics
