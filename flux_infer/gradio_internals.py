@@ -3,6 +3,9 @@
 - `Blocks.temp_file_sets`: the sets of temporary files (results, previews) Gradio made for an app,
   which the server sweeps on its own timer (web.sweep_files: Gradio's own sweep dies under load);
 - `keep_in_cache` on a component: files Gradio must keep (cached examples);
+- `gradio.utils.get_upload_folder()`, the components' `GRADIO_CACHE`: the folder Gradio serves
+  files from. A file a handler returns from there is served as it is (not copied) and joins the
+  component's temporary files, so web.sweep_files deletes it with Gradio's own (the previews);
 - `stop_event` on the mounted Gradio app: set, it ends the session heartbeat streams every page and
   gradio_client keeps open (they never end on their own, so a shutdown would wait out uvicorn's
   whole graceful timeout for them).
@@ -29,7 +32,21 @@ def check(demo) -> None:
         missing.append("Blocks.temp_file_sets")
     if not any(hasattr(block, "keep_in_cache") for block in demo.blocks.values()):
         missing.append("keep_in_cache on components")
+    try:
+        folder = cache_folder()
+    except ImportError:
+        missing.append("gradio.utils.get_upload_folder")
+    else:
+        if not any(getattr(block, "GRADIO_CACHE", None) == folder for block in demo.blocks.values()):
+            missing.append("GRADIO_CACHE on components, the upload folder")
     _refuse(missing)
+
+
+def cache_folder() -> str:
+    """The folder Gradio serves files from (GRADIO_TEMP_DIR, else `gradio` in the system's temp folder)."""
+    from gradio.utils import get_upload_folder
+
+    return get_upload_folder()
 
 
 def _refuse(missing: list[str]) -> None:

@@ -6,7 +6,6 @@ import json
 import re
 import time
 import uuid
-from pathlib import Path
 
 import httpx
 import numpy as np
@@ -14,8 +13,6 @@ import pytest
 import torch
 from conftest import Server, wait_for
 from PIL import Image
-
-from flux_infer.images import encode
 
 pytestmark = pytest.mark.e2e  # starts servers
 
@@ -41,13 +38,44 @@ def test_submit_streams_a_preview_per_step_then_the_predict_image(client, server
     assert {Image.open(p).size for p, _ in previews} == {(64, 48)}
     frames = [_pixels(p) for p, _ in previews]
     assert all(not np.array_equal(a, b) for a, b in zip(frames, frames[1:]))
-    # Previews are written as the final image is (images.SAVE_OPTIONS), quick to encode at every step.
-    assert Path(previews[-1][0]).read_bytes() == encode(Image.open(previews[-1][0]), "png")
-    assert Image.open(final[0]).size == (512, 384)
+    # Previews go as WebP, as the Space sent them (small, quick to encode at every step); the final
+    # image in the page's format.
+    assert {Image.open(p).format for p, _ in previews} == {"WEBP"}
+    assert Image.open(final[0]).format == "PNG" and Image.open(final[0]).size == (512, 384)
     predicted, seed = client.predict(*args, api_name="/infer")
     assert seed == 77
     np.testing.assert_array_equal(_pixels(final[0]), _pixels(predicted))
     assert "previews: latent (TAEF1 not found at" in server.log()
+
+
+def test_preview_files_are_served_from_gradios_folder_and_swept_with_its_own(tiny_dir, tmp_path, monkeypatch):
+    from conftest import InProcessServer
+    from gradio_client import Client
+
+    from flux_infer import web
+    from flux_infer.inference import FluxInference
+    from flux_infer.loading import load_pipeline
+    from flux_infer.previews import LatentPreview
+    from flux_infer.server import ServerConfig, build_app
+    from flux_infer.service import Service
+
+    monkeypatch.setenv("GRADIO_TEMP_DIR", str(tmp_path / "gradio"))
+    pipeline, *_ = load_pipeline(str(tiny_dir), device="cpu")
+    service = Service(FluxInference(pipeline, preview=LatentPreview()))
+    demo = web.build_demo(service)
+    server = InProcessServer(build_app(service, demo, ServerConfig()))
+    try:
+        job = Client(server.url, verbose=False).submit("a swept owl", 4, False, 256, 256, 3.5, 3, api_name="/infer")
+        outputs = list(job)
+        job.result()
+        assert len(outputs) == 3 + 1 and {Image.open(p).format for p, _ in outputs[:-1]} == {"WEBP"}
+        written = list((tmp_path / "gradio" / "flux-infer-previews").glob("*.webp"))
+        assert len(written) == 3  # served as they were written, not copied
+        # Swept with Gradio's own files (the final image's), as the server's timer does.
+        assert web.sweep_files(demo, None) == 3 + 1
+        assert not [path for path in (tmp_path / "gradio").rglob("*") if path.is_file()]
+    finally:
+        server.stop()
 
 
 def _browser_events(server, data):
