@@ -390,7 +390,7 @@ def _encode(results, body: ImageRequest, files: ImageFiles) -> list[dict]:
 
 class ImagesApi:
     """`/v1`'s handlers over one Service, a method per route (`router()` registers them): each door
-    parses its body into an ImageRequest and its generation requests, then `answer()` admits them to
+    reads its body into an ImageRequest and its generation requests, then `answer()` admits them to
     the service's line, generates and encodes them, and replies in OpenAI's shape. Their ApiErrors
     need `api_error_handler` on the app (server.build_app). `aliases`: more names clients may give as
     `model` (`--model-alias`)."""
@@ -416,28 +416,31 @@ class ImagesApi:
         return {"object": "list", "data": listed, "lora_dir": str(library.folder)}
 
     async def generations(self, request: Request):
-        with _request_id(request) as request_id:
-            try:
-                body = parse_body(await request.body(), self.served)
-                generation_requests = body.generation_requests(self.service)
-            except ApiError:
-                self.service.count_rejected("openai", "invalid")
-                raise
-            return await self.answer(request, request_id, body, generation_requests)
+        return await self.handle(request, self.read_generation)
 
     async def edits(self, request: Request):
+        return await self.handle(request, self.read_edit)
+
+    async def handle(self, request: Request, read):
+        """Read the request with `read` (a refusal is counted as invalid), then `answer` it, under
+        the caller's request id."""
         with _request_id(request) as request_id:
             try:
-                body, image, mask = await self.read_edit(request)
-                generation_requests = body.edit_requests(self.service, image, mask)
+                body, generation_requests = await read(request)
             except ApiError:
                 self.service.count_rejected("openai", "invalid")
                 raise
             return await self.answer(request, request_id, body, generation_requests)
 
+    async def read_generation(self, request: Request):
+        """A generation's JSON body as (ImageRequest, its generation requests); ApiError(400) naming
+        what is wrong."""
+        body = parse_body(await request.body(), self.served)
+        return body, body.generation_requests(self.service)
+
     async def read_edit(self, request: Request):
-        """An edit's multipart body as (EditRequest, image, mask), the files bounded and decoded off
-        the event loop; ApiError(400) naming what is wrong."""
+        """An edit's multipart body as (EditRequest, its generation requests), the files bounded and
+        decoded off the event loop; ApiError(400) naming what is wrong."""
         from starlette.concurrency import run_in_threadpool
         from starlette.datastructures import UploadFile
 
@@ -466,7 +469,7 @@ class ImagesApi:
             image, mask = await run_in_threadpool(_read_uploads, image_bytes, mask_bytes)
         except InvalidRequest as err:
             raise ApiError(400, str(err), param=str(err).split(" ", 1)[0]) from None
-        return body, image, mask
+        return body, body.edit_requests(self.service, image, mask)
 
     async def answer(self, request: Request, request_id: str, body: ImageRequest, generation_requests: list):
         """Admit the request's images, wait their turn (or leave the line if the caller hangs up),
