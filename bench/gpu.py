@@ -433,6 +433,20 @@ class Run:
         """Why a child was not started (child_timeout() gave None)."""
         return f"--deadline {self.args.deadline:.0f} s reached"
 
+    def helper(self, command: list[str]) -> subprocess.CompletedProcess | str:
+        """Run a child that is not a measurement (a pipeline save, another bench script) within
+        --timeout and --deadline as measurements are: its result, or why it did not run or finish
+        (with the end of what it printed when it timed out)."""
+        limit = self.child_timeout()
+        if limit is None:
+            return self.deadline_reached()
+        timeout, bound = limit
+        try:
+            return subprocess.run(command, capture_output=True, text=True, timeout=timeout)
+        except subprocess.TimeoutExpired as err:
+            printed = _text(err.output)[-2000:].strip()
+            return f"timed out after {timeout:.0f} s ({bound})" + (f"\n```\n{printed}\n```" if printed else "")
+
     def write(self, text: str) -> None:
         print(text, flush=True)
         with open(self.out / "results.md", "a") as report:
@@ -665,22 +679,13 @@ def part_cold(run: Run) -> None:
     folder = Path(a.scratch) / "flux-random-pipeline"
     run.write("\n## Cold start\n")
     if not (folder / "model_index.json").is_file():
-        limit = run.child_timeout()  # bounded like a measurement: writing 30+ GB can take minutes
-        if limit is None:
-            run.write(f"could not save the pipeline: {run.deadline_reached()}")
-            return
-        timeout, bound = limit
-        began = time.perf_counter()
-        try:
-            saved = subprocess.run([sys.executable, __file__, "--save", str(folder), "--model", a.model,
-                                    *(["--allow-cpu"] if a.allow_cpu else [])], capture_output=True, text=True,
-                                   timeout=timeout)
-            failed = saved.stderr.strip().splitlines()[-1:] if saved.returncode != 0 else None
-        except subprocess.TimeoutExpired:
-            failed = f"timed out after {timeout:.0f} s ({bound})"
-        if failed:
+        began = time.perf_counter()  # writing 30+ GB can take minutes
+        saved = run.helper([sys.executable, __file__, "--save", str(folder), "--model", a.model,
+                            *(["--allow-cpu"] if a.allow_cpu else [])])
+        if isinstance(saved, str) or saved.returncode != 0:
             shutil.rmtree(folder, ignore_errors=True)  # a part-written folder would pass for a whole one next time
-            run.write(f"could not save the pipeline: {failed}")
+            why = saved if isinstance(saved, str) else saved.stderr.strip().splitlines()[-1:]
+            run.write(f"could not save the pipeline: {why}")
             return
         run.write(f"saved `{a.model}` as a diffusers folder in {time.perf_counter() - began:.1f} s")
     dropped = _drop_page_cache(folder)
@@ -776,16 +781,11 @@ def part_served(run: Run) -> None:
     run.write(serving_costs_table(direct["serving_costs"], direct["median_s"], a.steps))
     # The encoding as timed above is of a random model's noise; a photograph's, on this machine's CPU:
     run.write("\nThe final image's encoding on this machine's CPU (`bench/encode.py --runs 3`):\n")
-    limit = run.child_timeout()
-    if limit is None:
-        run.write(f"not measured: {run.deadline_reached()}")
-        return
-    try:
-        encoded = subprocess.run([sys.executable, str(REPO / "bench" / "encode.py"), "--size", str(a.size),
-                                  "--runs", "3"], capture_output=True, text=True, timeout=limit[0])
+    encoded = run.helper([sys.executable, str(REPO / "bench" / "encode.py"), "--size", str(a.size), "--runs", "3"])
+    if isinstance(encoded, str):
+        run.write(f"not measured: {encoded}")
+    else:
         run.write(encoded.stdout if encoded.returncode == 0 else f"could not run: {encoded.stderr.strip()[-500:]}")
-    except subprocess.TimeoutExpired:
-        run.write(f"timed out after {limit[0]:.0f} s ({limit[1]})")
 
 
 def serving_costs_table(costs: dict, direct_s: float, steps: int) -> str:
@@ -809,15 +809,9 @@ def part_lora(run: Run) -> None:
         command = [sys.executable, str(REPO / "bench" / "lora.py"), "--model", a.model, "--size", str(a.size),
                    "--steps", str(a.steps), "--runs", str(a.runs), *extra]
         name = " ".join(extra) or "eager"
-        limit = run.child_timeout()
-        if limit is None:
-            run.write(f"{name}: not measured: {run.deadline_reached()}")
-            continue
-        timeout, bound = limit
-        try:
-            child = subprocess.run(command, capture_output=True, text=True, timeout=timeout)
-        except subprocess.TimeoutExpired as err:
-            run.write(f"{name}: timed out after {timeout:.0f} s ({bound})\n```\n{_text(err.output)[-2000:]}\n```")
+        child = run.helper(command)
+        if isinstance(child, str):
+            run.write(f"{name}: not measured: {child}")
             continue
         shown = child.stdout if child.returncode == 0 else child.stdout + child.stderr[-3000:]
         run.write(f"`{' '.join(command[1:])}` (exit {child.returncode})\n```\n{shown.strip()}\n```")
