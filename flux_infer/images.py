@@ -23,7 +23,9 @@ def quick_to_encode(image):
     """`image`, set to be written with SAVE_OPTIONS by whatever saves it (Gradio's encoding of a
     handler's result too), through Pillow's per-image save parameters (`encoderinfo`); each
     format's writer reads only its own."""
-    image.encoderinfo = {**getattr(image, "encoderinfo", {}), **SAVE_OPTIONS["PNG"], **SAVE_OPTIONS["WEBP"]}
+    image.encoderinfo = getattr(image, "encoderinfo", {}).copy()
+    for options in SAVE_OPTIONS.values():
+        image.encoderinfo.update(options)
     return image
 
 

@@ -76,10 +76,10 @@ class PerSession:
 
 def preview_file(frame) -> str:
     """A preview as a WebP file in Gradio's folder, which Gradio serves as it is and the server's
-    sweep deletes with Gradio's own files (gradio_internals.cache_folder). WebP, as the Space sent them: a 512x512 preview of a
-    photograph is ~30 KB against ~380 KB as PNG, in 8 ms against 22 ms here (bench/encode.py --size
-    512), at every step, which a browser on another machine feels. The final image keeps the page's
-    format (--image-format)."""
+    sweep deletes with Gradio's own files (gradio_internals.cache_folder). WebP, as the Space sent
+    them: a 512x512 preview of a photograph is ~30 KB against ~380 KB as PNG, in 8 ms against 22 ms
+    here (bench/encode.py --size 512), at every step, which a browser on another machine feels. The
+    final image keeps the page's format (--image-format)."""
     folder = Path(gradio_internals.cache_folder()) / "flux-infer-previews"
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / f"{secrets.token_hex(16)}.webp"
