@@ -7,6 +7,7 @@ import time
 
 import pytest
 from conftest import Server, wait_for
+from gradio_client.utils import Status
 
 pytestmark = pytest.mark.e2e  # starts servers
 
@@ -140,6 +141,10 @@ def test_a_waiting_request_whose_caller_leaves_never_runs(line_server):
     # Another user (Gradio cancels by session: a second job of the same client would take the first with it).
     leaver = srv.client().submit("page that leaves", 3, False, 256, 256, 3.5, 1, api_name="/infer")
     wait_for(lambda: srv.scheduler_depth() == 1, "the page request to join the line")
+    # gradio_client learns its event id only when the join's answer reaches it, which can come after
+    # the server has put the job in line; a cancel before that names no event and cancels nothing.
+    # Its first status from the event stream ("Waiting in line") means it knows the id.
+    wait_for(lambda: leaver.status().code in (Status.PROGRESS, Status.PROCESSING), "the leaver to hear of its place")
     leaver.cancel()
     wait_for(lambda: srv.scheduler_depth() == 0, "the page request to leave the line")
     hung_up = "closed the connection while waiting in line"
