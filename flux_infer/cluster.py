@@ -142,7 +142,10 @@ def start(spec, config: ClusterConfig):
     log.info("Ray Serve: %s replicas (%g GPU, %g CPU each) ready in %.0f s%s",
              f"{config.min_replicas}-{config.max_replicas}" if config.max_replicas is not None else config.replicas,
              gpus, cpus, time.perf_counter() - started, f", cluster {config.address}" if config.address else "")
-    return RemoteInference(handle)
+    # The streaming handle is made here, once, in one thread: `options()` on a handle that has not
+    # sent a request sets its router up unguarded, and the service's threads calling it at once
+    # could each make one, one of which never reports its load, so autoscaling saw none.
+    return RemoteInference(handle.options(stream=True))
 
 
 class RemoteInference:
@@ -150,7 +153,7 @@ class RemoteInference:
     they come; the result's `seconds` is the replica's own generation time."""
 
     def __init__(self, handle):
-        self.handle = handle
+        self.handle = handle  # a streaming DeploymentHandle to Generator, its router set up
 
     def run(self, request: GenerationRequest, *, on_step=None, cancel=None) -> GenerationResult:
         from PIL import Image
@@ -159,7 +162,7 @@ class RemoteInference:
         from flux_infer.previews import Step
 
         started = time.perf_counter()
-        stream = self.handle.options(stream=True).generate.remote(asdict(request))
+        stream = self.handle.generate.remote(asdict(request))
         try:
             for item in stream:
                 if cancel is not None and cancel.is_set():
