@@ -31,6 +31,8 @@ RUN pip install --no-deps . \
     && chown -R flux:flux /app/weights /app/hf-cache /app/outputs
 
 # The model folder and the hub cache live outside the image; HF_TOKEN comes from `docker run -e`.
+# --compile's kernels (inductor's and Triton's) are kept in the cache volume too, so a new container
+# reuses them instead of compiling again.
 # MALLOC_ARENA_MAX: two glibc malloc arenas instead of up to eight per core, so a long-running
 # server's memory stays flat instead of creeping up in bursts as its threads take turns.
 ENV GRADIO_SERVER_NAME=0.0.0.0 \
@@ -39,6 +41,7 @@ ENV GRADIO_SERVER_NAME=0.0.0.0 \
     GRADIO_ANALYTICS_ENABLED=False \
     HF_HUB_DISABLE_TELEMETRY=1 \
     HF_HOME=/app/hf-cache \
+    TORCHINDUCTOR_CACHE_DIR=/app/hf-cache/torchinductor \
     FLUX_MODEL=/app/weights/FLUX.1-dev
 VOLUME ["/app/weights", "/app/hf-cache"]
 

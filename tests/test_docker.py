@@ -70,6 +70,20 @@ def test_the_variables_it_sets_are_the_ones_the_app_reads(dockerfile):
     assert out == ["/app/hf-cache", "/app/hf-cache/hub"]
 
 
+def test_compiled_kernels_are_kept_in_a_volume(dockerfile, tmp_path):
+    """--compile's kernels go to TORCHINDUCTOR_CACHE_DIR, inside a volume, so a new container
+    starts warm; torch takes both inductor's and Triton's folders from that one variable."""
+    kept = dockerfile.envs["TORCHINDUCTOR_CACHE_DIR"]
+    volumes = json.loads(instructions(dockerfile, "VOLUME")[0])
+    assert any(kept.startswith(volume + "/") for volume in volumes), (kept, volumes)
+    probe = ("from torch._inductor.runtime.cache_dir_utils import cache_dir, triton_cache_dir; "
+             "print(cache_dir(), triton_cache_dir(0))")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_CACHE_DIR"}
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True,
+                         env={**env, "TORCHINDUCTOR_CACHE_DIR": str(tmp_path / "inductor")}).stdout.split()
+    assert out == [str(tmp_path / "inductor"), str(tmp_path / "inductor" / "triton" / "0")]
+
+
 def test_compose_reserves_a_gpu_and_mounts_the_weights():
     import yaml
 
@@ -93,7 +107,8 @@ def test_its_command_serves_and_passes_its_healthcheck(dockerfile, tiny_dir, tmp
     port = free_port()
     env = {**os.environ, **dockerfile.envs, **TELEMETRY_OFF, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}",
            "GRADIO_SERVER_NAME": "127.0.0.1", "GRADIO_SERVER_PORT": str(port), "FLUX_MODEL": str(tiny_dir),
-           "HF_HOME": str(tmp_path / "hf-cache"), "GRADIO_TEMP_DIR": str(tmp_path / "gradio")}
+           "HF_HOME": str(tmp_path / "hf-cache"), "TORCHINDUCTOR_CACHE_DIR": str(tmp_path / "hf-cache" / "inductor"),
+           "GRADIO_TEMP_DIR": str(tmp_path / "gradio")}
     env.pop("VIRTUAL_ENV", None)
     command = json.loads(instructions(dockerfile, "CMD")[0])
     log = open(tmp_path / "server.log", "wb")
