@@ -144,7 +144,8 @@ def start(spec, config: ClusterConfig):
              gpus, cpus, time.perf_counter() - started, f", cluster {config.address}" if config.address else "")
     # The streaming handle is made here, once, in one thread: `options()` on a handle that has not
     # sent a request sets its router up unguarded, and the service's threads calling it at once
-    # could each make one, one of which never reports its load, so autoscaling saw none.
+    # could each make one; Ray's controller then saw only part of the load (in one CI run none of
+    # it), and autoscaling added no replica.
     return RemoteInference(handle.options(stream=True))
 
 
