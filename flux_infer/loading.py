@@ -165,6 +165,14 @@ def resolve_placement(device: str | None = None, dtype: str | None = None) -> Pl
                 f"--device {device} was asked for, but torch {torch.__version__} ({build}) sees no CUDA GPU: "
                 "check `nvidia-smi` and install a CUDA build of torch, or use --device cpu"
             )
+        index = torch.device(device).index
+        if kind == "cuda" and index is not None and index >= torch.cuda.device_count():
+            count = torch.cuda.device_count()
+            raise DeviceError(
+                f"--device {device}: torch sees {count} CUDA GPU{'s' if count != 1 else ''} here "
+                f"({', '.join(f'cuda:{n}' for n in range(count))}; CUDA_VISIBLE_DEVICES renumbers them): pick "
+                "one of those, or --device cuda for the first"
+            )
         if kind == "mps" and not torch.backends.mps.is_available():
             raise DeviceError("--device mps was asked for, but this machine has no MPS device: use --device cpu")
         why = "asked for with --device"

@@ -58,6 +58,20 @@ def test_placement_on_this_machine():
             resolve_placement(wrong)
 
 
+def test_a_gpu_number_the_machine_lacks_is_a_clear_error(monkeypatch):
+    # Without the check, the first CUDA call on the missing GPU fails deep in torch, as an uncaught
+    # AssertionError ("Invalid device id") under --memory auto or CUDA's "invalid device ordinal".
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    assert resolve_placement("cuda:1").device == "cuda:1"
+    with pytest.raises(DeviceError, match=r"--device cuda:2: torch sees 2 CUDA GPUs here \(cuda:0, cuda:1; "
+                                          r"CUDA_VISIBLE_DEVICES renumbers them\): pick one of those"):
+        resolve_placement("cuda:2")
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    with pytest.raises(DeviceError, match=r"torch sees 1 CUDA GPU here \(cuda:0; "):
+        resolve_placement("cuda:1")
+
+
 def _image(pipeline, seed=3):
     return np.asarray(FluxInference(pipeline).infer("a boat", seed=seed, randomize_seed=False, width=256,
                                                     height=256, num_inference_steps=2).image)
