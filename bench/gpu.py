@@ -29,9 +29,9 @@ Parts (`--parts`, comma-separated; each sized for about 5 minutes on an H100 at 
 - lean: two leaner plans under the 8 GiB cap (fp8-storage with group offload, nf4 transformer and
   T5 with model offload), against what --memory auto picks there;
 - cold: the random pipeline saved as a diffusers folder, page cache dropped, raw read time of its
-  safetensors against load_pipeline's time to ready (cold and warm cache, and cold with diffusers'
-  parallel shard loading; imports timed apart); time to a first image on a second `--compile` start
-  with a kept TORCHINDUCTOR_CACHE_DIR.
+  safetensors against load_pipeline's time to ready (cold and warm cache, cold with diffusers'
+  parallel shard loading, and cold onto a numbered device, `cuda:0`; imports timed apart); time to a
+  first image on a second `--compile` start with a kept TORCHINDUCTOR_CACHE_DIR.
 
 On the GPU machine (torch present, our other dependencies not):
     ../shared/gpu/fetch-wheels nf4 .whl        # here, before the call; `server` for the served part
@@ -458,8 +458,9 @@ class Run:
 
     def measure(self, part: str, name: str, flags: str, *, model: str | None = None, runs: int | None = None,
                 step_times: bool = False, env: dict | None = None, plain: bool = False,
-                taef1: str | None = None) -> dict | None:
-        """Run one measurement in a child process; the row, or None (reason written) when it could not run.
+                taef1: str | None = None, device: str | None = None) -> dict | None:
+        """Run one measurement in a child process (on `device`, default the run's); the row, or None
+        (reason written) when it could not run.
 
         A compiling child logs its recompilations and graph breaks (TORCH_LOGS), counted in the row;
         a child still running near its time limit writes its threads' stacks to children.log first."""
@@ -473,7 +474,7 @@ class Run:
         runs = a.runs if runs is None else runs
         profile = (self.out / "profiles" / f"{part}-{re.sub(r'[^a-z0-9]+', '-', name.lower())}.txt"
                    if a.profile and part in a.profile and runs > 0 else None)
-        spec = dict(flags=flags, model=model or a.model, device=a.device, size=a.size, steps=a.steps, runs=runs,
+        spec = dict(flags=flags, model=model or a.model, device=device or a.device, size=a.size, steps=a.steps, runs=runs,
                     step_times=step_times, started=time.time(), plain=plain, profile=profile and str(profile),
                     taef1=taef1, stacks_after=max(timeout - 15, 1))
         compiling = "--compile" in flags
@@ -697,15 +698,21 @@ def part_cold(run: Run) -> None:
     # diffusers and transformers read a model's shards in threads with HF_ENABLE_PARALLEL_LOADING
     # ("profile before using it", their docs say): measured here, cold, beside the default.
     parallel = {"HF_ENABLE_PARALLEL_LOADING": "yes"}
-    loads = (("plain diffusers (from_pretrained into RAM, then .to)", "cold", "", True, None),
-             ("flux-infer `--memory off`", "cold", "--memory off", False, None),
-             ("flux-infer `--memory off`, HF_ENABLE_PARALLEL_LOADING=yes", "cold", "--memory off", False, parallel),
-             ("flux-infer `--memory off`", "warm", "--memory off", False, None),
-             ("flux-infer `--quantize fp8` (quantized as it loads)", "cold", "--quantize fp8", False, None))
-    for label, cache, flags, plain, env in loads:
+    # A numbered device takes another way in (diffusers' pipeline device_map names device types only):
+    # the transformer and T5 each read onto it.
+    numbered = f"{a.device or 'cuda'}:0"
+    loads = (("plain diffusers (from_pretrained into RAM, then .to)", "cold", "", True, None, None),
+             ("flux-infer `--memory off`", "cold", "--memory off", False, None, None),
+             ("flux-infer `--memory off`, HF_ENABLE_PARALLEL_LOADING=yes", "cold", "--memory off", False, parallel,
+              None),
+             ("flux-infer `--memory off`", "warm", "--memory off", False, None, None),
+             (f"flux-infer `--memory off --device {numbered}`", "cold", "--memory off", False, None, numbered),
+             ("flux-infer `--quantize fp8` (quantized as it loads)", "cold", "--quantize fp8", False, None, None))
+    for label, cache, flags, plain, env, device in loads:
         if cache == "cold":
             _drop_page_cache(folder)
-        row = run.measure("cold", f"{label}, {cache}", flags, model=str(folder), runs=0, plain=plain, env=env)
+        row = run.measure("cold", f"{label}, {cache}", flags, model=str(folder), runs=0, plain=plain, env=env,
+                          device=device)
         if row:
             run.write(f"| {label} | {cache} | {row['build_s']:.1f} | {row['build_s'] / read_s:.2f} | "
                       f"{row['import_s']:.1f} | {row['first_s']:.2f} | {_gib(row['peak_ram_gib'])} |")

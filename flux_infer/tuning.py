@@ -275,13 +275,11 @@ def plan_quantized(plan: MemoryPlan) -> bool:
     return plan.quantize in ("int8", "fp8", "nf4")
 
 
-def quantization_configs(plan: MemoryPlan, placement, *, transformer: bool = True) -> dict:
+def quantization_configs(plan: MemoryPlan, placement) -> dict:
     """Load-time quantization configs per pipeline component, for int8/fp8/nf4 (fp8-storage is applied after)."""
     if plan.quantize in ("none", "fp8-storage"):
         return {}
-    names = (["transformer"] if transformer else []) + (["text_encoder_2"] if plan.quantize_text_encoder else [])
-    if not names:
-        return {}
+    names = ["transformer"] + (["text_encoder_2"] if plan.quantize_text_encoder else [])
     from diffusers import BitsAndBytesConfig as DiffusersBnb
     from diffusers import TorchAoConfig as DiffusersAo
     from transformers import BitsAndBytesConfig as TransformersBnb

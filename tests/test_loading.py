@@ -88,8 +88,12 @@ def test_single_file_transformer_with_folder_components(tmp_path, tiny_dir):
 
     single_pipeline, source, _, _, _ = load_pipeline(str(checkpoint), base_model=str(tiny_dir), device="cpu")
     assert source.kind == "single_file"
-    assert single_pipeline.transformer.hf_device_map == {"": torch.device("cpu")}  # read straight onto it
     np.testing.assert_array_equal(_image(single_pipeline), _image(folder_pipeline))
+    # Read straight onto the device asked for, a numbered one too (diffusers' loader reads a single file
+    # into RAM unless told the device; the map records the device it read onto).
+    numbered = load_pipeline(str(checkpoint), base_model=str(tiny_dir), device="cpu:0").pipeline
+    assert numbered.transformer.hf_device_map == {"": torch.device("cpu", 0)}
+    np.testing.assert_array_equal(_image(numbered), _image(folder_pipeline))
 
 
 def test_single_file_that_is_not_a_transformer(tmp_path, tiny_dir):
@@ -127,7 +131,15 @@ def test_weights_are_read_straight_onto_the_device_unless_offloaded_or_cast_afte
     cast = load_pipeline(str(tiny_dir), device="cpu", options=Options(quantize="fp8-storage")).pipeline
     assert cast.hf_device_map is None
     # A numbered device (`--device cuda:1` on a multi-GPU box) is one diffusers' pipeline device_map
-    # refuses (it names device types): loaded into RAM and moved there, with the same pixels.
+    # refuses (it names device types): the transformer and T5 are read onto it each on its own (the
+    # transformer's map records the number), the small components moved there; the same pixels.
     numbered = load_pipeline(str(tiny_dir), device="cpu:0").pipeline
     assert numbered.hf_device_map is None
+    assert numbered.transformer.hf_device_map == {"": torch.device("cpu", 0)}
     np.testing.assert_array_equal(_image(numbered), _image(plain))
+    # Quantized as they are read, with the configs the pipeline would have given them.
+    quantized = load_pipeline(str(tiny_dir), device="cpu:0",
+                              options=Options(quantize="int8", quantize_text_encoder=True)).pipeline
+    assert type(quantized.transformer.transformer_blocks[0].ff.net[2].weight).__name__ == "Int8Tensor"
+    assert type(quantized.text_encoder_2.encoder.block[0].layer[1].DenseReluDense.wo.weight).__name__ == "Int8Tensor"
+    assert quantized.transformer.hf_device_map == {"": torch.device("cpu", 0)}
