@@ -73,8 +73,10 @@ def _to_frame(rgb) -> PreviewFrame:
         return PreviewFrame(pixels.cpu().contiguous())
     host = torch.empty(pixels.shape, dtype=torch.uint8, pin_memory=True)
     host.copy_(pixels, non_blocking=True)
+    # The copy runs on the pixels' GPU's stream; recorded on that stream (not the current device's: with
+    # --device cuda:1 they differ), the event is reached once the copy is done.
     ready = torch.cuda.Event()
-    ready.record()
+    ready.record(torch.cuda.current_stream(pixels.device))
     return PreviewFrame(host, ready)
 
 
