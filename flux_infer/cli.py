@@ -355,7 +355,7 @@ def main(argv: list[str] | None = None) -> int:
     # Gradio checks its own start-up over HTTP; one log line per request is noise.
     logging.getLogger("httpx").setLevel(logging.WARNING)
     from flux_infer.gradio_internals import GradioMismatch
-    from flux_infer.inference import InvalidRequest
+    from flux_infer.inference import GenerationFailed, InvalidRequest
     from flux_infer.loading import DeviceError, ModelLoadError
 
     commands = {"serve": _serve, "generate": _generate, "edit": _edit, "make-tiny": _make_tiny}
@@ -365,5 +365,8 @@ def main(argv: list[str] | None = None) -> int:
     except (ModelLoadError, DeviceError, InvalidRequest, GradioMismatch, ValueError) as err:
         print(f"flux-infer: error: {err}", file=sys.stderr)
         return 2
+    except GenerationFailed as err:  # out of GPU memory in `generate` or the warm-up of --compile
+        print(f"flux-infer: error: {err}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         return 130

@@ -318,13 +318,51 @@ def load_pipeline(
     elif source.kind != "random":
         folder = _local_folder(source)
 
+    import torch
+
+    try:
+        if source.kind == "random":
+            from flux_infer.random_weights import build_pipeline
+
+            pipeline = build_pipeline(source.location, placement=placement, plan=plan,
+                                      gpu_memory_gib=options.gpu_memory)
+        else:
+            pipeline = _read_pipeline(source, folder, placement, plan, gguf=gguf)
+        return _finish(pipeline, source, placement, plan, options, loras, lora_folder)
+    except torch.OutOfMemoryError:
+        pass  # said below, once the exception (and with it the part-loaded model) is let go
+    raise ModelLoadError(_out_of_memory(placement, plan, options))
+
+
+def _out_of_memory(placement, plan, options) -> str:
+    """What to do when the model did not fit the GPU while loading or being set up; the memory
+    free is read once the part-loaded model's blocks are given back."""
+    import gc
+
+    import torch
+
+    from flux_infer import tuning
+
+    gc.collect()
+    torch.cuda.empty_cache()
+    free = tuning.free_bytes(placement.device, options.gpu_memory) / 1024**3
+    if options.explicit_memory or options.memory == "off":
+        advice = ("leave the memory options out: --memory auto then plans for the memory that is free, or ask for a "
+                  "leaner plan (--quantize fp8, --offload model)")
+    else:
+        advice = ("another program may be using the GPU (see nvidia-smi); ask for a leaner plan than --memory auto "
+                  "chose (--quantize fp8 --offload model, or --offload group)")
+    return (f"out of GPU memory while loading the model onto {placement.device} with {plan.describe()} "
+            f"({plan.reason}); {free:.1f} GiB free now: {advice}")
+
+
+def _read_pipeline(source, folder, placement, plan, *, gguf: bool):
+    """A FluxPipeline from a diffusers folder, with a single-file transformer when `source` is one."""
+    import torch
     from diffusers import FluxPipeline, FluxTransformer2DModel, PipelineQuantizationConfig
 
-    if source.kind == "random":
-        from flux_infer.random_weights import build_pipeline
+    from flux_infer import tuning
 
-        pipeline = build_pipeline(source.location, placement=placement, plan=plan, gpu_memory_gib=options.gpu_memory)
-        return _finish(pipeline, source, placement, plan, options, loras, lora_folder)
     # Read the weights straight onto the device they will run on (quantized there, tensor by
     # tensor), unless they are offloaded or cast for storage after loading: no full copy in RAM.
     direct = plan.offload == "none" and plan.quantize != "fp8-storage"
@@ -348,6 +386,8 @@ def load_pipeline(
                 source.location, config=folder, subfolder="transformer", dtype=placement.dtype,
                 quantization_config=quantization, device=placement.device if direct else None,
             )
+        except torch.OutOfMemoryError:
+            raise
         except (OSError, ValueError, KeyError, RuntimeError) as err:
             raise ModelLoadError(
                 f"could not read {source.location} as a FLUX transformer checkpoint: {err}"
@@ -368,7 +408,7 @@ def load_pipeline(
                                                 **components)
     except (OSError, ValueError) as err:
         raise ModelLoadError(f"could not load a FluxPipeline from {folder}: {err}. {settings.DOWNLOAD_HINT}") from None
-    return _finish(pipeline, source, placement, plan, options, loras, lora_folder)
+    return pipeline
 
 
 def _finish(pipeline, source, placement, plan, options, loras, lora_folder) -> Loaded:

@@ -101,6 +101,32 @@ def test_generate_rejects_bad_values_before_loading(tmp_path, capsys):
     assert "-o must end in .png or .webp, got cat.jpg" in capsys.readouterr().err
 
 
+def test_out_of_gpu_memory_is_said_with_what_to_do_not_a_traceback(tmp_path, tiny_dir, monkeypatch, capsys):
+    import torch
+    from diffusers import FluxPipeline
+
+    from flux_infer.cli import main
+
+    def too_big(*_, **__):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 90.00 MiB")
+
+    common = ["--model", str(tiny_dir), "--width", "256", "--height", "256", "--steps", "1",
+              "-o", str(tmp_path / "x.png")]
+    # While generating (also where --compile warms up at start-up): exit 1, advice, no image.
+    monkeypatch.setattr(FluxPipeline, "__call__", too_big)
+    assert main(["generate", "a cat", *common]) == 1
+    err = capsys.readouterr().err
+    assert "flux-infer: error: out of GPU memory at 256x256: try a smaller size" in err and "Traceback" not in err
+    assert not (tmp_path / "x.png").exists()
+    # While loading.
+    monkeypatch.setattr(FluxPipeline, "from_pretrained", too_big)
+    assert main(["generate", "a cat", *common, "--memory", "off"]) == 2
+    err = capsys.readouterr().err
+    assert ("flux-infer: error: out of GPU memory while loading the model onto cpu with transformer unquantized, "
+            "offload none (--memory off); ") in err
+    assert "GiB free now: leave the memory options out: --memory auto then plans" in err
+
+
 HINT = "hf download black-forest-labs/FLUX.1-dev --local-dir weights/FLUX.1-dev"
 
 

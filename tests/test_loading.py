@@ -96,6 +96,26 @@ def test_single_file_transformer_with_folder_components(tmp_path, tiny_dir):
     np.testing.assert_array_equal(_image(numbered), _image(folder_pipeline))
 
 
+def test_out_of_gpu_memory_while_loading_says_what_to_do(tmp_path, tiny_dir, monkeypatch):
+    from diffusers import FluxPipeline, FluxTransformer2DModel
+
+    def too_big(*_, **__):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 90.00 MiB")
+
+    monkeypatch.setattr(FluxPipeline, "from_pretrained", too_big)
+    # The plan --memory auto chose did not fit: something else holds memory, or a leaner plan is needed.
+    with pytest.raises(ModelLoadError, match=r"out of GPU memory while loading the model onto cpu with transformer "
+                                             r"unquantized, offload none \(.*\); [0-9.]+ GiB free now: another "
+                                             r"program may be using the GPU"):
+        load_pipeline(str(tiny_dir), device="cpu")
+    # A single file's reader says the same, not that the file is no FLUX checkpoint.
+    monkeypatch.setattr(FluxTransformer2DModel, "from_single_file", too_big)
+    checkpoint = tmp_path / "flux1-dev.safetensors"
+    checkpoint.write_bytes(b"")
+    with pytest.raises(ModelLoadError, match=r"out of GPU memory while loading .*: another program"):
+        load_pipeline(str(checkpoint), base_model=str(tiny_dir), device="cpu")
+
+
 def test_single_file_that_is_not_a_transformer(tmp_path, tiny_dir):
     broken = tmp_path / "broken.safetensors"
     broken.write_bytes(b"not safetensors at all")
