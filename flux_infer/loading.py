@@ -453,5 +453,13 @@ def load_inference(spec: InferenceSpec):
     inference = FluxInference(pipeline, runtime=runtime, preview=decoder, preview_every=spec.preview_every,
                               progress_bar=spec.progress_bar, adapters=adapters)
     if options.compile:
-        inference.warm_up(options.compile_sizes, *options.warm_up_runs())
+        import torch._dynamo.exc
+
+        try:
+            inference.warm_up(options.compile_sizes, *options.warm_up_runs())
+        except torch._dynamo.exc.TorchDynamoException as err:  # no C++ compiler (CPU), no Triton (GPU), ...
+            log.error("--compile: torch.compile failed", exc_info=True)
+            reason = next((line for line in str(err).splitlines() if line.strip()), type(err).__name__)
+            raise tuning.OptionError(f"--compile could not compile the model here: {reason} (the log has torch's "
+                                     "account); leave --compile out to run it uncompiled") from None
     return inference

@@ -127,6 +127,21 @@ def test_out_of_gpu_memory_is_said_with_what_to_do_not_a_traceback(tmp_path, tin
     assert "GiB free now: leave the memory options out: --memory auto then plans" in err
 
 
+@e2e
+def test_compile_that_cannot_build_kernels_here_is_a_clear_error(tmp_path, tiny_dir):
+    # torch.compile on a CPU needs a C++ compiler (on a GPU, Triton): without one it fails at the first
+    # compiled call, which is --compile's warm-up at start-up.
+    done = run_cli("generate", "a cat", "--model", str(tiny_dir), "--compile", "--compile-sizes", "256x256",
+                   "--width", "256", "--height", "256", "--steps", "1", "-o", str(tmp_path / "x.png"), cwd=tmp_path,
+                   env={"CXX": str(tmp_path / "no-such-g++"), "TORCHINDUCTOR_CACHE_DIR": str(tmp_path / "inductor")})
+    assert done.returncode == 2
+    last = done.stderr.strip().splitlines()[-1]
+    assert last.startswith("flux-infer: error: --compile could not compile the model here: InvalidCxxCompiler")
+    assert last.endswith("leave --compile out to run it uncompiled")
+    assert "--compile: torch.compile failed" in done.stderr  # the operator's log keeps torch's account
+    assert not (tmp_path / "x.png").exists()
+
+
 HINT = "hf download black-forest-labs/FLUX.1-dev --local-dir weights/FLUX.1-dev"
 
 
