@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import time
 from dataclasses import asdict, dataclass
 
@@ -138,7 +139,14 @@ def start(spec, config: ClusterConfig):
     serve.start(proxy_location="Disabled")
     deployment = _make_deployment().options(**deployment_options(config, gpus, cpus))
     started = time.perf_counter()
-    handle = serve.run(deployment.bind(spec), name=APP_NAME, route_prefix=None)
+    try:
+        handle = serve.run(deployment.bind(spec), name=APP_NAME, route_prefix=None)
+    except RuntimeError:  # "Deploying application flux-infer failed": the reason is in its status
+        reason = replica_failure(serve.status().applications.get(APP_NAME))
+        serve.delete(APP_NAME)  # on a cluster that outlives this server, nothing is left retrying
+        from flux_infer.loading import ModelLoadError
+
+        raise ModelLoadError(f"the replicas could not start: {reason}") from None
     log.info("Ray Serve: %s replicas (%g GPU, %g CPU each) ready in %.0f s%s",
              f"{config.min_replicas}-{config.max_replicas}" if config.max_replicas is not None else config.replicas,
              gpus, cpus, time.perf_counter() - started, f", cluster {config.address}" if config.address else "")
@@ -147,6 +155,26 @@ def start(spec, config: ClusterConfig):
     # could each make one; Ray's controller then saw only part of the load (in one CI run none of
     # it), and autoscaling added no replica.
     return RemoteInference(handle.options(stream=True))
+
+
+# The line of a traceback that names the exception: "flux_infer.tuning.OptionError: --quantize ...".
+EXCEPTION_LINE = re.compile(r"^\s*(?:[A-Za-z_][\w]*\.)*([A-Za-z_]\w*(?:Error|Exception)): (.+)$")
+
+
+def replica_failure(app) -> str:
+    """Why Ray Serve could not start the replicas, from the application's status (`serve.status()`):
+    the message of the exception their constructor raised (flux-infer's own say what to do), else
+    Ray's message."""
+    if app is None:
+        return "Ray Serve did not say why (see its log above)"
+    messages = [deployment.message for deployment in app.deployments.values() if deployment.message]
+    text = "\n".join(messages) or app.message
+    found = [EXCEPTION_LINE.match(line) for line in text.splitlines()]
+    found = [match for match in found if match]
+    if not found:
+        return text.strip().splitlines()[0] if text.strip() else "Ray Serve did not say why (see its log above)"
+    name, message = found[-1].groups()
+    return message if name in ("OptionError", "ModelLoadError", "DeviceError") else f"{name}: {message}"
 
 
 class RemoteInference:

@@ -200,6 +200,18 @@ def main(tiny: str, workdir: Path) -> None:
         print(f"replacement ready {time.monotonic() - started:.0f} s after the kill")
     finally:
         server.stop(timeout=60)  # Ray's processes end with the server
+
+    # A replica that cannot load (here: nf4 needs CUDA) stops the server's start with its reason.
+    import subprocess
+
+    failed = subprocess.run([sys.executable, "-m", "flux_infer", "serve", "--model", tiny, "--replicas", "1",
+                             "--port", "0", "--quantize", "nf4"], capture_output=True, text=True, timeout=300,
+                            env={**os.environ, "XDG_CACHE_HOME": str(workdir / "cache")})
+    last = failed.stderr.strip().splitlines()[-1]
+    assert failed.returncode == 2, failed.stderr[-3000:]
+    assert last == ("flux-infer: error: the replicas could not start: --quantize nf4 (bitsandbytes) needs a CUDA "
+                    "GPU; on a CPU use int8, fp8 or fp8-storage"), failed.stderr[-3000:]
+    print("a replica that cannot load: " + last)
     print("OK")
 
 

@@ -46,3 +46,26 @@ def test_replica_options_are_ones_ray_serve_takes():
     assert "num_replicas" not in scaled and scaled["autoscaling_config"] == {
         "min_replicas": 0, "max_replicas": 2, "target_ongoing_requests": 1, "upscale_delay_s": 5}
     assert deployment.ray_actor_options["runtime_env"]["env_vars"]["OMP_NUM_THREADS"] == "1"
+
+
+def test_a_replica_that_cannot_start_is_said_by_its_own_error():
+    """What `serve.status()` holds after a failed deploy: each deployment's message ends with the
+    traceback of the replica's constructor."""
+    from types import SimpleNamespace
+
+    from flux_infer.cluster import replica_failure
+
+    def app(message, app_message="Deploying app 'flux-infer' failed"):
+        return SimpleNamespace(message=app_message, deployments={"Generator": SimpleNamespace(message=message)})
+
+    traceback = ("The deployment failed to start 3 times in a row. See controller logs for details. Error:\n"
+                 "ray::ServeReplica:flux-infer:Generator.initialize_and_get_metadata() (pid=1)\n"
+                 "RuntimeError: Traceback (most recent call last):\n"
+                 '  File "flux_infer/tuning.py", line 260, in check_plan\n'
+                 "flux_infer.tuning.OptionError: --quantize nf4 (bitsandbytes) needs a CUDA GPU; use int8")
+    assert replica_failure(app(traceback)) == "--quantize nf4 (bitsandbytes) needs a CUDA GPU; use int8"
+    assert replica_failure(app(traceback.replace("flux_infer.tuning.OptionError", "torch.OutOfMemoryError"))) == (
+        "OutOfMemoryError: --quantize nf4 (bitsandbytes) needs a CUDA GPU; use int8")
+    assert replica_failure(app("", "Replicas need 2 GPUs and the cluster has 0")) == (
+        "Replicas need 2 GPUs and the cluster has 0")
+    assert replica_failure(None) == "Ray Serve did not say why (see its log above)"
