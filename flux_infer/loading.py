@@ -459,7 +459,5 @@ def load_inference(spec: InferenceSpec):
             inference.warm_up(options.compile_sizes, *options.warm_up_runs())
         except torch._dynamo.exc.TorchDynamoException as err:  # no C++ compiler (CPU), no Triton (GPU), ...
             log.error("--compile: torch.compile failed", exc_info=True)
-            reason = next((line for line in str(err).splitlines() if line.strip()), type(err).__name__)
-            raise tuning.OptionError(f"--compile could not compile the model here: {reason} (the log has torch's "
-                                     "account); leave --compile out to run it uncompiled") from None
+            raise tuning.compile_failure(err) from None
     return inference

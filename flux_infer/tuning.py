@@ -312,6 +312,16 @@ def torchao_config(quantize: str, placement):
     return Float8WeightOnlyConfig(set_inductor_config=False)  # float8 weights, matmuls in the compute dtype
 
 
+def compile_failure(err: Exception) -> OptionError:
+    """The OptionError for a torch.compile that failed (no C++ compiler on a CPU, no Triton on a GPU):
+    torch's reason in one line. A backend's failure reads "backend='inductor' raised:" and then the
+    inner error's own line; an InductorError starts with that line."""
+    lines = [line for line in str(err).splitlines() if line.strip()] or [type(err).__name__]
+    reason = lines[1] if lines[0].endswith("raised:") and len(lines) > 1 else lines[0]
+    return OptionError(f"--compile could not compile the model here: {reason} (the log has torch's account); "
+                       "leave --compile out to run it uncompiled")
+
+
 def limit_gpu_memory(gpu_memory: float | None, device: str) -> None:
     """`--gpu-memory GIB`: cap what torch's allocator may take on this GPU, so the server can share
     the card; an allocation past the cap is an out-of-memory error, as on a card of that size."""

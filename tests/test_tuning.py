@@ -357,3 +357,20 @@ def test_cli_reports_option_errors(tiny_dir, capsys):
         main(["generate", "x", "--cache", "teacache"])
     assert exit_info.value.code == 2
     assert "--cache must be none or one of fbcache, taylorseer, magcache" in capsys.readouterr().err
+
+
+def test_a_compile_failure_is_said_in_torchs_own_words():
+    import torch
+    import torch._dynamo.exc
+
+    def no_triton(graph, inputs):
+        raise RuntimeError("Cannot find a working triton installation. Either the package is not installed or "
+                           "it is too old.")
+
+    try:
+        torch.compile(lambda x: x * 2 + 1, backend=no_triton)(torch.ones(3))
+    except torch._dynamo.exc.TorchDynamoException as err:
+        message = str(tuning.compile_failure(err))
+    assert message == ("--compile could not compile the model here: RuntimeError: Cannot find a working triton "
+                       "installation. Either the package is not installed or it is too old. (the log has torch's "
+                       "account); leave --compile out to run it uncompiled")
