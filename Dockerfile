@@ -1,6 +1,9 @@
 # flux-infer on a CUDA GPU: docker build -t flux-infer . && docker run --gpus all -p 7860:7860 \
 #   -v "$PWD/weights:/app/weights" -v flux-hf-cache:/app/hf-cache -e HF_TOKEN flux-infer
-FROM nvidia/cuda:12.8.1-cudnn-runtime-ubuntu24.04
+# torch 2.13.0 from PyPI brings its own CUDA 13.0 libraries (cuda-toolkit, cuDNN, NCCL wheels): the
+# image only needs CUDA 13's base, whose NVIDIA_REQUIRE_CUDA makes the container toolkit refuse, with
+# a message, a host driver too old for it (CUDA 13 needs 580 or newer).
+FROM nvidia/cuda:13.0.2-base-ubuntu24.04
 
 ENV DEBIAN_FRONTEND=noninteractive \
     PYTHONUNBUFFERED=1 \
@@ -9,8 +12,11 @@ ENV DEBIAN_FRONTEND=noninteractive \
     VIRTUAL_ENV=/opt/venv \
     PATH=/opt/venv/bin:$PATH
 
+# gcc, libc6-dev and python3-dev: Triton (--compile) builds its CUDA launcher, a C file that includes
+# Python.h, with the system's C compiler when it first runs.
 RUN apt-get update \
-    && apt-get install -y --no-install-recommends python3 python3-venv curl ca-certificates \
+    && apt-get install -y --no-install-recommends python3 python3-venv python3-dev gcc libc6-dev curl \
+       ca-certificates \
     && rm -rf /var/lib/apt/lists/* \
     && python3 -m venv /opt/venv \
     && useradd --create-home --uid 1000 --shell /usr/sbin/nologin flux

@@ -18,6 +18,8 @@ from conftest import TELEMETRY_OFF, free_port
 from flux_infer import settings
 
 ROOT = Path(__file__).resolve().parents[1]
+# The CUDA major version of PyPI's Linux build of each torch release the image may pin.
+TORCH_CUDA_MAJOR = {"2.13.0": "13"}
 
 
 @pytest.fixture(scope="module")
@@ -33,12 +35,18 @@ def instructions(dockerfile, name):
 
 def test_dockerfile_follows_good_practice(dockerfile):
     base = dockerfile.baseimage
-    assert base.startswith("nvidia/cuda:") and "runtime" in base and not base.endswith(":latest")
+    assert base.startswith("nvidia/cuda:") and base.endswith("-base-ubuntu24.04")  # torch brings CUDA's libraries
     runs = instructions(dockerfile, "RUN")
     apt = [r for r in runs if "apt-get install" in r]
     assert apt and all("--no-install-recommends" in r and "rm -rf /var/lib/apt/lists/*" in r for r in apt)
     assert all("apt-get update" in r for r in apt)  # update and install in one layer
+    # --compile: Triton (3.7, torch 2.13's) compiles its launcher, which includes Python.h, with gcc or
+    # clang at run time ("Failed to find C compiler" without one).
+    assert all(package in apt[0].split() for package in ("gcc", "libc6-dev", "python3-dev"))
     assert any("torch==2.13.0" in r for r in runs)
+    # The base image's CUDA is the one the pinned torch is built for (PyPI's torch 2.13.0 requires
+    # cuda-toolkit 13.0.3), so the container toolkit checks the host driver for that CUDA.
+    assert base.split(":")[1].split(".")[0] == TORCH_CUDA_MAJOR["2.13.0"]
     users = instructions(dockerfile, "USER")
     assert users and users[-1] not in ("root", "0")
     assert instructions(dockerfile, "EXPOSE") == ["7860"]
