@@ -255,6 +255,8 @@ def apply_loras(pipeline, loras) -> None:
     """Load LoRA safetensors through diffusers, fuse them at their scales, and drop the adapters."""
     if not loras:
         return
+    from flux_infer.loras import stacking_adapters
+
     names, scales = [], []
     for index, (path, scale) in enumerate(loras):
         refuse_pickle(path)
@@ -262,7 +264,8 @@ def apply_loras(pipeline, loras) -> None:
             raise ModelLoadError(f"LoRA file {path} does not exist (--lora PATH[:SCALE])")
         name = f"lora{index}"
         try:
-            pipeline.load_lora_weights(path, adapter_name=name)
+            with stacking_adapters():
+                pipeline.load_lora_weights(path, adapter_name=name)
         except (OSError, ValueError, KeyError, RuntimeError) as err:
             raise ModelLoadError(f"could not load {path} as a FLUX LoRA: {str(err).splitlines()[0][:300]}") from None
         names.append(name)

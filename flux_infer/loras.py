@@ -15,6 +15,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import re
@@ -29,6 +30,16 @@ from flux_infer import settings
 from flux_infer.inference import NO_LORA_FOLDER, InvalidRequest, LoraChoice
 
 log = logging.getLogger(__name__)
+
+
+@contextlib.contextmanager
+def stacking_adapters():
+    """Around loading a LoRA beside others: PEFT warns "Already found a `peft_config` ... multiple
+    adapters in the model" for each after the first, and here that is the point."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Already found a `peft_config`")
+        yield
+
 
 # A LoRA file's tensors are named <module>.<part>.weight (diffusers/PEFT) or <module>.<part>.weight
 # and <module>.alpha (kohya); the module is what it touches.
@@ -273,8 +284,7 @@ class LoraAdapters:
         return tensors
 
     def _load(self, source, adapter: str, **options) -> None:
-        with warnings.catch_warnings():  # PEFT's "multiple adapters in the model": that is the point
-            warnings.filterwarnings("ignore", message="Already found a `peft_config`")
+        with stacking_adapters():
             self.pipeline.load_lora_weights(source, adapter_name=adapter, **options)
 
     # -- per request ---------------------------------------------------------------------------------
