@@ -476,9 +476,9 @@ class Run:
         runs = a.runs if runs is None else runs
         profile = (self.out / "profiles" / f"{part}-{re.sub(r'[^a-z0-9]+', '-', name.lower())}.txt"
                    if a.profile and part in a.profile and runs > 0 else None)
-        spec = dict(flags=flags, model=model or a.model, device=device or a.device, size=a.size, steps=a.steps, runs=runs,
-                    step_times=step_times, started=time.time(), plain=plain, profile=profile and str(profile),
-                    taef1=taef1, stacks_after=max(timeout - 15, 1))
+        spec = dict(flags=flags, model=model or a.model, device=device or a.device, size=a.size, steps=a.steps,
+                    runs=runs, step_times=step_times, started=time.time(), plain=plain,
+                    profile=profile and str(profile), taef1=taef1, stacks_after=max(timeout - 15, 1))
         compiling = "--compile" in flags
         env = {**os.environ, **({"TORCH_LOGS": "recompiles,graph_breaks"} if compiling else {}), **(env or {})}
         began = time.perf_counter()

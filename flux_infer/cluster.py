@@ -165,14 +165,14 @@ def replica_failure(app) -> str:
     """Why Ray Serve could not start the replicas, from the application's status (`serve.status()`):
     the message of the exception their constructor raised (flux-infer's own say what to do), else
     Ray's message."""
+    unsaid = "Ray Serve did not say why (see its log above)"
     if app is None:
-        return "Ray Serve did not say why (see its log above)"
+        return unsaid
     messages = [deployment.message for deployment in app.deployments.values() if deployment.message]
-    text = "\n".join(messages) or app.message
-    found = [EXCEPTION_LINE.match(line) for line in text.splitlines()]
-    found = [match for match in found if match]
+    lines = [line for line in ("\n".join(messages) or app.message).splitlines() if line.strip()]
+    found = [match for match in map(EXCEPTION_LINE.match, lines) if match]
     if not found:
-        return text.strip().splitlines()[0] if text.strip() else "Ray Serve did not say why (see its log above)"
+        return lines[0].strip() if lines else unsaid
     name, message = found[-1].groups()
     return message if name in ("OptionError", "ModelLoadError", "DeviceError") else f"{name}: {message}"
 

@@ -153,9 +153,10 @@ def resolve_placement(device: str | None = None, dtype: str | None = None) -> Pl
     else:
         device = device.lower()
         try:
-            kind = torch.device(device).type
+            parsed = torch.device(device)
+            kind, index = parsed.type, parsed.index
         except RuntimeError:
-            kind = None
+            kind = index = None
         if kind not in DEVICES:
             raise DeviceError(f"--device must be one of {', '.join(DEVICES)}, optionally numbered (cuda:1), "
                               f"got {device!r}")
@@ -165,9 +166,8 @@ def resolve_placement(device: str | None = None, dtype: str | None = None) -> Pl
                 f"--device {device} was asked for, but torch {torch.__version__} ({build}) sees no CUDA GPU: "
                 "check `nvidia-smi` and install a CUDA build of torch, or use --device cpu"
             )
-        index = torch.device(device).index
-        if kind == "cuda" and index is not None and index >= torch.cuda.device_count():
-            count = torch.cuda.device_count()
+        count = torch.cuda.device_count() if kind == "cuda" else 0
+        if kind == "cuda" and index is not None and index >= count:
             raise DeviceError(
                 f"--device {device}: torch sees {count} CUDA GPU{'s' if count != 1 else ''} here "
                 f"({', '.join(f'cuda:{n}' for n in range(count))}; CUDA_VISIBLE_DEVICES renumbers them): pick "
