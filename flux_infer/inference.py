@@ -14,6 +14,7 @@ import math
 import secrets
 import threading
 import time
+import traceback
 from dataclasses import asdict, dataclass, replace
 from typing import Any, Protocol
 
@@ -324,7 +325,11 @@ class FluxInference:
                 # The operator's log gets torch's account (where, how much); the client a way out.
                 log.warning("out of GPU memory at %dx%d: %s", request.width, request.height,
                             str(err).split(". See documentation")[0], exc_info=True)
-                # Give the failed call's blocks back, so the next (smaller) request fits.
+                # The traceback holds the failed call's frames, and they its activations (GiBs at a
+                # large size) for as long as the error lives: the caller's error and the log record
+                # keep it. Their locals go now (the traceback still prints), then their blocks go
+                # back to the GPU, so the next (smaller) request fits and nvidia-smi shows them free.
+                traceback.clear_frames(err.__traceback__)
                 torch.cuda.empty_cache()
                 raise GenerationFailed(
                     f"out of GPU memory at {request.width}x{request.height}: try a smaller size, or restart the "

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+import weakref
 from pathlib import Path
 
 import pytest
@@ -64,6 +65,13 @@ def test_out_of_memory_is_a_clear_error_and_the_next_request_runs(monkeypatch):
 
     from flux_infer.inference import FluxInference, GenerationFailed
 
+    activations = []  # a weak reference to what the failed call held when it ran out of memory
+
+    def forward():
+        hidden = torch.ones(1024)
+        activations.append(weakref.ref(hidden))
+        raise torch.OutOfMemoryError("CUDA out of memory")
+
     class Pipeline:
         calls = 0
 
@@ -73,13 +81,16 @@ def test_out_of_memory_is_a_clear_error_and_the_next_request_runs(monkeypatch):
         def __call__(self, **kwargs):
             Pipeline.calls += 1
             if Pipeline.calls == 1:
-                raise torch.OutOfMemoryError("CUDA out of memory")
+                forward()
             return SimpleNamespace(images=[Image.new("RGB", (kwargs["width"], kwargs["height"]))])
 
+    # What the allocator could give back: only blocks no tensor holds any more.
     released = []
-    monkeypatch.setattr(torch.cuda, "empty_cache", lambda: released.append(True))
+    monkeypatch.setattr(torch.cuda, "empty_cache", lambda: released.append(activations[0]() is None))
     inference = FluxInference(Pipeline())
     with pytest.raises(GenerationFailed, match=r"out of GPU memory at 2048x2048: try a smaller size, or restart .*--memory auto"):
         inference.infer("a", width=2048, height=2048)
-    assert released == [True]  # the failed call's blocks go back to the GPU
+    # The failed call's activations were gone when the cache was emptied, though the error (and the
+    # log record, with its traceback) is still held here.
+    assert released == [True]
     assert inference.infer("a", width=256, height=256).image.size == (256, 256)
