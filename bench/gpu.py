@@ -298,9 +298,13 @@ def measure_one(flags: str, *, model: str, device: str | None, size: int, steps:
         row.update(serving_costs=serving_costs(result.image, taef1, placement, vae=pipeline.vae if resident else None,
                                                size=size, sync=sync))
     if profile:
-        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU] +
-                                    ([torch.profiler.ProfilerActivity.CUDA] if cuda else [])) as profiler:
-            one(runs + 1)
+        def profiled():  # torch.profiler records the operators of its own thread: the generation's
+            with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU] +
+                                        ([torch.profiler.ProfilerActivity.CUDA] if cuda else [])) as profiler:
+                one(runs + 1)
+            return profiler
+
+        profiler = inference.on_generation_thread(profiled)
         row.update(profile_ms_per_step=write_profile(profiler, Path(profile), steps=steps, cuda=cuda),
                    profile_file=profile)
     if step_times:

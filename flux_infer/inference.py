@@ -8,6 +8,7 @@ the Ray Serve replicas. Nothing here knows about Gradio or HTTP.
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import json
 import logging
 import math
@@ -15,6 +16,7 @@ import secrets
 import threading
 import time
 import traceback
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, replace
 from typing import Any, Protocol
 
@@ -216,9 +218,16 @@ class Backend(Protocol):
 
 
 class FluxInference:
-    """A loaded FluxPipeline and its preview decoder. The server's scheduler decides which request
-    runs; the lock only keeps two callers in one process (a script, the warm-up) from sharing the
-    pipeline at once."""
+    """A loaded FluxPipeline and its preview decoder.
+
+    Every generation runs on one thread of its own, whichever thread asks (the start-up's warm-up,
+    the page's and the API's worker threads, a script's threads), one at a time. The server's
+    scheduler decides which request runs; this thread also keeps two callers in one process from
+    sharing the pipeline at once. One thread, because torch keeps some of its state per thread: with
+    `--compile-mode reduce-overhead` or `max-autotune`, the CUDA graphs recorded at the warm-up
+    (and their memory pool) belong to the thread that recorded them, and a request on another
+    thread would record its own set beside them, on every worker thread the server happens to use.
+    """
 
     def __init__(self, pipeline, *, runtime=None, preview=None, preview_every: int = 1, progress_bar: bool = False,
                  adapters=None):
@@ -232,7 +241,10 @@ class FluxInference:
         self.pipeline.set_progress_bar_config(disable=not progress_bar)
         self._progress_bar = progress_bar
         self._edit_pipelines: dict[str, Any] = {}
-        self._lock = threading.Lock()
+        # The generation thread, and a mark that only it carries (`_here.on`), set as it starts.
+        self._here = threading.local()
+        self._thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="flux-generate",
+                                          initializer=setattr, initargs=(self._here, "on", True))
 
     def pipeline_for(self, kind: str):
         """The pipeline for a request's kind: the loaded FluxPipeline, or diffusers' image-to-image or
@@ -257,7 +269,7 @@ class FluxInference:
 
         def callback(pipeline, index, timestep, tensors):
             done = index + 1
-            if cancel is not None and cancel.is_set():
+            if cancel.is_set():
                 raise GenerationCancelled(f"cancelled after step {done} of {total}")
             if on_step is not None:
                 frame = None
@@ -271,7 +283,7 @@ class FluxInference:
 
         return callback
 
-    def _call_pipeline(self, request: GenerationRequest, *, on_step=None, cancel: threading.Event | None = None):
+    def _call_pipeline(self, request: GenerationRequest, *, on_step, cancel: threading.Event):
         """Run the pipeline for a validated request; return the PIL image and the runtime's stats.
 
         The noise comes from a CPU generator seeded with `request.seed`, as in the Space, so a seed
@@ -288,58 +300,70 @@ class FluxInference:
             edit = dict(image=request.image, strength=request.strength)
             if request.mask is not None:
                 edit["mask_image"] = request.mask
-        hooks = {}
-        if on_step is not None or cancel is not None:
-            hooks = dict(
-                callback_on_step_end=self._step_callback(request, on_step, cancel),
-                callback_on_step_end_tensor_inputs=["latents"],
-            )
-        with self._lock:
-            if cancel is not None and cancel.is_set():
-                raise GenerationCancelled("cancelled before it started")
-            if request.loras and self.adapters is None:
-                raise InvalidRequest(NO_LORA_FOLDER)
-            if self.adapters is not None:
-                self.adapters.use(request.loras)
-            if request.image is not None and request.denoising_steps < 1:
-                # No step to run (diffusers refuses that): the image, as the edit leaves it.
-                log.info("strength %g of %d steps runs no step: the image is returned as it is",
-                         request.strength, request.num_inference_steps)
-                return request.image.resize((request.width, request.height)), {}
-            if self.runtime is not None:
-                self.runtime.before(request)
-            try:
-                with self.runtime.call_context(request) if self.runtime is not None else contextlib.nullcontext():
-                    output = self.pipeline_for(request.kind)(
-                        prompt=request.prompt,
-                        width=request.width,
-                        height=request.height,
-                        guidance_scale=request.guidance_scale,
-                        num_inference_steps=request.num_inference_steps,
-                        generator=generator,
-                        output_type="pil",
-                        **edit,
-                        **hooks,
-                    )
-            except torch.OutOfMemoryError as err:
-                # The operator's log gets torch's account (where, how much); the client a way out.
-                log.warning("out of GPU memory at %dx%d: %s", request.width, request.height,
-                            str(err).split(". See documentation")[0], exc_info=True)
-                # The traceback holds the failed call's frames, and they its activations (GiBs at a
-                # large size) for as long as the error lives: the caller's error and the log record
-                # keep it. Their locals go now (the traceback still prints), then their blocks go
-                # back to the GPU, so the next (smaller) request fits and nvidia-smi shows them free.
-                traceback.clear_frames(err.__traceback__)
-                torch.cuda.empty_cache()
-                raise GenerationFailed(
-                    f"out of GPU memory at {request.width}x{request.height}: try a smaller size, or restart the "
-                    "server with less GPU memory in use (--memory auto, --offload model, --quantize fp8)"
-                ) from None
-            stats = self.runtime.after(request) if self.runtime is not None else {}
+        hooks = dict(callback_on_step_end=self._step_callback(request, on_step, cancel),
+                     callback_on_step_end_tensor_inputs=["latents"])
+        if cancel.is_set():
+            raise GenerationCancelled("cancelled before it started")
+        if request.loras and self.adapters is None:
+            raise InvalidRequest(NO_LORA_FOLDER)
+        if self.adapters is not None:
+            self.adapters.use(request.loras)
+        if request.image is not None and request.denoising_steps < 1:
+            # No step to run (diffusers refuses that): the image, as the edit leaves it.
+            log.info("strength %g of %d steps runs no step: the image is returned as it is",
+                     request.strength, request.num_inference_steps)
+            return request.image.resize((request.width, request.height)), {}
+        if self.runtime is not None:
+            self.runtime.before(request)
+        try:
+            with self.runtime.call_context(request) if self.runtime is not None else contextlib.nullcontext():
+                output = self.pipeline_for(request.kind)(
+                    prompt=request.prompt,
+                    width=request.width,
+                    height=request.height,
+                    guidance_scale=request.guidance_scale,
+                    num_inference_steps=request.num_inference_steps,
+                    generator=generator,
+                    output_type="pil",
+                    **edit,
+                    **hooks,
+                )
+        except torch.OutOfMemoryError as err:
+            # The operator's log gets torch's account (where, how much); the client a way out.
+            log.warning("out of GPU memory at %dx%d: %s", request.width, request.height,
+                        str(err).split(". See documentation")[0], exc_info=True)
+            # The traceback holds the failed call's frames, and they its activations (GiBs at a
+            # large size) for as long as the error lives: the caller's error and the log record
+            # keep it. Their locals go now (the traceback still prints), then their blocks go
+            # back to the GPU, so the next (smaller) request fits and nvidia-smi shows them free.
+            traceback.clear_frames(err.__traceback__)
+            torch.cuda.empty_cache()
+            raise GenerationFailed(
+                f"out of GPU memory at {request.width}x{request.height}: try a smaller size, or restart the "
+                "server with less GPU memory in use (--memory auto, --offload model, --quantize fp8)"
+            ) from None
+        stats = self.runtime.after(request) if self.runtime is not None else {}
         return output.images[0], stats
 
     def run(self, request: GenerationRequest, *, on_step=None, cancel: threading.Event | None = None):
-        """Generate for a validated request; the image carries its settings in `image.info`."""
+        """Generate for a validated request on the generation thread, waiting for it; the image
+        carries its settings in `image.info`. Interrupted while it waits (Ctrl-C), the caller leaves
+        with the interrupt, and the generation stops at the end of its current step."""
+        cancel = cancel if cancel is not None else threading.Event()
+        try:
+            return self.on_generation_thread(self._generate, request, on_step, cancel)
+        except (KeyboardInterrupt, SystemExit):  # Ctrl-C while it waits: stop at the end of the step
+            cancel.set()
+            raise
+
+    def on_generation_thread(self, fn, *args):
+        """`fn(*args)` called on the generation thread (see the class), with the caller's context
+        variables (the request id in the log); directly when called there. Its result, or its error."""
+        if getattr(self._here, "on", False):
+            return fn(*args)
+        return self._thread.submit(contextvars.copy_context().run, fn, *args).result()
+
+    def _generate(self, request: GenerationRequest, on_step, cancel: threading.Event) -> GenerationResult:
         started = time.perf_counter()
         image, stats = self._call_pipeline(request, on_step=on_step, cancel=cancel)
         seconds = time.perf_counter() - started

@@ -94,3 +94,76 @@ def test_out_of_memory_is_a_clear_error_and_the_next_request_runs(monkeypatch):
     # log record, with its traceback) is still held here.
     assert released == [True]
     assert inference.infer("a", width=256, height=256).image.size == (256, 256)
+
+
+def test_every_generation_runs_on_one_thread_whoever_asks(caplog):
+    # torch keeps CUDA graphs (--compile-mode reduce-overhead) per thread: the warm-up's thread must
+    # be every request's. A fake pipeline is enough: what is tested is where it is called.
+    import logging
+    import threading
+    from concurrent.futures import ThreadPoolExecutor
+    from types import SimpleNamespace
+
+    from PIL import Image
+
+    from flux_infer.inference import FluxInference
+    from flux_infer.service import REQUEST_ID, RequestIdFilter
+
+    class Pipeline:
+        threads = []
+
+        def set_progress_bar_config(self, **_):
+            pass
+
+        def __call__(self, **kwargs):
+            Pipeline.threads.append(threading.get_ident())
+            return SimpleNamespace(images=[Image.new("RGB", (kwargs["width"], kwargs["height"]))])
+
+    inference = FluxInference(Pipeline())
+    inference.warm_up(((256, 256),), steps=2)
+
+    def request_from_a_worker(number):
+        REQUEST_ID.set(f"req-{number}")
+        return inference.infer("a", width=256, height=256).image.size
+
+    caplog.handler.addFilter(RequestIdFilter())
+    with caplog.at_level(logging.INFO, logger="flux_infer.inference"), ThreadPoolExecutor(3) as callers:
+        assert list(callers.map(request_from_a_worker, range(6))) == [(256, 256)] * 6
+    assert len(Pipeline.threads) == 7 and len(set(Pipeline.threads)) == 1
+    assert Pipeline.threads[0] != threading.get_ident()  # not the caller's
+    # The caller's context goes with it: each "generated" line carries its request's id.
+    ids = {record.request_id for record in caplog.records if record.getMessage().startswith("generated")}
+    assert ids == {f"req-{number}" for number in range(6)}
+
+
+def test_an_interrupted_caller_stops_the_generation_at_the_end_of_its_step(tiny_dir):
+    # Ctrl-C reaches the main thread, which waits while the generation thread denoises: the
+    # interrupt goes on up (the CLI exits with 130), and the generation stops after its step
+    # instead of running on to its last one while the process tries to exit.
+    import signal
+    import threading
+
+    from flux_infer.inference import FluxInference, GenerationCancelled
+    from flux_infer.loading import load_pipeline
+
+    pipeline, *_ = load_pipeline(str(tiny_dir), device="cpu")
+    inference = FluxInference(pipeline)
+    cancel, interrupted = threading.Event(), threading.Event()
+    steps = []
+
+    def on_step(step):  # on the generation thread
+        steps.append(step.index)
+        if step.index == 1:
+            signal.pthread_kill(threading.main_thread().ident, signal.SIGINT)
+            interrupted.wait()  # the first step ends once the caller has had its interrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        inference.run(build_request("a", width=256, height=256, num_inference_steps=20), on_step=on_step,
+                      cancel=cancel)
+    interrupted.set()
+    assert cancel.is_set()
+    # The interrupted generation ends as the next one waits its turn on the same thread.
+    assert inference.infer("a", width=256, height=256, num_inference_steps=2).image.size == (256, 256)
+    assert steps == [1]
+    with pytest.raises(GenerationCancelled):  # the same stop, seen by a caller who waits
+        inference.run(build_request("a", width=256, height=256, num_inference_steps=2), cancel=cancel)
