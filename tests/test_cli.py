@@ -142,6 +142,31 @@ def test_compile_that_cannot_build_kernels_here_is_a_clear_error(tmp_path, tiny_
     assert not (tmp_path / "x.png").exists()
 
 
+@e2e
+def test_ctrl_c_stops_the_denoising_at_the_end_of_its_step_and_exits_130(tmp_path, tiny_dir):
+    import re
+    import signal
+
+    environment = {**os.environ, **TELEMETRY_OFF, "XDG_CACHE_HOME": str(tmp_path / "cache")}
+    # 2048x2048: about a second a step here, 50 of them, so the interrupt comes long before the end.
+    child = subprocess.Popen([sys.executable, "-m", "flux_infer", "generate", "a cat", "--model", str(tiny_dir),
+                              "--width", "2048", "--height", "2048", "--steps", "50", "-o", str(tmp_path / "x.png")],
+                             cwd=tmp_path, env=environment, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    shown = b""
+    while b" 1/50 [" not in shown:  # the progress bar has counted the first step
+        chunk = child.stderr.read1(65536)
+        assert chunk, f"the command ended before its first step: {shown.decode(errors='replace')[-2000:]}"
+        shown += chunk
+    child.send_signal(signal.SIGINT)
+    rest, _ = child.stderr.read(), child.wait()
+    shown += rest
+    assert child.returncode == 130
+    assert not (tmp_path / "x.png").exists()
+    assert b"Traceback" not in shown
+    counted = [int(n) for n in re.findall(rb" (\d+)/50 \[", shown)]
+    assert max(counted) < 50  # it stopped, rather than denoise to the end while the process exits
+
+
 HINT = "hf download black-forest-labs/FLUX.1-dev --local-dir weights/FLUX.1-dev"
 
 
