@@ -22,8 +22,9 @@ Parts (`--parts`, comma-separated; each sized for about 5 minutes on an H100 at 
 - served: `flux-infer serve` driven like the page (event stream, every preview fetched) and by
   gradio_client, previews latent and a random-weight TAEF1, and one OpenAI-route request,
   against the direct call (needs the `server` wheels); then what serving adds, each part timed
-  apart: a preview decoded on the device (latent map, TAEF1, TAEF1 on 2x2-pooled latents or with
-  channels_last weights), the VAE decode (NCHW, channels_last) and the final PNG and WebP encoding;
+  apart: a preview decoded on the device (latent map, TAEF1 as served with channels_last weights,
+  TAEF1 on 2x2-pooled latents or with NCHW weights), the VAE decode (NCHW, channels_last) and the
+  final PNG and WebP encoding;
 - memory: `--memory auto` within `--gpu-memory` 24, 16, 12 and 8 GiB: the plan, s/image, peaks;
   nf4 needs the `nf4` wheels, else 12 GiB plans group offload;
 - lean: two leaner plans under the 8 GiB cap (fp8-storage with group offload, nf4 transformer and
@@ -349,11 +350,10 @@ def after_image_check(inference, result, *, size: int, steps: int, cuda: bool) -
 
 def serving_costs(image, taef1: str, placement, *, vae, size: int, sync) -> dict:
     """Milliseconds each, timed apart (median of 5 after one): a preview decoded on the device in the
-    step callback (the denoising waits for it), for the latent map and TAEF1 (also given latents
-    pooled 2x2, a quarter of its work, and with channels_last weights, cuDNN's preferred layout for
-    convolutions); the pipeline's VAE decode (part of every image; NCHW and channels_last; left out
-    when `vae` is None); the final image's encoding on the CPU, PNG (what /infer and the OpenAI route
-    send) and WebP."""
+    step callback (the denoising waits for it), for the latent map and TAEF1 (channels_last weights,
+    as served; also given latents pooled 2x2, a quarter of its work, and with NCHW weights); the
+    pipeline's VAE decode (part of every image; NCHW and channels_last; left out when `vae` is None);
+    the final image's encoding on the CPU, PNG (what /infer and the OpenAI route send) and WebP."""
     import torch
     import torch.nn.functional as F
 
@@ -376,8 +376,8 @@ def serving_costs(image, taef1: str, placement, *, vae, size: int, sync) -> dict
     decoder = load_preview_decoder("taef1", taef1=taef1, device=placement.device, dtype=placement.dtype)
     costs = {"latent preview": ms(lambda: latent_map(latents)), "taef1 preview": ms(lambda: decoder(latents)),
              "taef1 preview, pooled latents": ms(lambda: decoder(pooled))}
-    decoder.vae.to(memory_format=torch.channels_last)
-    costs["taef1 preview, channels_last"] = ms(lambda: decoder(latents))
+    decoder.vae.to(memory_format=torch.contiguous_format)
+    costs["taef1 preview, NCHW weights"] = ms(lambda: decoder(latents))
     if vae is not None:
         vae_latents = latents[None].to(vae.dtype)
         costs["vae decode"] = ms(lambda: vae.decode(vae_latents, return_dict=False))

@@ -93,7 +93,7 @@ def test_the_served_direct_measurement_says_what_previews_and_encoding_add(gpu_b
                                 step_times=False, started=time.time(), taef1=str(taef1))
     costs = row["serving_costs"]
     assert set(costs) == {"latent preview", "taef1 preview", "taef1 preview, pooled latents",
-                          "taef1 preview, channels_last", "vae decode", "vae decode, channels_last", "png encode",
+                          "taef1 preview, NCHW weights", "vae decode", "vae decode, channels_last", "png encode",
                           "webp encode"}
     assert all(ms > 0 for ms in costs.values())
     # TAEF1 given a quarter of the latents does a quarter of its convolutions

@@ -198,6 +198,11 @@ def test_decoder_choice(tmp_path):
     with pytest.raises(ValueError, match="could not load TAEF1 from .*no-taef1.*hf download madebyollin/taef1"):
         load_preview_decoder("taef1", taef1=missing, device="cpu", dtype=torch.float32)
     found = make_tiny_taef1(tmp_path / "taef1")
-    assert isinstance(load_preview_decoder("auto", taef1=str(found), device="cpu", dtype=torch.float32), Taef1Preview)
+    taef1 = load_preview_decoder("auto", taef1=str(found), device="cpu", dtype=torch.float32)
+    assert isinstance(taef1, Taef1Preview)
+    # Its convolutions' weights in channels_last, their fastest layout (see load_taef1).
+    convolutions = [m.weight for m in taef1.vae.modules() if isinstance(m, torch.nn.Conv2d)]
+    assert convolutions and all(w.is_contiguous(memory_format=torch.channels_last) for w in convolutions)
+    assert not all(w.is_contiguous() for w in convolutions)  # not a layout both readings accept (1x1 kernels)
     with pytest.raises(ValueError, match="--preview must be one of auto, taef1, latent, none"):
         load_preview_decoder("fast", device="cpu", dtype=torch.float32)
