@@ -157,10 +157,12 @@ def test_an_interrupted_caller_stops_the_generation_at_the_end_of_its_step(tiny_
             signal.pthread_kill(threading.main_thread().ident, signal.SIGINT)
             interrupted.wait()  # the first step ends once the caller has had its interrupt
 
-    with pytest.raises(KeyboardInterrupt):
-        inference.run(build_request("a", width=256, height=256, num_inference_steps=20), on_step=on_step,
-                      cancel=cancel)
-    interrupted.set()
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            inference.run(build_request("a", width=256, height=256, num_inference_steps=20), on_step=on_step,
+                          cancel=cancel)
+    finally:
+        interrupted.set()  # whatever happened, the generation thread goes on
     assert cancel.is_set()
     # The interrupted generation ends as the next one waits its turn on the same thread.
     assert inference.infer("a", width=256, height=256, num_inference_steps=2).image.size == (256, 256)
