@@ -15,6 +15,13 @@ os.environ.update(TELEMETRY_OFF)
 PROMPT = "a tiny astronaut hatching from an egg on the moon"
 
 
+def prompt(take: int) -> str:
+    """The prompt of timed image number `take`: one of its own, since flux-infer keeps the text
+    embeddings of recent prompts (settings.PROMPT_CACHE_SIZE), and a timed image pays for the text
+    encoders, as an image of a new prompt does."""
+    return f"{PROMPT}, take {take}"
+
+
 def add_thread_option(parser) -> None:
     parser.add_argument(
         "--torch-threads", type=int, default=None,

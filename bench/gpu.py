@@ -133,10 +133,17 @@ CAPS_GIB = (24, 16, 12, 8)
 # with less than MIN_CHILD_S left (too short for a FLUX.1-dev build and one image).
 DEADLINE_MARGIN_S = 10
 MIN_CHILD_S = 30
-PROMPT = "a tiny astronaut hatching from an egg on the moon"
 
 
 # -- the machine ----------------------------------------------------------------------------------
+
+def bench_module(name: str):
+    """A module beside this script (common, previews), however this file was loaded."""
+    folder = str(REPO / "bench")
+    if folder not in sys.path:
+        sys.path.insert(0, folder)
+    return importlib.import_module(name)
+
 
 def ensure_dependencies(wheels: Path | None) -> None:
     """Install the wheels brought along into a private folder when diffusers is missing; the
@@ -231,6 +238,8 @@ def measure_one(flags: str, *, model: str, device: str | None, size: int, steps:
     """
     import torch
 
+    prompt = bench_module("common").prompt
+
     from flux_infer import cli
     from flux_infer.inference import FluxInference, build_request
     from flux_infer.loading import load_pipeline, resolve_placement
@@ -272,7 +281,7 @@ def measure_one(flags: str, *, model: str, device: str | None, size: int, steps:
         previous.update(at=now, calls=calls)
 
     def one(seed: int):
-        request = build_request(PROMPT, seed=seed, randomize_seed=False, width=size, height=size,
+        request = build_request(prompt(seed), seed=seed, randomize_seed=False, width=size, height=size,
                                 num_inference_steps=steps)
         began = time.perf_counter()
         result = inference.run(request, on_step=on_step if step_times else None)
@@ -333,7 +342,8 @@ def after_image_check(inference, result, *, size: int, steps: int, cuda: bool) -
         return torch.cuda.memory_allocated() / 1024**3 if cuda else None
 
     after = {"image": held()}
-    request = build_request(PROMPT, seed=0, randomize_seed=False, width=size, height=size, num_inference_steps=steps)
+    request = build_request(bench_module("common").PROMPT, seed=0, randomize_seed=False, width=size, height=size,
+                            num_inference_steps=steps)
     began = time.perf_counter()
     inference.run(replace(request, image=result.image, strength=0.5, num_inference_steps=4))
     edit_s = time.perf_counter() - began
@@ -736,11 +746,13 @@ def part_cold(run: Run) -> None:
 
 def part_served(run: Run) -> None:
     """The served path against the direct call, at the Space's defaults with previews on."""
-    a = run.args
-    sys.path.insert(0, str(REPO / "bench"))
+    import itertools
+
     import httpx
-    from common import Server
-    from previews import page_outputs
+
+    a = run.args
+    Server, prompt = bench_module("common").Server, bench_module("common").prompt
+    page_outputs = bench_module("previews").page_outputs
 
     run.write("\n## Served end to end\n")
     from flux_infer.random_weights import save_taef1
@@ -751,7 +763,8 @@ def part_served(run: Run) -> None:
     direct = run.measure("served", "direct", "", runs=a.runs, taef1=str(taef1))
     if not direct:
         return
-    data = [PROMPT, 0, False, a.size, a.size, 3.5, a.steps]
+    data = [0, False, a.size, a.size, 3.5, a.steps]  # /infer's arguments after the prompt
+    takes = itertools.count(10_000)  # every served image a prompt of its own, as the direct ones
     run.write("| consumer | previews | median s | vs direct | runs |\n|---|---|---:|---:|---|")
     run.write(f"| direct FluxInference.run | none | {direct['median_s']:.3f} | 1.00 | "
               f"{' '.join(f'{t:.2f}' for t in direct['times'])} |")
@@ -767,12 +780,12 @@ def part_served(run: Run) -> None:
             client = server.client()
             consumers = {
                 "page (event stream, every preview fetched)": lambda seed: len(set(page_outputs(
-                    browser, [data[0], seed, *data[2:]]))),
-                "gradio_client predict()": lambda seed: client.predict(data[0], seed, False, *data[3:],
+                    browser, [prompt(next(takes)), seed, *data[1:]]))),
+                "gradio_client predict()": lambda seed: client.predict(prompt(next(takes)), seed, *data[1:],
                                                                         api_name="/infer"),
                 "OpenAI route, b64_json": lambda seed: browser.post("v1/images/generations", json={
-                    "prompt": PROMPT, "size": f"{a.size}x{a.size}", "response_format": "b64_json", "seed": seed,
-                    "num_inference_steps": a.steps}).raise_for_status(),
+                    "prompt": prompt(next(takes)), "size": f"{a.size}x{a.size}", "response_format": "b64_json",
+                    "seed": seed, "num_inference_steps": a.steps}).raise_for_status(),
             }
             for consumer, call in consumers.items():
                 call(100)  # warm-up

@@ -20,6 +20,7 @@ of them recompiles.
 from __future__ import annotations
 
 import argparse
+import itertools
 import statistics
 import sys
 import tempfile
@@ -28,7 +29,7 @@ from dataclasses import replace
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common import PROMPT, add_thread_option, apply_thread_option  # noqa: E402
+from common import add_thread_option, apply_thread_option, prompt  # noqa: E402
 
 TARGETS = ("attn.to_q", "attn.to_k", "attn.to_v", "attn.to_out.0")
 
@@ -84,8 +85,7 @@ def main() -> None:
     loaded = load_pipeline(args.model, options=options, lora_folder=LoraFolder(str(folder), rank=args.rank))
     inference = FluxInference(loaded.pipeline, runtime=loaded.runtime, adapters=loaded.adapters)
     cuda = torch.cuda.is_available() and loaded.placement.device.startswith("cuda")
-    base = build_request(PROMPT, seed=1, randomize_seed=False, width=args.size, height=args.size,
-                         num_inference_steps=args.steps)
+    takes = itertools.count()  # every timed image a prompt of its own (common.prompt)
 
     def timed(call) -> float:
         if cuda:
@@ -97,7 +97,9 @@ def main() -> None:
         return time.perf_counter() - started
 
     def image(loras=()):
-        return timed(lambda: inference.run(replace(base, loras=loras)))
+        request = build_request(prompt(next(takes)), seed=1, randomize_seed=False, width=args.size,
+                                height=args.size, num_inference_steps=args.steps)
+        return timed(lambda: inference.run(replace(request, loras=loras)))
 
     two = (LoraChoice("a", 1.0), LoraChoice("b", 0.7))
     image()  # warm-up (and, with --compile, the compile)

@@ -24,7 +24,7 @@ import tempfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common import PROMPT, Server, add_thread_option, apply_thread_option, interleaved, report  # noqa: E402
+from common import Server, add_thread_option, apply_thread_option, interleaved, prompt, report  # noqa: E402
 
 
 def main() -> None:
@@ -56,13 +56,13 @@ def main() -> None:
         pipe.set_progress_bar_config(disable=True)
 
         def direct(seed: int) -> None:
-            pipe(PROMPT, generator=torch.Generator().manual_seed(seed), **settings).images[0]
+            pipe(prompt(seed), generator=torch.Generator().manual_seed(seed), **settings).images[0]
 
         def served(seed: int) -> None:
-            client.predict(PROMPT, seed, False, api_name="/infer", **settings)
+            client.predict(prompt(seed), seed, False, api_name="/infer", **settings)
 
         def served_plain(seed: int) -> None:
-            plain_client.predict(PROMPT, seed, False, api_name="/infer", **settings)
+            plain_client.predict(prompt(seed), seed, False, api_name="/infer", **settings)
 
         # Servers not in use are paused, so their idle polling does not slow what is timed.
         times = interleaved(

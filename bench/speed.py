@@ -17,7 +17,7 @@ import tempfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common import PROMPT, add_thread_option, apply_thread_option, interleaved, report  # noqa: E402
+from common import add_thread_option, apply_thread_option, interleaved, prompt, report  # noqa: E402
 
 # name: flags. The random tiny model needs high thresholds to skip at all (see the docstring).
 VARIANTS = {
@@ -72,7 +72,7 @@ def main() -> None:
 
     def call(name):
         def run(seed: int) -> None:
-            request = build_request(PROMPT, seed=seed, randomize_seed=False, width=args.size, height=args.size,
+            request = build_request(prompt(seed), seed=seed, randomize_seed=False, width=args.size, height=args.size,
                                     num_inference_steps=args.steps)
             cached[name] = inferences[name].run(request).cached_steps
         return run

@@ -16,6 +16,7 @@ import secrets
 import threading
 import time
 import traceback
+from collections import OrderedDict
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, replace
 from typing import Any, Protocol
@@ -241,6 +242,7 @@ class FluxInference:
         self.pipeline.set_progress_bar_config(disable=not progress_bar)
         self._progress_bar = progress_bar
         self._edit_pipelines: dict[str, Any] = {}
+        self._prompts: OrderedDict[str, dict] = OrderedDict()  # prompt -> its embeddings, last used last
         # The generation thread, and a mark that only it carries (`_here.on`), set as it starts.
         self._here = threading.local()
         self._thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="flux-generate",
@@ -261,6 +263,29 @@ class FluxInference:
             pipeline.set_progress_bar_config(disable=not self._progress_bar)
             self._edit_pipelines[kind] = pipeline
         return self._edit_pipelines[kind]
+
+    def _text_inputs(self, request: GenerationRequest) -> tuple[dict, bool]:
+        """The prompt as the pipeline takes it, and whether its embeddings were kept from an earlier
+        image. T5's and CLIP's embeddings of the last `settings.PROMPT_CACHE_SIZE` prompts are kept
+        on the device, so the same prompt again (a new seed, another size, an edit) skips the text
+        encoders: with model offload, T5's trip to the GPU and back. The same embeddings the pipeline
+        would make (its own `encode_prompt`), so the same pixels. A request with LoRAs encodes
+        afresh, and is not kept: a LoRA may change CLIP's layers."""
+        import torch
+
+        if request.loras:
+            return {"prompt": request.prompt}, False
+        kept = self._prompts.pop(request.prompt, None)
+        if kept is None:
+            with torch.no_grad():
+                prompt_embeds, pooled_prompt_embeds, _ = self.pipeline.encode_prompt(request.prompt)
+            embeddings = dict(prompt_embeds=prompt_embeds, pooled_prompt_embeds=pooled_prompt_embeds)
+        else:
+            embeddings = kept
+        self._prompts[request.prompt] = embeddings
+        while len(self._prompts) > settings.PROMPT_CACHE_SIZE:
+            self._prompts.popitem(last=False)
+        return embeddings, kept is not None
 
     def _step_callback(self, request: GenerationRequest, on_step, cancel):
         from flux_infer.previews import Step
@@ -317,8 +342,9 @@ class FluxInference:
             self.runtime.before(request)
         try:
             with self.runtime.call_context(request) if self.runtime is not None else contextlib.nullcontext():
+                text, reused = self._text_inputs(request)
                 output = self.pipeline_for(request.kind)(
-                    prompt=request.prompt,
+                    **text,
                     width=request.width,
                     height=request.height,
                     guidance_scale=request.guidance_scale,
@@ -343,7 +369,7 @@ class FluxInference:
                 "server with less GPU memory in use (--memory auto, --offload model, --quantize fp8)"
             ) from None
         stats = self.runtime.after(request) if self.runtime is not None else {}
-        return output.images[0], stats
+        return output.images[0], {**stats, "prompt_reused": reused}
 
     def run(self, request: GenerationRequest, *, on_step=None, cancel: threading.Event | None = None):
         """Generate for a validated request on the generation thread, waiting for it; the image
@@ -369,8 +395,9 @@ class FluxInference:
         seconds = time.perf_counter() - started
         image.info["parameters"] = request.parameters_text()
         image.info["flux_infer"] = json.dumps(request.settings())
-        log.info("generated %dx%d (%s), %d steps, seed %d in %.2f s", request.width, request.height, request.kind,
-                 request.denoising_steps, request.seed, seconds)
+        log.info("generated %dx%d (%s), %d steps, seed %d in %.2f s%s", request.width, request.height, request.kind,
+                 request.denoising_steps, request.seed, seconds,
+                 " (the prompt's embeddings kept from before)" if stats.get("prompt_reused") else "")
         return GenerationResult(image=image, seed=request.seed, request=request, seconds=seconds,
                                 cached_steps=stats.get("cached_steps", 0))
 

@@ -61,6 +61,10 @@ SIZE_MULTIPLE = 16
 # CLIP reads 77 tokens and T5 512; a prompt far longer than that is a mistake, not a prompt.
 MAX_PROMPT_CHARS = 10_000
 
+# Prompts whose text embeddings (T5's and CLIP's, ~4 MB on the device each) are kept for the next
+# image with the same prompt (FluxInference): a new seed skips the text encoders.
+PROMPT_CACHE_SIZE = 16
+
 # The Space's examples, and the fixed seed its lazily cached examples are generated with
 # (the Space's infer() defaults: seed=42, randomize_seed=False).
 EXAMPLES = (

@@ -78,6 +78,9 @@ def test_out_of_memory_is_a_clear_error_and_the_next_request_runs(monkeypatch):
         def set_progress_bar_config(self, **_):
             pass
 
+        def encode_prompt(self, prompt):  # the prompt stands for its embeddings
+            return prompt, prompt, None
+
         def __call__(self, **kwargs):
             Pipeline.calls += 1
             if Pipeline.calls == 1:
@@ -114,6 +117,9 @@ def test_every_generation_runs_on_one_thread_whoever_asks(caplog):
 
         def set_progress_bar_config(self, **_):
             pass
+
+        def encode_prompt(self, prompt):  # the prompt stands for its embeddings
+            return prompt, prompt, None
 
         def __call__(self, **kwargs):
             Pipeline.threads.append(threading.get_ident())
@@ -169,3 +175,37 @@ def test_an_interrupted_caller_stops_the_generation_at_the_end_of_its_step(tiny_
     assert steps == [1]
     with pytest.raises(GenerationCancelled):  # the same stop, seen by a caller who waits
         inference.run(build_request("a", width=256, height=256, num_inference_steps=2), cancel=cancel)
+
+
+def test_a_prompt_asked_again_skips_the_text_encoders_and_gives_the_same_pixels(tiny_dir):
+    import numpy as np
+
+    from flux_infer.inference import FluxInference
+    from flux_infer.loading import load_pipeline
+
+    pipeline, *_ = load_pipeline(str(tiny_dir), device="cpu")
+    encoded = []
+    for name in ("text_encoder", "text_encoder_2"):  # CLIP, T5
+        getattr(pipeline, name).register_forward_hook(lambda *_, name=name: encoded.append(name))
+    inference = FluxInference(pipeline)
+    small = dict(randomize_seed=False, width=256, height=256, num_inference_steps=2)
+
+    first = inference.infer("a red fox", seed=1, **small)
+    assert sorted(encoded) == ["text_encoder", "text_encoder_2"]
+    again = inference.infer("a red fox", seed=2, **small)  # a new seed: the same prompt
+    assert len(encoded) == 2
+    inference.infer("a blue fox", seed=2, **small)
+    assert len(encoded) == 4
+    # The pixels of a cold start (the pipeline's own encoding), for both images.
+    fresh, _ = load_pipeline(str(tiny_dir), device="cpu")[:2]
+    for result, seed in ((first, 1), (again, 2)):
+        direct = FluxInference(fresh).infer("a red fox", seed=seed, **small)
+        np.testing.assert_array_equal(np.asarray(result.image), np.asarray(direct.image))
+    # At most settings.PROMPT_CACHE_SIZE are kept, the least recently used dropped first.
+    for number in range(settings.PROMPT_CACHE_SIZE):
+        inference.infer(f"fox number {number}", seed=0, **small)
+    encoded.clear()
+    inference.infer(f"fox number {settings.PROMPT_CACHE_SIZE - 1}", seed=0, **small)
+    assert encoded == []
+    inference.infer("a red fox", seed=3, **small)
+    assert len(encoded) == 2

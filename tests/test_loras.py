@@ -99,6 +99,22 @@ def test_switching_loras_per_request_matches_fusing_them(tiny_dir, lora_dir):
     np.testing.assert_array_equal(pixels(inference, [LoraChoice("film", 0.8)])[0], film)
 
 
+def test_a_request_with_loras_encodes_its_prompt_afresh(tiny_dir, lora_dir):
+    # A LoRA may change CLIP's layers, so the prompt embeddings kept for the base model are not its.
+    pipeline, _, _, runtime, adapters = load_pipeline(str(tiny_dir), device="cpu", lora_folder=LoraFolder(str(lora_dir)))
+    encoded = []
+    pipeline.text_encoder.register_forward_hook(lambda *_: encoded.append("clip"))
+    inference = FluxInference(pipeline, runtime=runtime, adapters=adapters)
+    base = pixels(inference, seed=5)[0]
+    pixels(inference, seed=6)
+    assert len(encoded) == 1  # the base model's embeddings, kept
+    pixels(inference, [LoraChoice("film", 0.8)])
+    pixels(inference, [LoraChoice("film", 0.8)])
+    assert len(encoded) == 3  # each LoRA request its own
+    np.testing.assert_array_equal(pixels(inference, seed=5)[0], base)
+    assert len(encoded) == 3  # back to the base model's kept embeddings, and its pixels
+
+
 @pytest.mark.parametrize("quantize", ["int8", "fp8"])
 def test_loras_switch_per_request_on_quantized_weights(tiny_dir, lora_dir, quantize):
     pipeline, _, _, runtime, adapters = load_pipeline(str(tiny_dir), device="cpu", options=Options(quantize=quantize),
