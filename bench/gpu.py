@@ -751,7 +751,8 @@ def part_served(run: Run) -> None:
     import httpx
 
     a = run.args
-    Server, prompt = bench_module("common").Server, bench_module("common").prompt
+    common = bench_module("common")
+    Server, prompt = common.Server, common.prompt
     page_outputs = bench_module("previews").page_outputs
 
     run.write("\n## Served end to end\n")

@@ -275,17 +275,15 @@ class FluxInference:
 
         if request.loras:
             return {"prompt": request.prompt}, False
-        kept = self._prompts.pop(request.prompt, None)
-        if kept is None:
-            with torch.no_grad():
-                prompt_embeds, pooled_prompt_embeds, _ = self.pipeline.encode_prompt(request.prompt)
-            embeddings = dict(prompt_embeds=prompt_embeds, pooled_prompt_embeds=pooled_prompt_embeds)
-        else:
-            embeddings = kept
-        self._prompts[request.prompt] = embeddings
+        if request.prompt in self._prompts:
+            self._prompts.move_to_end(request.prompt)
+            return self._prompts[request.prompt], True
+        with torch.no_grad():
+            prompt_embeds, pooled_prompt_embeds, _ = self.pipeline.encode_prompt(request.prompt)
+        self._prompts[request.prompt] = dict(prompt_embeds=prompt_embeds, pooled_prompt_embeds=pooled_prompt_embeds)
         while len(self._prompts) > settings.PROMPT_CACHE_SIZE:
             self._prompts.popitem(last=False)
-        return embeddings, kept is not None
+        return self._prompts[request.prompt], False
 
     def _step_callback(self, request: GenerationRequest, on_step, cancel):
         from flux_infer.previews import Step
