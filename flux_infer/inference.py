@@ -246,7 +246,15 @@ class FluxInference:
         # The generation thread, and a mark that only it carries (`_here.on`), set as it starts.
         self._here = threading.local()
         self._thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="flux-generate",
-                                          initializer=setattr, initargs=(self._here, "on", True))
+                                          initializer=self._start_generation_thread)
+
+    def _start_generation_thread(self) -> None:
+        """As the generation thread starts: mark it, and make the model's GPU its current device."""
+        self._here.on = True
+        if self.runtime is not None:
+            from flux_infer.tuning import use_device
+
+            use_device(self.runtime.device)
 
     def pipeline_for(self, kind: str):
         """The pipeline for a request's kind: the loaded FluxPipeline, or diffusers' image-to-image or

@@ -308,6 +308,7 @@ def load_pipeline(
     placement = resolve_placement(device, dtype)
     source = resolve_source(model, base_model=base_model)
     log.info("device %s, dtype %s: %s", placement.device, placement.dtype_name, placement.reason)
+    tuning.use_device(placement.device)
     tuning.limit_gpu_memory(options.gpu_memory, placement.device)
     gguf = source.kind == "single_file" and source.location.endswith(".gguf")
     plan = tuning.resolve_plan(options, placement, gguf_bytes=Path(source.location).stat().st_size if gguf else None,

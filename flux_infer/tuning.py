@@ -322,6 +322,20 @@ def compile_failure(err: Exception) -> OptionError:
                        "leave --compile out to run it uncompiled")
 
 
+def use_device(device: str) -> None:
+    """Make a numbered GPU (`cuda:1`) the calling thread's current CUDA device. torch starts every
+    thread on GPU 0, and some calls take no device: diffusers' group offload makes its copy stream
+    with `torch.cuda.Stream()`, and waits on the current device's stream. Called by the thread that
+    loads the model and by the generation thread. `cuda` (no number) is GPU 0 already."""
+    if not device.startswith("cuda"):
+        return
+    import torch
+
+    index = torch.device(device).index
+    if index is not None:
+        torch.cuda.set_device(index)
+
+
 def limit_gpu_memory(gpu_memory: float | None, device: str) -> None:
     """`--gpu-memory GIB`: cap what torch's allocator may take on this GPU, so the server can share
     the card; an allocation past the cap is an out-of-memory error, as on a card of that size."""

@@ -142,6 +142,49 @@ def test_every_generation_runs_on_one_thread_whoever_asks(caplog):
     assert ids == {f"req-{number}" for number in range(6)}
 
 
+def test_the_generation_thread_works_on_the_models_gpu(monkeypatch):
+    # torch starts every thread on GPU 0; with --device cuda:1 the generation thread makes GPU 1
+    # its current device before its first image (diffusers' group offload waits on the current
+    # device's stream). Recorded, not run: this machine has no GPU.
+    import contextlib
+    import threading
+    from types import SimpleNamespace
+
+    import torch
+    from PIL import Image
+
+    from flux_infer import tuning
+    from flux_infer.inference import FluxInference
+
+    current = []  # (thread, device) each time a thread's current device is set
+    seen = []
+    monkeypatch.setattr(torch.cuda, "set_device", lambda index: current.append((threading.get_ident(), index)))
+
+    class Pipeline:
+        def set_progress_bar_config(self, **_):
+            pass
+
+        def encode_prompt(self, prompt):
+            return prompt, prompt, None
+
+        def __call__(self, **kwargs):  # the devices this thread made current before this image
+            seen.append([index for thread, index in current if thread == threading.get_ident()])
+            return SimpleNamespace(images=[Image.new("RGB", (kwargs["width"], kwargs["height"]))])
+
+    runtime = SimpleNamespace(device="cuda:1", before=lambda request: None, after=lambda request: {},
+                              call_context=lambda request: contextlib.nullcontext())
+    inference = FluxInference(Pipeline(), runtime=runtime)
+    inference.infer("a", width=256, height=256)
+    inference.infer("b", width=256, height=256)
+    assert seen == [[1], [1]]  # set once, as the thread started, on the thread that generates
+    assert len(current) == 1 and current[0][0] != threading.get_ident()
+    # The loading thread does the same; `cuda` is GPU 0 already, and a CPU run has no GPU to choose.
+    current.clear()
+    for device in ("cuda:2", "cuda", "cpu"):
+        tuning.use_device(device)
+    assert current == [(threading.get_ident(), 2)]
+
+
 def test_an_interrupted_caller_stops_the_generation_at_the_end_of_its_step(tiny_dir):
     # Ctrl-C reaches the main thread, which waits while the generation thread denoises: the
     # interrupt goes on up (the CLI exits with 130), and the generation stops after its step
