@@ -38,9 +38,10 @@ def apply_thread_option(args) -> None:
         os.environ["OMP_NUM_THREADS"] = str(args.torch_threads)
 
 
-def Server(model: str | Path, workdir: Path, extra: list[str], name: str = "server") -> ServerProcess:
-    """`flux-infer serve --model MODEL EXTRA...` on a free loopback port (flux_infer.launcher)."""
-    return ServerProcess(["--model", str(model), *extra], workdir, name=name)
+def Server(model: str | Path, workdir: Path, extra: list[str], name: str = "server", **kwargs) -> ServerProcess:
+    """`flux-infer serve --model MODEL EXTRA...` on a free loopback port (flux_infer.launcher; `kwargs`:
+    its `env` and `startup_s`)."""
+    return ServerProcess(["--model", str(model), *extra], workdir, name=name, **kwargs)
 
 
 def interleaved(calls: dict, runs: int, servers: dict | None = None) -> dict[str, list[float]]:

@@ -25,6 +25,9 @@ Parts (`--parts`, comma-separated; each sized for about 5 minutes on an H100 at 
   apart: a preview decoded on the device (latent map, TAEF1 as served with channels_last weights,
   TAEF1 on 2x2-pooled latents or with NCHW weights), the VAE decode (NCHW, channels_last) and the
   final PNG and WebP encoding;
+- graphs: one server with CUDA graphs (`--compile --compile-mode reduce-overhead`) asked through
+  each door in turn: the graphs its warm-up recorded must serve them all (graphs recorded after the
+  start-up, each door's first image against its second, the card's memory door to door);
 - memory: `--memory auto` within `--gpu-memory` 24, 16, 12 and 8 GiB: the plan, s/image, peaks;
   nf4 needs the `nf4` wheels, else 12 GiB plans group offload;
 - lean: two leaner plans under the 8 GiB cap (fp8-storage with group offload, nf4 transformer and
@@ -39,7 +42,7 @@ On the GPU machine (torch present, our other dependencies not):
     python3 bench/gpu.py --wheels .whl --out "$OUT" --parts presets
 Check the whole script on a CPU first (random-small, 256x256, 4 steps, 1 run):
     python bench/gpu.py --allow-cpu --out /tmp/gpu-check \
-        --parts presets,compile,offload,steps,served,memory,lean,cold,lora
+        --parts presets,compile,offload,steps,served,graphs,memory,lean,cold,lora
 
 `--only NAMES` narrows the preset parts to some presets (bf16 eager is always measured, for the
 ratios); `--profile [PARTS]` adds a torch.profiler account of one more image per preset, cap or lean
@@ -117,6 +120,7 @@ PARTS = {
     "offload": ["bf16", "model-offload", "group-offload"],
     "steps": ["bf16"],
     "served": [],
+    "graphs": [],
     "memory": ["bf16"],
     "lean": ["bf16"],
     "cold": [],
@@ -815,6 +819,91 @@ def part_served(run: Run) -> None:
         run.write(encoded.stdout if encoded.returncode == 0 else f"could not run: {encoded.stderr.strip()[-500:]}")
 
 
+def part_graphs(run: Run) -> None:
+    """CUDA graphs, served: one server with `--compile --compile-mode reduce-overhead`, asked through
+    each door in turn (gradio_client, the page's event stream, the OpenAI route), two images each.
+    torch keeps CUDA graphs, and their memory pool, per thread; every generation runs on
+    FluxInference's one thread, so the graphs recorded at the start-up's warm-up serve every door:
+    none is recorded after it, no door's first image is slower than its second, and the card's
+    memory does not grow from door to door. The server logs each recording (TORCH_LOGS=+cudagraphs)."""
+    import itertools
+
+    import httpx
+
+    a = run.args
+    common = bench_module("common")
+    page_outputs = bench_module("previews").page_outputs
+
+    run.write("\n## CUDA graphs served through every door\n")
+    limit = run.child_timeout()
+    if limit is None:
+        run.write(f"not measured: {run.deadline_reached()}")
+        return
+    flags = [*PRESETS["compile-cudagraphs"].split(), "--compile-sizes", f"{a.size}x{a.size}", "--preview", "latent",
+             *(["--device", a.device] if a.device else [])]
+    began = time.perf_counter()
+    try:
+        server = common.Server(a.model, Path(a.scratch) / "graphs", flags, name="graphs", startup_s=limit[0],
+                               env={"TORCH_LOGS": "+cudagraphs,recompiles"})
+    except RuntimeError as err:
+        run.write(f"`serve {' '.join(flags)}` could not start: {str(err).strip().splitlines()[-1][:300]}")
+        return
+    started_s = time.perf_counter() - began
+
+    def recorded() -> tuple[int, int]:  # CUDA graphs recorded (cudagraph trees log each) and recompilations so far
+        log = server.log()
+        return log.count("Recording function="), log.count("Recompiling function")
+
+    try:
+        browser = httpx.Client(base_url=server.url, timeout=limit[0])
+        client = server.client()
+        data = [False, a.size, a.size, 3.5, a.steps]  # /infer's arguments after the prompt and seed
+        takes = itertools.count(20_000)
+
+        def page():
+            if not list(page_outputs(browser, [common.prompt(next(takes)), 0, *data])):
+                raise RuntimeError(f"the page's event stream brought no image: see {server.log_path}")
+
+        doors = {
+            "gradio_client predict()": lambda: client.predict(common.prompt(next(takes)), 0, *data, api_name="/infer"),
+            "page (event stream, every preview fetched)": page,
+            "OpenAI route, b64_json": lambda: browser.post("v1/images/generations", json={
+                "prompt": common.prompt(next(takes)), "size": f"{a.size}x{a.size}", "response_format": "b64_json",
+                "num_inference_steps": a.steps}).raise_for_status(),
+        }
+        at_start, used_at_start = recorded(), SmiPeak._used()
+        run.write(f"`serve {' '.join(flags)}`: ready in {started_s:.0f} s (load and warm-up), {at_start[0]} CUDA "
+                  f"graphs recorded, card memory {_gib(used_at_start) or 'not read'} GiB\n")
+        run.write("| door | first image s | second image s | first/second | graphs recorded | recompilations | "
+                  "card GiB after |\n|---|---:|---:|---:|---:|---:|---:|")
+        used = []
+        for door, call in doors.items():
+            if run.child_timeout() is None:
+                run.write(f"| {door} | not measured: {run.deadline_reached()} |")
+                break
+            before = recorded()
+            times = []
+            for _ in range(2):
+                began = time.perf_counter()
+                call()
+                times.append(time.perf_counter() - began)
+            used.append(SmiPeak._used())
+            after = recorded()
+            row = {"times": times, "recorded": after[0] - before[0], "recompiles": after[1] - before[1],
+                   "card_gib": used[-1]}
+            run.write(f"| {door} | {times[0]:.3f} | {times[1]:.3f} | {times[0] / times[1]:.2f} | {row['recorded']} | "
+                      f"{row['recompiles']} | {_gib(used[-1])} |")
+            run.record("graphs", door, row)
+        growth = (f"{used[-1] - used[0]:+.2f} GiB" if len(used) > 1 and None not in (used[0], used[-1])
+                  else "not read (no nvidia-smi)")
+        after = recorded()
+        run.write(f"\nAfter the start-up: {after[0] - at_start[0]} CUDA graphs recorded and {after[1] - at_start[1]} "
+                  f"recompilations (goal 0 and 0); card memory from the first door to the last: {growth}.")
+    finally:
+        server.stop()
+        (run.out / "server-graphs.log").write_bytes(server.log_path.read_bytes()[-200_000:])
+
+
 def serving_costs_table(costs: dict, direct_s: float, steps: int) -> str:
     """From `serving_costs`, per image: previews at every step (the served path only), one VAE decode
     (inside the direct time too), one encoding (the served path only)."""
@@ -937,6 +1026,8 @@ def main() -> None:
             part_cold(run)
         elif part == "served":
             part_served(run)
+        elif part == "graphs":
+            part_graphs(run)
         elif part == "lora":
             part_lora(run)
         run.write(f"\n({part}: {time.perf_counter() - began:.0f} s)")
