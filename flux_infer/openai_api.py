@@ -289,6 +289,7 @@ class ImageFiles:
     """The image files behind `response_format: url`, deleted after `keep_seconds`."""
 
     def __init__(self, directory: Path | None = None, keep_seconds: float = settings.DEFAULT_KEEP_OUTPUTS_S):
+        self._made = directory is None  # a folder of its own (in TMPDIR), removed by close()
         self.directory = Path(directory or tempfile.mkdtemp(prefix="flux-infer-v1-"))
         self.keep_seconds = keep_seconds
 
@@ -322,6 +323,13 @@ class ImageFiles:
                     deleted += 1
             except FileNotFoundError:
                 pass
+        return deleted
+
+    def close(self) -> int:
+        """At shutdown: delete every file, and the folder when it made it; how many files went."""
+        deleted = self.sweep(None)
+        if self._made:
+            self.directory.rmdir()
         return deleted
 
 

@@ -127,16 +127,24 @@ def is_loopback(host: str) -> bool:
 class Housekeeping:
     """What runs beside the server for its whole life (the app's lifespan): the served images'
     temporary files (Gradio's and /v1's) are deleted once older than `keep_seconds`, looked for every
-    so often and all deleted at the end; and MCP's session manager, when MCP is on."""
+    so often and all deleted at the end (with /v1's folder); and MCP's session manager, when MCP is on."""
 
     def __init__(self, demo, files, keep_seconds: float, mcp=None):
         self.demo, self.files, self.keep_seconds, self.mcp = demo, files, keep_seconds, mcp
 
-    def sweep(self, age: float | None) -> None:
-        """Delete the temporary images older than `age` seconds (None: all of them)."""
+    def sweep(self, age: float) -> None:
+        """Delete the temporary images older than `age` seconds."""
         from flux_infer import web
 
         deleted = web.sweep_files(self.demo, age) + self.files.sweep(age)
+        if deleted:
+            log.debug("deleted %d temporary image files", deleted)
+
+    def close(self) -> None:
+        """At shutdown: delete every temporary image, and /v1's folder."""
+        from flux_infer import web
+
+        deleted = web.sweep_files(self.demo, None) + self.files.close()
         if deleted:
             log.debug("deleted %d temporary image files", deleted)
 
@@ -157,7 +165,7 @@ class Housekeeping:
                 yield
         finally:
             task.cancel()
-            self.sweep(None)
+            self.close()
 
 
 class OpsRoutes:

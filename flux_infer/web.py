@@ -74,13 +74,16 @@ class PerSession:
         return self._values.get(session, self.default) if session else self.default
 
 
+PREVIEWS_FOLDER = "flux-infer-previews"  # in Gradio's folder
+
+
 def preview_file(frame) -> str:
     """A preview as a WebP file in Gradio's folder, which Gradio serves as it is and the server's
     sweep deletes with Gradio's own files (gradio_internals.cache_folder). WebP, as the Space sent
     them: a 512x512 preview of a photograph is ~30 KB against ~380 KB as PNG, in 8 ms against 22 ms
     here (bench/encode.py --size 512), at every step, which a browser on another machine feels. The
     final image keeps the page's format (--image-format)."""
-    folder = Path(gradio_internals.cache_folder()) / "flux-infer-previews"
+    folder = Path(gradio_internals.cache_folder()) / PREVIEWS_FOLDER
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / f"{secrets.token_hex(16)}.webp"
     path.write_bytes(encode(frame.image(), "webp"))
@@ -260,6 +263,7 @@ def sweep_files(demo, age: float | None) -> int:
     atomic under the GIL) and takes out only what it deleted. The server runs it on a timer.
     """
     keep = gradio_internals.kept_files(demo)
+    root = Path(gradio_internals.cache_folder()).resolve()
     cutoff = None if age is None else time.time() - age
     deleted = 0
     for files in list(gradio_internals.temp_file_sets(demo)):
@@ -269,11 +273,24 @@ def sweep_files(demo, age: float | None) -> int:
                 if cutoff is None or os.lstat(name).st_ctime < cutoff:
                     os.remove(name)
                     gone.add(name)
+                    _remove_if_empty(Path(name).resolve().parent, root)
             except FileNotFoundError:
                 gone.add(name)
         files.difference_update(gone)
         deleted += len(gone)
     return deleted
+
+
+def _remove_if_empty(folder: Path, root: Path) -> None:
+    """Gradio keeps each file in a folder of its own, named by the file's hash, in its folder `root`,
+    and leaves that folder when the file is deleted: an empty folder per image, for good. Removed
+    once empty; not the previews' folder, which every preview is written into."""
+    if folder.parent != root or folder.name == PREVIEWS_FOLDER:
+        return
+    try:
+        folder.rmdir()
+    except OSError:  # not empty (another file of the same content), or gone already
+        pass
 
 
 def _lora_picker(service: Service):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import re
 import time
 import uuid
@@ -71,9 +72,16 @@ def test_preview_files_are_served_from_gradios_folder_and_swept_with_its_own(tin
         assert len(outputs) == 3 + 1 and {Image.open(p).format for p, _ in outputs[:-1]} == {"WEBP"}
         written = list((tmp_path / "gradio" / "flux-infer-previews").glob("*.webp"))
         assert len(written) == 3  # served as they were written, not copied
-        # Swept with Gradio's own files (the final image's), as the server's timer does.
+        # Gradio keeps the final image in a folder of its own, named by its hash.
+        folders = {os.path.dirname(name) for files in demo.temp_file_sets for name in files}
+        previews = str(tmp_path / "gradio" / web.PREVIEWS_FOLDER)
+        assert len(folders - {previews}) == 1
+        # Swept with Gradio's own files (the final image's), as the server's timer does; the final
+        # image's folder goes with it, the previews' stays.
         assert web.sweep_files(demo, None) == 3 + 1
         assert not [path for path in (tmp_path / "gradio").rglob("*") if path.is_file()]
+        assert [os.path.isdir(folder) for folder in sorted(folders - {previews})] == [False]
+        assert os.path.isdir(previews)
     finally:
         server.stop()
 

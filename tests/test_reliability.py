@@ -245,7 +245,7 @@ def soak_server(tiny_dir, tmp_path_factory):
     srv = Server(["--model", str(tiny_dir), "--preview", "none", "--keep-outputs", str(KEEP_S),
                   "--output-dir", str(saved)], workdir,
                  env={"GRADIO_TEMP_DIR": str(temp), "TMPDIR": str(scratch), "MALLOC_ARENA_MAX": arenas})
-    srv.saved = saved
+    srv.saved, srv.scratch = saved, scratch
     srv.temporary_files = lambda: [path for root in (temp, scratch) for path in root.rglob("*") if path.is_file()]
     yield srv
     srv.stop()
@@ -334,4 +334,5 @@ def test_sigterm_drains_what_runs_and_waits_at_every_door_refuses_what_comes_aft
     assert srv.process.wait(timeout=90) == 0
     log = srv.log()
     assert "generated 1024x1024" in log and "Traceback" not in log
-    assert not srv.temporary_files()  # the server's temporary images go with it
+    assert not srv.temporary_files()  # the server's temporary images go with it,
+    assert not list(srv.scratch.iterdir())  # and the folders it made for them
