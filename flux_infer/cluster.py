@@ -99,7 +99,8 @@ def _make_deployment():
                 await steps.aclose()
             log.info("replica %s generated seed %d in %.2f s", self.replica, result.seed, result.seconds)
             yield ("result", np.asarray(result.image), dict(info=dict(result.image.info), seconds=result.seconds,
-                                                            cached_steps=result.cached_steps, replica=self.replica))
+                                                            cached_steps=result.cached_steps, replica=self.replica,
+                                                            gpu_peak_bytes=result.gpu_peak_bytes))
 
     return Generator
 
@@ -210,7 +211,7 @@ class RemoteInference:
                          request.seed, extra["seconds"], time.perf_counter() - started)
                 return GenerationResult(image=image, seed=request.seed, request=request,
                                         seconds=extra["seconds"], cached_steps=extra["cached_steps"],
-                                        replica=extra["replica"])
+                                        replica=extra["replica"], gpu_peak_bytes=extra["gpu_peak_bytes"])
         except RayError as err:
             cause = type(getattr(err, "cause", None) or err).__name__
             if "Cancelled" in cause or "TaskCancelled" in type(err).__name__:

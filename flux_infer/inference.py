@@ -118,6 +118,8 @@ class GenerationResult:
     cached_steps: int = 0
     # The Ray Serve replica that made it ("" in a single process).
     replica: str = ""
+    # The most GPU memory torch's allocator held while it was made, weights included (None off CUDA).
+    gpu_peak_bytes: int | None = None
 
 
 def _number(name: str, value: Any, limits: Range, *, whole: bool) -> float:
@@ -401,11 +403,13 @@ class FluxInference:
         seconds = time.perf_counter() - started
         image.info["parameters"] = request.parameters_text()
         image.info["flux_infer"] = json.dumps(request.settings())
-        log.info("generated %dx%d (%s), %d steps, seed %d in %.2f s%s", request.width, request.height, request.kind,
+        peak = stats.get("gpu_peak_bytes")
+        log.info("generated %dx%d (%s), %d steps, seed %d in %.2f s%s%s", request.width, request.height, request.kind,
                  request.denoising_steps, request.seed, seconds,
+                 f", GPU memory peak {peak / 1024**3:.1f} GiB" if peak is not None else "",
                  " (the prompt's embeddings kept from before)" if stats.get("prompt_reused") else "")
         return GenerationResult(image=image, seed=request.seed, request=request, seconds=seconds,
-                                cached_steps=stats.get("cached_steps", 0))
+                                cached_steps=stats.get("cached_steps", 0), gpu_peak_bytes=peak)
 
     def warm_up(self, sizes, steps: int = 2, images: int = 1) -> None:
         """Generate `images` images of `steps` steps at each (width, height), so that torch.compile

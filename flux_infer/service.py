@@ -62,6 +62,8 @@ class Metrics:
                                     buckets=(0.01, 0.1, 0.5, 1, 2, 5, 10, 20, 40, 80, 160, 320))
         self.steps_per_second = Gauge("flux_steps_per_second", "Denoising steps per second of the last image",
                                       registry=self.registry)
+        self.gpu_peak = Gauge("flux_gpu_memory_peak_bytes", "The most GPU memory torch's allocator held while the "
+                              "last image was made, weights included (0 without a GPU)", registry=self.registry)
         self.replica_images = Counter("flux_replica_images", "Images made by each Ray Serve replica (--replicas)",
                                       ["replica"], registry=self.registry)
         self.replica_seconds = Histogram("flux_replica_generation_seconds", "Seconds per image on each Ray Serve "
@@ -195,6 +197,8 @@ class Service:
             self.metrics.requests.labels(route, "ok").inc()
             self.metrics.seconds.observe(result.seconds)
             self.metrics.steps_per_second.set(request.num_inference_steps / max(result.seconds, 1e-9))
+            if result.gpu_peak_bytes is not None:
+                self.metrics.gpu_peak.set(result.gpu_peak_bytes)
             if result.replica:
                 self.metrics.replica_images.labels(result.replica).inc()
                 self.metrics.replica_seconds.labels(result.replica).observe(result.seconds)

@@ -537,8 +537,13 @@ class Runtime:
 
     # -- per request -----------------------------------------------------------------------------
     def before(self, request) -> None:
-        """Set what depends on the request: VAE tiling, MagCache's step count; reset the counter."""
+        """Set what depends on the request: VAE tiling, MagCache's step count; reset the counter and,
+        on a GPU, the allocator's peak."""
         self._calls = 0
+        if self.device.startswith("cuda"):
+            import torch
+
+            torch.cuda.reset_peak_memory_stats(self.device)
         spec = self.options.cache
         if spec is not None and spec.kind == "magcache" and self._cache_steps != request.denoising_steps:
             self._enable_cache(request.denoising_steps)
@@ -582,12 +587,17 @@ class Runtime:
                 self.pipeline.maybe_free_model_hooks()
 
     def after(self, request) -> dict:
-        """What the cache did in the request just run (the transformer runs once per step)."""
+        """What the cache did in the request just run (the transformer runs once per step) and, on a
+        GPU, the most memory torch's allocator held during it (the weights on the GPU included)."""
         steps = request.denoising_steps
-        if self.options.cache is None:
-            return {"transformer_steps": steps, "cached_steps": 0}
-        computed = min(self._calls, steps)
-        stats = {"transformer_steps": computed, "cached_steps": steps - computed}
-        log.info("cache %s: ran the full transformer on %d of %d steps, skipped %d",
-                 self.options.cache.describe(), computed, steps, steps - computed)
+        stats = {"transformer_steps": steps, "cached_steps": 0}
+        if self.options.cache is not None:
+            computed = min(self._calls, steps)
+            stats = {"transformer_steps": computed, "cached_steps": steps - computed}
+            log.info("cache %s: ran the full transformer on %d of %d steps, skipped %d",
+                     self.options.cache.describe(), computed, steps, steps - computed)
+        if self.device.startswith("cuda"):
+            import torch
+
+            stats["gpu_peak_bytes"] = torch.cuda.max_memory_allocated(self.device)
         return stats

@@ -185,6 +185,60 @@ def test_the_generation_thread_works_on_the_models_gpu(monkeypatch):
     assert current == [(threading.get_ident(), 2)]
 
 
+def test_each_image_says_the_most_gpu_memory_it_held(monkeypatch, caplog):
+    # On a GPU each image's allocator peak (reset as it starts; the weights included) is in its result,
+    # its log line and /metrics: what a user sizes --gpu-memory by. A fake allocator stands for the GPU's.
+    import logging
+    from types import SimpleNamespace
+
+    import torch
+    from PIL import Image
+    from prometheus_client.parser import text_string_to_metric_families
+
+    from flux_infer import tuning
+    from flux_infer.inference import FluxInference, build_request
+    from flux_infer.service import Service
+
+    gib = 1024**3
+    allocator = SimpleNamespace(held=20 * gib, peak=0, devices=set())  # 20 GiB of weights
+
+    def reset_peak(device):
+        allocator.devices.add(device)
+        allocator.peak = allocator.held
+
+    monkeypatch.setattr(torch.cuda, "reset_peak_memory_stats", reset_peak)
+    monkeypatch.setattr(torch.cuda, "max_memory_allocated", lambda device: allocator.peak)
+    monkeypatch.setattr(torch.cuda, "set_device", lambda index: None)
+
+    class Pipeline:
+        vae = SimpleNamespace(enable_tiling=lambda: None, disable_tiling=lambda: None)
+
+        def set_progress_bar_config(self, **_):
+            pass
+
+        def encode_prompt(self, prompt):
+            return prompt, prompt, None
+
+        def __call__(self, **kwargs):  # activations of 4 KiB a pixel while it runs
+            allocator.peak = max(allocator.peak, allocator.held + kwargs["width"] * kwargs["height"] * 4096)
+            return SimpleNamespace(images=[Image.new("RGB", (kwargs["width"], kwargs["height"]))])
+
+    pipeline = Pipeline()
+    runtime = tuning.Runtime(pipeline, tuning.Options(vae_tiling="off"), tuning.MemoryPlan(), "cuda:1")
+    service = Service(FluxInference(pipeline, runtime=runtime))
+    with caplog.at_level(logging.INFO, logger="flux_infer.inference"):
+        large = service.run(build_request("a", width=2048, height=2048), route="test")
+        small = service.run(build_request("b", width=512, height=512), route="test")
+    assert (large.gpu_peak_bytes, small.gpu_peak_bytes) == (36 * gib, 21 * gib)  # the second's own, not the first's
+    assert allocator.devices == {"cuda:1"}
+    lines = [record.getMessage() for record in caplog.records if record.getMessage().startswith("generated")]
+    assert [line.split(", GPU memory peak ")[1] for line in lines] == ["36.0 GiB", "21.0 GiB"]
+    samples = {sample.name: sample.value
+               for family in text_string_to_metric_families(service.metrics.render()[0].decode())
+               for sample in family.samples}
+    assert samples["flux_gpu_memory_peak_bytes"] == 21 * gib
+
+
 def test_an_interrupted_caller_stops_the_generation_at_the_end_of_its_step(tiny_dir):
     # Ctrl-C reaches the main thread, which waits while the generation thread denoises: the
     # interrupt goes on up (the CLI exits with 130), and the generation stops after its step
