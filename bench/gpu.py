@@ -874,7 +874,7 @@ def part_graphs(run: Run) -> None:
         }
         at_start, used_at_start = recorded(), SmiPeak._used()
         run.write(f"`serve {' '.join(flags)}`: ready in {started_s:.0f} s (load and warm-up), {at_start[0]} CUDA "
-                  f"graphs recorded, card memory {_gib(used_at_start) or 'not read'} GiB\n")
+                  f"graphs recorded, card memory {f'{used_at_start:.1f} GiB' if used_at_start is not None else 'not read'}\n")
         run.write("| door | first image s | second image s | first/second | graphs recorded | recompilations | "
                   "card GiB after |\n|---|---:|---:|---:|---:|---:|---:|")
         used = []
