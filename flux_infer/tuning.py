@@ -30,6 +30,7 @@ VAE_TILING_MODES = ("auto", "on", "off")
 # torch.compile's modes: max-autotune* try kernel variants while compiling (slower to start);
 # reduce-overhead and max-autotune also capture CUDA graphs.
 COMPILE_MODES = ("default", "max-autotune-no-cudagraphs", "max-autotune", "reduce-overhead")
+CUDA_GRAPH_MODES = ("max-autotune", "reduce-overhead")
 # --cache KIND[:VALUE]: the value is a threshold, except TaylorSeer's, which is its refresh interval.
 CACHE_DEFAULTS = {"fbcache": 0.05, "taylorseer": 5, "magcache": 0.06}
 # Sizes warmed up at start-up with --compile (the Space's default size).
@@ -121,6 +122,10 @@ class Options:
                 raise OptionError(f"--{name} must be one of {', '.join(allowed)}, got {value!r}")
         if self.compile_mode != "default" and not self.compile:
             raise OptionError(f"--compile-mode {self.compile_mode} says how to compile: add --compile")
+        if self.compile_mode in CUDA_GRAPH_MODES and self.cache is not None:
+            raise OptionError(f"--compile-mode {self.compile_mode} captures the whole transformer as CUDA graphs, "
+                              "which --cache's per-step choices would split: with --cache, use --compile-mode "
+                              "default or max-autotune-no-cudagraphs")
         if self.compile and self.quantize == "fp8-storage":
             raise OptionError("--compile cannot trace fp8-storage's per-layer casts: use --quantize fp8 (float8 "
                               "weights and matmuls, which compile), or leave --compile out")
@@ -135,7 +140,9 @@ class Options:
         skipping, first image or not): two images at the default step count reach them all.
         """
         if self.cache is None:
-            return 2, 1
+            # CUDA graphs: each compiled part runs eagerly the first time, is recorded the second;
+            # the VAE decoder runs once an image.
+            return 2, 2 if self.compile_mode in CUDA_GRAPH_MODES else 1
         return int(settings.NUM_INFERENCE_STEPS.default), 2
 
     @property
@@ -448,26 +455,34 @@ class Runtime:
         self._enable_cache(int(settings.NUM_INFERENCE_STEPS.default))
 
     def _compile(self) -> None:
-        """torch.compile of the transformer's blocks (one graph per kind of block) and the VAE decoder."""
+        """torch.compile of the transformer's blocks (one graph per kind of block; the whole
+        transformer with CUDA graphs) and of the VAE decoder."""
         import torch
 
         pipe, options, transformer = self.pipeline, self.options, self.pipeline.transformer
         mode = None if options.compile_mode == "default" else options.compile_mode
-        # torch.compile runs a module's hooks outside its compiled forward, each hook as a graph of
-        # its own unless it is disabled there: this one makes no kernels to compile.
-        standard_strides = torch.compiler.disable(_standard_strides)
-        for block in transformer.single_transformer_blocks:
-            block.register_forward_hook(standard_strides)
-        if options.cache is None:
-            transformer.compile_repeated_blocks(fullgraph=True, mode=mode)
+        if mode in CUDA_GRAPH_MODES:
+            # CUDA graphs: the whole transformer as one graph, one call a step. torch's CUDA graph
+            # trees start anew at every call of a compiled function and give back the memory of the
+            # last call's outputs, so compiled blocks, each fed the one before's output, would read
+            # memory already reused (pytorch/pytorch#152887). Slower to compile than the blocks.
+            transformer.compile(fullgraph=True, mode=mode)
         else:
-            # The cache hooks are torch.compiler.disable()d, so the graph splits around them
-            # (fullgraph off). The last single block stays eager: the step counter's hook lives
-            # there, and compiled graphs do not call it.
-            last = transformer.single_transformer_blocks[-1]
-            for block in [*transformer.transformer_blocks, *transformer.single_transformer_blocks]:
-                if block is not last:
-                    block.compile(fullgraph=False, mode=mode)
+            # torch.compile runs a module's hooks outside its compiled forward, each hook as a graph
+            # of its own unless it is disabled there: this one makes no kernels to compile.
+            standard_strides = torch.compiler.disable(_standard_strides)
+            for block in transformer.single_transformer_blocks:
+                block.register_forward_hook(standard_strides)
+            if options.cache is None:
+                transformer.compile_repeated_blocks(fullgraph=True, mode=mode)
+            else:
+                # The cache hooks are torch.compiler.disable()d, so the graph splits around them
+                # (fullgraph off). The last single block stays eager: the step counter's hook lives
+                # there, and compiled graphs do not call it.
+                last = transformer.single_transformer_blocks[-1]
+                for block in [*transformer.transformer_blocks, *transformer.single_transformer_blocks]:
+                    if block is not last:
+                        block.compile(fullgraph=False, mode=mode)
         pipe.vae.to(memory_format=torch.channels_last)
         pipe.vae.decoder.compile(mode=mode)
 

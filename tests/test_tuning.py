@@ -109,6 +109,9 @@ def test_option_values_are_checked():
     # Combinations that broke on the first image (found on the tiny model) are refused at start-up.
     with pytest.raises(OptionError, match="--compile cannot trace fp8-storage's per-layer casts: use --quantize fp8"):
         Options(compile=True, quantize="fp8-storage")
+    with pytest.raises(OptionError, match="--compile-mode reduce-overhead captures the whole transformer as CUDA "
+                                          "graphs.*with --cache, use --compile-mode default or max-autotune-no"):
+        Options(compile=True, compile_mode="reduce-overhead", cache=parse_cache("fbcache"))
     from flux_infer.loading import resolve_placement
 
     with pytest.raises(OptionError, match=r"--quantize-text-encoder cannot store T5 in float8 \(fp8-storage\).*use "
@@ -183,6 +186,28 @@ def test_compile_equals_eager_and_does_not_recompile_for_new_prompts_or_seeds(ti
     assert graphs - before == 3  # the double block, the single block and the VAE decoder
     inference.infer("a different prompt entirely", seed=99, randomize_seed=False, guidance_scale=5, **SMALL)
     assert counters["stats"]["unique_graphs"] == graphs
+
+
+@pytest.mark.e2e  # compiles the whole tiny transformer
+def test_a_cuda_graph_mode_compiles_the_whole_transformer_as_one_graph(tiny_dir, reference):
+    # CUDA graph trees free a compiled call's outputs at the next call, so blocks compiled one by one
+    # (each fed the last one's output) cannot be captured: the whole transformer is one graph. On a
+    # CPU, inductor compiles the same graph and leaves CUDA graphs out.
+    import torch
+    from torch._dynamo.utils import counters
+
+    torch._dynamo.reset()
+    before = counters["stats"]["unique_graphs"]
+    options = Options(compile=True, compile_mode="reduce-overhead", fuse_qkv=False)
+    with torch._dynamo.config.patch(error_on_recompile=True):
+        inference, compiled = generate(tiny_dir, options)
+        assert np.abs(pixels(compiled) - pixels(reference)).max() <= 2
+        assert counters["stats"]["unique_graphs"] - before == 2  # the transformer and the VAE decoder
+        inference.infer("a different prompt entirely", seed=99, randomize_seed=False, guidance_scale=5, **SMALL)
+    assert counters["stats"]["unique_graphs"] - before == 2
+    # Warmed up so that every graph is recorded before the first request: a first call runs eagerly,
+    # the second records, and the VAE decoder runs once an image.
+    assert options.warm_up_runs() == (2, 2)
 
 
 @pytest.mark.e2e  # compiles the tiny transformer (about 10 s on 2 cores)
@@ -327,23 +352,28 @@ def test_group_offload_moves_t5_one_block_at_a_time(tiny_dir, reference):
     np.testing.assert_array_equal(pixels(offloaded), pixels(reference))
 
 
-@pytest.mark.parametrize("cache", [None, "fbcache:0.5"])
-def test_the_compile_mode_reaches_every_compiled_part(tiny_dir, monkeypatch, cache):
+@pytest.mark.parametrize("mode, cache", [("max-autotune-no-cudagraphs", None),
+                                         ("max-autotune-no-cudagraphs", "fbcache:0.5"), ("reduce-overhead", None)])
+def test_the_compile_mode_reaches_every_compiled_part(tiny_dir, monkeypatch, mode, cache):
     import torch
 
-    modes = []
+    compiled = []
 
     def compile_spy(model=None, **kwargs):  # records the call; leaves the code eager (nothing compiled)
-        modes.append(kwargs.get("mode"))
+        compiled.append((getattr(model, "__self__", model), kwargs.get("mode")))
         return model
 
     monkeypatch.setattr(torch, "compile", compile_spy)
-    options = Options(compile=True, compile_mode="max-autotune-no-cudagraphs",
-                      cache=parse_cache(cache) if cache else None)
+    options = Options(compile=True, compile_mode=mode, cache=parse_cache(cache) if cache else None)
     pipe = load_pipeline(str(tiny_dir), device="cpu", options=options).pipeline
-    blocks = len(pipe.transformer.transformer_blocks) + len(pipe.transformer.single_transformer_blocks)
-    # Every block (with a cache, all but the last, which holds the step counter's hook), and the VAE decoder.
-    assert modes == ["max-autotune-no-cudagraphs"] * (blocks + 1 - (cache is not None)), modes
+    transformer = pipe.transformer
+    blocks = [*transformer.transformer_blocks, *transformer.single_transformer_blocks]
+    assert {mode_given for _, mode_given in compiled} == {mode}
+    parts = [part for part, _ in compiled]
+    if mode == "reduce-overhead":  # CUDA graphs: the whole transformer, and the VAE decoder
+        assert parts == [transformer, pipe.vae.decoder]
+    else:  # every block (with a cache, all but the last, which holds the step counter's hook), and the decoder
+        assert parts == [*blocks[:len(blocks) - (cache is not None)], pipe.vae.decoder], parts
 
 
 def test_cli_reports_option_errors(tiny_dir, capsys):
