@@ -463,9 +463,9 @@ class Runtime:
         mode = None if options.compile_mode == "default" else options.compile_mode
         if mode in CUDA_GRAPH_MODES:
             # CUDA graphs: the whole transformer as one graph, one call a step. torch's CUDA graph
-            # trees start anew at every call of a compiled function and give back the memory of the
-            # last call's outputs, so compiled blocks, each fed the one before's output, would read
-            # memory already reused (pytorch/pytorch#152887). Slower to compile than the blocks.
+            # trees start anew at every call of a compiled function and free the last call's outputs,
+            # so compiled blocks, each fed the one before's output, would fail on a freed input
+            # (pytorch/pytorch#152887). Slower to compile than the blocks.
             transformer.compile(fullgraph=True, mode=mode)
         else:
             # torch.compile runs a module's hooks outside its compiled forward, each hook as a graph
