@@ -240,14 +240,20 @@ def resolve_plan(options: Options, placement, *, gguf_bytes: int | None = None,
                            fp8=capability >= FP8_COMPUTE_CAPABILITY, nf4=_bitsandbytes_installed(),
                            gguf_gib=gguf_bytes / 1024**3 if gguf_bytes else None, where=where)
     check_plan(plan, placement, gguf=gguf_bytes is not None, switching_loras=switching_loras,
-               fuse_qkv=options.fuse_qkv)
+               fuse_qkv=options.fuse_qkv, compile_mode=options.compile_mode if options.compile else None)
     return plan
 
 
 def check_plan(plan: MemoryPlan, placement, *, gguf: bool = False, switching_loras: bool = False,
-               fuse_qkv: bool = False) -> None:
+               fuse_qkv: bool = False, compile_mode: str | None = None) -> None:
     """Refuse what cannot run here, saying what to use instead."""
     on_cuda = placement.device.startswith("cuda")
+    if compile_mode in CUDA_GRAPH_MODES and plan.offload != "none":
+        # A CUDA graph replays reads of fixed addresses; offloading gives the weights new ones at
+        # every trip to the GPU, and torch would record the graphs again, each with memory of its own.
+        raise OptionError(f"--compile-mode {compile_mode} records CUDA graphs over weights that stay on the GPU, and "
+                          f"this plan offloads them (offload {plan.offload}: {plan.reason}): use --compile-mode default "
+                          "or max-autotune-no-cudagraphs, or a plan without offloading (--memory off, --quantize fp8)")
     if switching_loras and plan.quantize == "fp8-storage":
         # PEFT gives a LoRA loaded later the dtype of the layer it wraps: float8, which cannot multiply.
         raise OptionError("--lora-dir cannot switch LoRAs on --quantize fp8-storage weights (they would be stored "

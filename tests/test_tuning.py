@@ -112,8 +112,12 @@ def test_option_values_are_checked():
     with pytest.raises(OptionError, match="--compile-mode reduce-overhead captures the whole transformer as CUDA "
                                           "graphs.*with --cache, use --compile-mode default or max-autotune-no"):
         Options(compile=True, compile_mode="reduce-overhead", cache=parse_cache("fbcache"))
-    from flux_infer.loading import resolve_placement
+    from flux_infer.loading import Placement, resolve_placement
 
+    with pytest.raises(OptionError, match=r"--compile-mode max-autotune records CUDA graphs over weights that stay "
+                                          r"on the GPU, and this plan offloads them \(offload model: as asked\)"):
+        tuning.resolve_plan(Options(offload="model", compile=True, compile_mode="max-autotune"),
+                            Placement("cuda", "bfloat16", "a test GPU"))
     with pytest.raises(OptionError, match=r"--quantize-text-encoder cannot store T5 in float8 \(fp8-storage\).*use "
                                           "--quantize fp8 or int8"):
         tuning.resolve_plan(Options(quantize="fp8-storage", quantize_text_encoder=True), resolve_placement("cpu"))
