@@ -480,7 +480,10 @@ class Runtime:
             for block in transformer.single_transformer_blocks:
                 block.register_forward_hook(standard_strides)
             if options.cache is None:
-                transformer.compile_repeated_blocks(fullgraph=True, mode=mode)
+                # Offloading by group or by layer onloads each block's weights in a hook inside it,
+                # run outside the graph (torch.compiler.disable()d): the graph splits there.
+                whole = self.plan.offload not in ("group", "sequential")
+                transformer.compile_repeated_blocks(fullgraph=whole, mode=mode)
             else:
                 # The cache hooks are torch.compiler.disable()d, so the graph splits around them
                 # (fullgraph off). The last single block stays eager: the step counter's hook lives

@@ -356,6 +356,29 @@ def test_group_offload_moves_t5_one_block_at_a_time(tiny_dir, reference):
     np.testing.assert_array_equal(pixels(offloaded), pixels(reference))
 
 
+@pytest.mark.e2e  # compiles the tiny transformer
+def test_compile_runs_with_group_offloading(tiny_dir, reference, monkeypatch):
+    # Group offloading onloads a block's weights in a hook inside the block, which torch.compile runs
+    # outside its graph: compiled whole (fullgraph), the first image failed. The CPU stands in for the
+    # GPU (no copy stream on a CPU).
+    import functools
+
+    import torch
+    from diffusers import FluxPipeline
+
+    from flux_infer.loading import resolve_placement
+
+    monkeypatch.setattr(tuning, "group_offload", functools.partial(tuning.group_offload, use_stream=False))
+    torch._dynamo.reset()
+    pipe = FluxPipeline.from_pretrained(tiny_dir)
+    runtime = tuning.Runtime(pipe, Options(compile=True, fuse_qkv=False), MemoryPlan(offload="group"), "cpu")
+    runtime.apply(resolve_placement("cpu"))
+    assert all([block] in _offload_groups(pipe.transformer) for block in pipe.transformer.transformer_blocks)
+    compiled = FluxInference(pipe, runtime=runtime).infer("a lighthouse at dusk", seed=7, randomize_seed=False,
+                                                          **SMALL)
+    assert np.abs(pixels(compiled) - pixels(reference)).max() <= 2
+
+
 @pytest.mark.parametrize("mode, cache", [("max-autotune-no-cudagraphs", None),
                                          ("max-autotune-no-cudagraphs", "fbcache:0.5"), ("reduce-overhead", None)])
 def test_the_compile_mode_reaches_every_compiled_part(tiny_dir, monkeypatch, mode, cache):
