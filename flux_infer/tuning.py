@@ -31,6 +31,8 @@ VAE_TILING_MODES = ("auto", "on", "off")
 # reduce-overhead and max-autotune also capture CUDA graphs.
 COMPILE_MODES = ("default", "max-autotune-no-cudagraphs", "max-autotune", "reduce-overhead")
 CUDA_GRAPH_MODES = ("max-autotune", "reduce-overhead")
+# torch.compile's recompilations allowed per function with offloading hooks (torch's default is 8).
+OFFLOAD_RECOMPILE_LIMIT = 64
 # --cache KIND[:VALUE]: the value is a threshold, except TaylorSeer's, which is its refresh interval.
 CACHE_DEFAULTS = {"fbcache": 0.05, "taylorseer": 5, "magcache": 0.06}
 # Sizes warmed up at start-up with --compile (the Space's default size).
@@ -479,11 +481,17 @@ class Runtime:
             standard_strides = torch.compiler.disable(_standard_strides)
             for block in transformer.single_transformer_blocks:
                 block.register_forward_hook(standard_strides)
+            hooked = self.plan.offload in ("group", "sequential")
+            if hooked:
+                # Offloading by group or by layer onloads each block's weights in a hook inside it, run
+                # outside the graph (torch.compiler.disable()d): the graph splits there, and the hook's
+                # functions, shared by every offloaded kind of module (the blocks, the VAE's parts), are
+                # compiled once per kind and again per new size; past torch's limit (8 a function) they
+                # would run uncompiled from then on.
+                torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit,
+                                                           OFFLOAD_RECOMPILE_LIMIT)
             if options.cache is None:
-                # Offloading by group or by layer onloads each block's weights in a hook inside it,
-                # run outside the graph (torch.compiler.disable()d): the graph splits there.
-                whole = self.plan.offload not in ("group", "sequential")
-                transformer.compile_repeated_blocks(fullgraph=whole, mode=mode)
+                transformer.compile_repeated_blocks(fullgraph=not hooked, mode=mode)
             else:
                 # The cache hooks are torch.compiler.disable()d, so the graph splits around them
                 # (fullgraph off). The last single block stays eager: the step counter's hook lives

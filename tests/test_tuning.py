@@ -369,14 +369,21 @@ def test_compile_runs_with_group_offloading(tiny_dir, reference, monkeypatch):
     from flux_infer.loading import resolve_placement
 
     monkeypatch.setattr(tuning, "group_offload", functools.partial(tuning.group_offload, use_stream=False))
+    monkeypatch.setattr(torch._dynamo.config, "recompile_limit", torch._dynamo.config.recompile_limit)  # restored after
     torch._dynamo.reset()
     pipe = FluxPipeline.from_pretrained(tiny_dir)
     runtime = tuning.Runtime(pipe, Options(compile=True, fuse_qkv=False), MemoryPlan(offload="group"), "cpu")
     runtime.apply(resolve_placement("cpu"))
     assert all([block] in _offload_groups(pipe.transformer) for block in pipe.transformer.transformer_blocks)
-    compiled = FluxInference(pipe, runtime=runtime).infer("a lighthouse at dusk", seed=7, randomize_seed=False,
-                                                          **SMALL)
+    inference = FluxInference(pipe, runtime=runtime)
+    compiled = inference.infer("a lighthouse at dusk", seed=7, randomize_seed=False, **SMALL)
     assert np.abs(pixels(compiled) - pixels(reference)).max() <= 2
+    # The offloading hooks' functions, shared by every kind of offloaded module, compile again for each
+    # new size: within the limit set for them, where torch's own 8 was reached at the second size.
+    with torch._dynamo.config.patch(fail_on_recompile_limit_hit=True):
+        for width, height in ((320, 256), (256, 320), (384, 384)):
+            inference.infer("a lighthouse at dusk", seed=7, randomize_seed=False, width=width, height=height,
+                            num_inference_steps=2)
 
 
 @pytest.mark.parametrize("mode, cache", [("max-autotune-no-cudagraphs", None),
