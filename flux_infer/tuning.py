@@ -31,8 +31,9 @@ VAE_TILING_MODES = ("auto", "on", "off")
 # reduce-overhead and max-autotune also capture CUDA graphs.
 COMPILE_MODES = ("default", "max-autotune-no-cudagraphs", "max-autotune", "reduce-overhead")
 CUDA_GRAPH_MODES = ("max-autotune", "reduce-overhead")
-# torch.compile's recompilations allowed per function with offloading hooks (torch's default is 8).
-OFFLOAD_RECOMPILE_LIMIT = 64
+# torch.compile's recompilations allowed per function with diffusers' hooks in the blocks (offloading
+# by group or layer, a step cache); torch's default is 8.
+HOOKS_RECOMPILE_LIMIT = 64
 # --cache KIND[:VALUE]: the value is a threshold, except TaylorSeer's, which is its refresh interval.
 CACHE_DEFAULTS = {"fbcache": 0.05, "taylorseer": 5, "magcache": 0.06}
 # Sizes warmed up at start-up with --compile (the Space's default size).
@@ -481,17 +482,17 @@ class Runtime:
             standard_strides = torch.compiler.disable(_standard_strides)
             for block in transformer.single_transformer_blocks:
                 block.register_forward_hook(standard_strides)
-            hooked = self.plan.offload in ("group", "sequential")
-            if hooked:
-                # Offloading by group or by layer onloads each block's weights in a hook inside it, run
-                # outside the graph (torch.compiler.disable()d): the graph splits there, and the hook's
-                # functions, shared by every offloaded kind of module (the blocks, the VAE's parts), are
-                # compiled once per kind and again per new size; past torch's limit (8 a function) they
-                # would run uncompiled from then on.
+            # Offloading by group or by layer onloads each block's weights in a hook inside it, run
+            # outside the graph (torch.compiler.disable()d): the graph splits there.
+            onloading = self.plan.offload in ("group", "sequential")
+            if onloading or options.cache is not None:
+                # diffusers' hook functions (offloading's, a cache's) are shared by every hooked kind of
+                # module and compiled once per kind and again per new size: past torch's limit (8 a
+                # function) they would run uncompiled from then on.
                 torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit,
-                                                           OFFLOAD_RECOMPILE_LIMIT)
+                                                           HOOKS_RECOMPILE_LIMIT)
             if options.cache is None:
-                transformer.compile_repeated_blocks(fullgraph=not hooked, mode=mode)
+                transformer.compile_repeated_blocks(fullgraph=not onloading, mode=mode)
             else:
                 # The cache hooks are torch.compiler.disable()d, so the graph splits around them
                 # (fullgraph off). The last single block stays eager: the step counter's hook lives

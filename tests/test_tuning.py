@@ -29,6 +29,15 @@ def pixels(result):
     return np.asarray(result.image).astype(np.int16)
 
 
+@pytest.fixture(autouse=True)
+def restored_recompile_limit():
+    """torch.compile's recompile limit as it was before each test (tuning raises it for the process)."""
+    import torch
+
+    with torch._dynamo.config.patch(recompile_limit=torch._dynamo.config.recompile_limit):
+        yield
+
+
 @pytest.fixture(scope="module")
 def reference(tiny_dir):
     """No options at all: the plain pipeline's image."""
@@ -214,6 +223,22 @@ def test_a_cuda_graph_mode_compiles_the_whole_transformer_as_one_graph(tiny_dir,
     assert options.warm_up_runs() == (2, 2)
 
 
+@pytest.mark.e2e  # compiles the tiny transformer, at three sizes
+def test_compile_with_taylorseer_stays_compiled_at_new_sizes(tiny_dir):
+    # TaylorSeer hooks every attention layer; diffusers' hook functions are shared by all of them and
+    # recompile per kind of layer and per size: torch's limit of 8 was reached at the first new size,
+    # after which they ran uncompiled.
+    import torch
+
+    options = Options(compile=True, cache=parse_cache("taylorseer:3"), fuse_qkv=False)
+    inference, _ = generate(tiny_dir, options, width=256, height=256, num_inference_steps=6)
+    with torch._dynamo.config.patch(fail_on_recompile_limit_hit=True):
+        for width, height in ((320, 256), (256, 320)):
+            result = inference.infer("a lighthouse at dusk", seed=7, randomize_seed=False, width=width, height=height,
+                                     num_inference_steps=6)
+            assert 0 < result.cached_steps < 6
+
+
 @pytest.mark.e2e  # compiles the tiny transformer (about 10 s on 2 cores)
 def test_compile_with_a_cache_counts_skips_without_recompiling(tiny_dir):
     from torch._dynamo.utils import counters
@@ -369,7 +394,6 @@ def test_compile_runs_with_group_offloading(tiny_dir, reference, monkeypatch):
     from flux_infer.loading import resolve_placement
 
     monkeypatch.setattr(tuning, "group_offload", functools.partial(tuning.group_offload, use_stream=False))
-    monkeypatch.setattr(torch._dynamo.config, "recompile_limit", torch._dynamo.config.recompile_limit)  # restored after
     torch._dynamo.reset()
     pipe = FluxPipeline.from_pretrained(tiny_dir)
     runtime = tuning.Runtime(pipe, Options(compile=True, fuse_qkv=False), MemoryPlan(offload="group"), "cpu")
