@@ -329,7 +329,10 @@ class ImageFiles:
         """At shutdown: delete every file, and the folder when it made it; how many files went."""
         deleted = self.sweep(None)
         if self._made:
-            self.directory.rmdir()
+            try:
+                self.directory.rmdir()
+            except OSError:  # something else was put there: left as it is
+                pass
         return deleted
 
 

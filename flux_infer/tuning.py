@@ -254,9 +254,10 @@ def check_plan(plan: MemoryPlan, placement, *, gguf: bool = False, switching_lor
     if compile_mode in CUDA_GRAPH_MODES and plan.offload != "none":
         # A CUDA graph replays reads of fixed addresses; offloading gives the weights new ones at
         # every trip to the GPU, and torch would record the graphs again, each with memory of its own.
-        raise OptionError(f"--compile-mode {compile_mode} records CUDA graphs over weights that stay on the GPU, and "
-                          f"this plan offloads them (offload {plan.offload}: {plan.reason}): use --compile-mode default "
-                          "or max-autotune-no-cudagraphs, or a plan without offloading (--memory off, --quantize fp8)")
+        raise OptionError(f"--compile-mode {compile_mode} records CUDA graphs over weights that stay on the GPU, "
+                          f"and this plan offloads them (offload {plan.offload}: {plan.reason}): use --compile-mode "
+                          "default or max-autotune-no-cudagraphs, or a plan without offloading (--memory off, "
+                          "--quantize fp8)")
     if switching_loras and plan.quantize == "fp8-storage":
         # PEFT gives a LoRA loaded later the dtype of the layer it wraps: float8, which cannot multiply.
         raise OptionError("--lora-dir cannot switch LoRAs on --quantize fp8-storage weights (they would be stored "
