@@ -220,6 +220,15 @@ class Backend(Protocol):
         `cancel` stops at the end of the current step with GenerationCancelled."""
 
 
+def _start_generation_thread(here: threading.local, device: str | None) -> None:
+    """As a FluxInference's generation thread starts: mark it, and make the model's GPU its current device."""
+    here.on = True
+    if device is not None:
+        from flux_infer.tuning import use_device
+
+        use_device(device)
+
+
 class FluxInference:
     """A loaded FluxPipeline and its preview decoder.
 
@@ -245,18 +254,13 @@ class FluxInference:
         self._progress_bar = progress_bar
         self._edit_pipelines: dict[str, Any] = {}
         self._prompts: OrderedDict[str, dict] = OrderedDict()  # prompt -> its embeddings, last used last
-        # The generation thread, and a mark that only it carries (`_here.on`), set as it starts.
+        # The generation thread, and a mark that only it carries (`_here.on`), set as it starts. Its
+        # initializer holds no reference to this object (the thread keeps it for its whole life), so
+        # the thread ends when this object is collected.
         self._here = threading.local()
         self._thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="flux-generate",
-                                          initializer=self._start_generation_thread)
-
-    def _start_generation_thread(self) -> None:
-        """As the generation thread starts: mark it, and make the model's GPU its current device."""
-        self._here.on = True
-        if self.runtime is not None:
-            from flux_infer.tuning import use_device
-
-            use_device(self.runtime.device)
+                                          initializer=_start_generation_thread,
+                                          initargs=(self._here, runtime.device if runtime is not None else None))
 
     def pipeline_for(self, kind: str):
         """The pipeline for a request's kind: the loaded FluxPipeline, or diffusers' image-to-image or

@@ -185,6 +185,30 @@ def test_the_generation_thread_works_on_the_models_gpu(monkeypatch):
     assert current == [(threading.get_ident(), 2)]
 
 
+def test_a_flux_inference_let_go_ends_its_generation_thread():
+    # The thread must not keep its FluxInference (and so the pipeline) alive: a script or a test that
+    # makes several would hold every model until exit, and their threads would all end at once there.
+    import gc
+    import threading
+    import weakref
+    from types import SimpleNamespace
+
+    from flux_infer.inference import FluxInference
+
+    class Pipeline:
+        def set_progress_bar_config(self, **_):
+            pass
+
+    inference = FluxInference(Pipeline(), runtime=SimpleNamespace(device="cpu"))
+    thread = inference.on_generation_thread(threading.current_thread)
+    gone = weakref.ref(inference)
+    del inference
+    gc.collect()
+    assert gone() is None
+    thread.join(timeout=60)  # the executor's thread ends once its executor is collected
+    assert not thread.is_alive()
+
+
 def test_each_image_says_the_most_gpu_memory_it_held(monkeypatch, caplog):
     # On a GPU each image's allocator peak (reset as it starts; the weights included) is in its result,
     # its log line and /metrics: what a user sizes --gpu-memory by. A fake allocator stands for the GPU's.
