@@ -499,7 +499,8 @@ class Run:
                     runs=runs, step_times=step_times, started=time.time(), plain=plain,
                     profile=profile and str(profile), taef1=taef1, stacks_after=max(timeout - 15, 1))
         compiling = "--compile" in flags
-        env = {**os.environ, **({"TORCH_LOGS": "recompiles,graph_breaks"} if compiling else {}), **(env or {})}
+        env = {**os.environ, **({"TORCH_LOGS": "recompiles,graph_breaks,cudagraphs"} if compiling else {}),
+               **(env or {})}
         began = time.perf_counter()
         with SmiPeak() as smi:
             try:
@@ -519,8 +520,10 @@ class Run:
             return None
         row = {**json.loads(lines[-1]), "process_s": wall, "peak_smi_gib": smi.peak}
         if compiling:
+            # inductor says when it leaves CUDA graphs out of a graph (a CUDA graph mode then runs without them)
             row.update(recompiles=child.stderr.count("Recompiling function"),
-                       graph_breaks=len(re.findall(r"^.*Graph break", child.stderr, re.M)))
+                       graph_breaks=len(re.findall(r"^.*Graph break", child.stderr, re.M)),
+                       cudagraph_skips=child.stderr.count("skipping cudagraphs"))
         self.record(part, name, row)
         self.rows[name] = row
         return row
@@ -569,11 +572,12 @@ def _gib(value) -> str:
 
 PRESET_HEADER = ("| preset | flags | plan | build s | warm-up s | first image s | steady s (median) | s/step | "
                  "vs bf16 eager | peak GiB (torch) | peak GiB (nvidia-smi) | peak RAM GiB | recompiles / graph breaks "
-                 "|\n|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+                 "/ CUDA graphs skipped |\n|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
 
 
 def preset_line(run: Run, name: str, row: dict) -> str:
-    compiled = f"{row['recompiles']} / {row['graph_breaks']}" if "recompiles" in row else ""
+    compiled = (f"{row['recompiles']} / {row['graph_breaks']} / {row.get('cudagraph_skips', 0)}"
+                if "recompiles" in row else "")
     return (f"| {name} | `{row['flags']}` | {row['plan']} | {row['build_s']:.1f} | {row['warm_s']:.1f} | "
             f"{row['first_s']:.2f} | {row['median_s']:.3f} | {row['per_step_s']:.3f} | {run.ratio(row['median_s'])} | "
             f"{_gib(row['peak_alloc_gib'])} | {_gib(row['peak_smi_gib'])} | {_gib(row['peak_ram_gib'])} | {compiled} |"
@@ -851,9 +855,9 @@ def part_graphs(run: Run) -> None:
         return
     started_s = time.perf_counter() - began
 
-    def recorded() -> tuple[int, int]:  # CUDA graphs recorded (cudagraph trees log each) and recompilations so far
+    def recorded() -> tuple[int, int, int]:  # CUDA graphs recorded and skipped (inductor logs each), recompilations
         log = server.log()
-        return log.count("Recording function="), log.count("Recompiling function")
+        return log.count("Recording function="), log.count("skipping cudagraphs"), log.count("Recompiling function")
 
     try:
         browser = httpx.Client(base_url=server.url, timeout=limit[0])
@@ -874,7 +878,8 @@ def part_graphs(run: Run) -> None:
         }
         at_start, used_at_start = recorded(), SmiPeak._used()
         run.write(f"`serve {' '.join(flags)}`: ready in {started_s:.0f} s (load and warm-up), {at_start[0]} CUDA "
-                  f"graphs recorded, card memory {f'{used_at_start:.1f} GiB' if used_at_start is not None else 'not read'}\n")
+                  f"graphs recorded and {at_start[1]} left out by inductor, card memory "
+                  f"{f'{used_at_start:.1f} GiB' if used_at_start is not None else 'not read'}\n")
         run.write("| door | first image s | second image s | first/second | graphs recorded | recompilations | "
                   "card GiB after |\n|---|---:|---:|---:|---:|---:|---:|")
         used = []
@@ -890,7 +895,7 @@ def part_graphs(run: Run) -> None:
                 times.append(time.perf_counter() - began)
             used.append(SmiPeak._used())
             after = recorded()
-            row = {"times": times, "recorded": after[0] - before[0], "recompiles": after[1] - before[1],
+            row = {"times": times, "recorded": after[0] - before[0], "recompiles": after[2] - before[2],
                    "card_gib": used[-1]}
             run.write(f"| {door} | {times[0]:.3f} | {times[1]:.3f} | {times[0] / times[1]:.2f} | {row['recorded']} | "
                       f"{row['recompiles']} | {_gib(used[-1])} |")
@@ -898,7 +903,7 @@ def part_graphs(run: Run) -> None:
         growth = (f"{used[-1] - used[0]:+.2f} GiB" if len(used) > 1 and None not in (used[0], used[-1])
                   else "not read (no nvidia-smi)")
         after = recorded()
-        run.write(f"\nAfter the start-up: {after[0] - at_start[0]} CUDA graphs recorded and {after[1] - at_start[1]} "
+        run.write(f"\nAfter the start-up: {after[0] - at_start[0]} CUDA graphs recorded and {after[2] - at_start[2]} "
                   f"recompilations (goal 0 and 0); card memory from the first door to the last: {growth}.")
     finally:
         server.stop()

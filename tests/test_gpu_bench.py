@@ -77,6 +77,9 @@ def test_a_profiled_measurement_says_where_each_step_goes(gpu_bench, tiny_dir, t
     assert row["peak_ram_gib"] > 0
     line = gpu_bench.preset_line(gpu_bench.Run(argparse.Namespace(out=tmp_path)), "bf16", {**row, "peak_smi_gib": None})
     assert f"matmul {per_step['matmul']:.1f}" in line
+    # A compiled row also says its recompilations, graph breaks and CUDA graphs inductor left out.
+    compiled = {**row, "peak_smi_gib": None, "recompiles": 2, "graph_breaks": 0, "cudagraph_skips": 1}
+    assert "| 2 / 0 / 1 |" in gpu_bench.preset_line(gpu_bench.Run(argparse.Namespace(out=tmp_path)), "x", compiled)
 
 
 def test_plain_diffusers_load_is_measured_beside_ours(gpu_bench, tiny_dir):
@@ -116,7 +119,8 @@ def test_a_compiling_measurement_counts_its_recompiles_and_graph_breaks(gpu_benc
             raise OSError("no nvidia-smi here")
         seen.update(env=kwargs["env"], spec=json.loads(command[-1]))
         stderr = ("V1126 [__recompiles] Recompiling function forward in transformer_flux.py:383\n"
-                  "V1126 [__graph_breaks] Graph break in user code at hooks.py:217\n")
+                  "V1126 [__graph_breaks] Graph break in user code at hooks.py:217\n"
+                  "W1126 [__cudagraphs] skipping cudagraphs due to mutated inputs (1 instances)\n")
         return subprocess.CompletedProcess(command, 0, json.dumps({"median_s": 1.0}) + "\n", stderr)
 
     monkeypatch.setattr(gpu_bench.subprocess, "run", child)
@@ -124,8 +128,8 @@ def test_a_compiling_measurement_counts_its_recompiles_and_graph_breaks(gpu_benc
                               profile=["compile"], only=None, deadline=None)
     run = gpu_bench.Run(args)
     row = run.measure("compile", "fp8-compile", "--quantize fp8 --compile")
-    assert (row["recompiles"], row["graph_breaks"]) == (1, 1)
-    assert seen["env"]["TORCH_LOGS"] == "recompiles,graph_breaks"
+    assert (row["recompiles"], row["graph_breaks"], row["cudagraph_skips"]) == (1, 1, 1)
+    assert seen["env"]["TORCH_LOGS"] == "recompiles,graph_breaks,cudagraphs"
     assert seen["spec"]["stacks_after"] == 225  # stacks written 15 s before --timeout
     assert seen["spec"]["profile"] == str(tmp_path / "profiles" / "compile-fp8-compile.txt")
     run.measure("memory", "8 GiB", "--gpu-memory 8")  # --profile compile: the caps are not profiled
