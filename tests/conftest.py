@@ -17,6 +17,12 @@ __all__ = ["TELEMETRY_OFF", "free_port", "Server", "InProcessServer", "SMALL", "
 LORAS = ("film", "ink", "neon", "clay", "pixel")
 
 
+def files_under(*roots: Path) -> list[Path]:
+    """The files below `roots`, walked while a server may be deleting them and their folders (os.walk
+    passes over a folder that goes while it is walked; Path.rglob raises)."""
+    return [Path(folder) / name for root in roots for folder, _, names in os.walk(root) for name in names]
+
+
 def wait_for(condition, what: str, timeout: float = 120) -> None:
     """Poll `condition()` until it is true; fail naming `what` if it is not within `timeout` (a hang guard)."""
     deadline = time.monotonic() + timeout

@@ -12,7 +12,7 @@ import time
 import httpx
 import numpy as np
 import pytest
-from conftest import Server, wait_for
+from conftest import Server, files_under, wait_for
 from PIL import Image
 
 pytestmark = pytest.mark.e2e  # starts servers
@@ -223,11 +223,12 @@ def test_output_dir_keeps_every_image_with_its_settings(extras_server):
 def test_gradio_temporary_files_are_deleted_after_keep_outputs(extras_server):
     extras_server.client().predict("a fleeting cat", 5, False, 256, 256, 3.5, 2, api_name="/infer")
     temp = extras_server.workdir / "gradio-tmp"
-    assert list(temp.rglob("*.png"))
-    deadline = time.monotonic() + 3 * KEEP_S + 10
-    while list(temp.rglob("*.png")) and time.monotonic() < deadline:
-        time.sleep(0.5)
-    assert not list(temp.rglob("*.png"))
+
+    def pngs():
+        return [path for path in files_under(temp) if path.suffix == ".png"]
+
+    assert pngs()
+    wait_for(lambda: not pngs(), "the image to be deleted after --keep-outputs", timeout=3 * KEEP_S + 10)
 
 
 def test_mcp_client_gets_the_image_its_seed_and_progress(extras_server):

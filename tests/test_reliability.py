@@ -10,7 +10,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import Server, wait_for
+from conftest import Server, files_under, wait_for
 from hypothesis import HealthCheck, given
 from hypothesis import settings as hypothesis_settings
 from hypothesis import strategies as st
@@ -246,7 +246,7 @@ def soak_server(tiny_dir, tmp_path_factory):
                   "--output-dir", str(saved)], workdir,
                  env={"GRADIO_TEMP_DIR": str(temp), "TMPDIR": str(scratch), "MALLOC_ARENA_MAX": arenas})
     srv.saved, srv.scratch = saved, scratch
-    srv.temporary_files = lambda: [path for root in (temp, scratch) for path in root.rglob("*") if path.is_file()]
+    srv.temporary_files = lambda: files_under(temp, scratch)
     yield srv
     srv.stop()
 
