@@ -12,9 +12,31 @@ from flux_infer.launcher import TELEMETRY_OFF, ServerProcess, free_port
 
 # Nothing in the tests may talk to anything but 127.0.0.1.
 os.environ.update(TELEMETRY_OFF)
-__all__ = ["TELEMETRY_OFF", "free_port", "Server", "InProcessServer", "SMALL", "wait_for", "make_lora", "LORAS"]
+__all__ = ["TELEMETRY_OFF", "free_port", "Server", "InProcessServer", "SMALL", "wait_for", "make_lora", "LORAS",
+           "files_under", "FakePipeline"]
 # The session's --lora-dir: five LoRAs on the tiny transformer, of ranks 2 to 6.
 LORAS = ("film", "ink", "neon", "clay", "pixel")
+
+
+class FakePipeline:
+    """A stand-in for FluxPipeline in narrow tests of what calls it: the prompt stands for its
+    embeddings, and a call makes a plain image (`color`) of the size asked for. Subclasses do their
+    part in `__call__` and end with `super().__call__(**kwargs)`."""
+
+    color = "black"
+
+    def set_progress_bar_config(self, **_):
+        pass
+
+    def encode_prompt(self, prompt):
+        return prompt, prompt, None
+
+    def __call__(self, **kwargs):
+        from types import SimpleNamespace
+
+        from PIL import Image
+
+        return SimpleNamespace(images=[Image.new("RGB", (kwargs["width"], kwargs["height"]), self.color)])
 
 
 def files_under(*roots: Path) -> list[Path]:

@@ -4,24 +4,19 @@ request is served. A fake pipeline stands in, since a real one does not fail on 
 from __future__ import annotations
 
 import os
-from types import SimpleNamespace
 
 import pytest
-from conftest import InProcessServer
+from conftest import FakePipeline, InProcessServer
 from gradio_client.exceptions import AppError
 from PIL import Image
 
 pytestmark = pytest.mark.e2e  # starts servers
 
 
-class FailsOnExplode:
+class FailsOnExplode(FakePipeline):
     """Fails on the prompt "explode", makes a red image otherwise."""
 
-    def set_progress_bar_config(self, **_):
-        pass
-
-    def encode_prompt(self, prompt):  # the prompt stands for its embeddings
-        return prompt, prompt, None
+    color = "red"
 
     def __call__(self, **kwargs):
         if kwargs["prompt_embeds"] == "explode":
@@ -30,7 +25,7 @@ class FailsOnExplode:
             import torch
 
             raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
-        return SimpleNamespace(images=[Image.new("RGB", (kwargs["width"], kwargs["height"]), "red")])
+        return super().__call__(**kwargs)
 
 
 @pytest.fixture(scope="module")

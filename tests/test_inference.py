@@ -8,6 +8,7 @@ import weakref
 from pathlib import Path
 
 import pytest
+from conftest import FakePipeline
 
 from flux_infer import settings
 from flux_infer.inference import InvalidRequest, build_request
@@ -58,10 +59,8 @@ def test_importing_loads_no_framework():
 
 def test_out_of_memory_is_a_clear_error_and_the_next_request_runs(monkeypatch):
     # A fake pipeline is enough here: what is tested is the error translation and the lock.
-    from types import SimpleNamespace
 
     import torch
-    from PIL import Image
 
     from flux_infer.inference import FluxInference, GenerationFailed
 
@@ -72,20 +71,14 @@ def test_out_of_memory_is_a_clear_error_and_the_next_request_runs(monkeypatch):
         activations.append(weakref.ref(hidden))
         raise torch.OutOfMemoryError("CUDA out of memory")
 
-    class Pipeline:
+    class Pipeline(FakePipeline):
         calls = 0
-
-        def set_progress_bar_config(self, **_):
-            pass
-
-        def encode_prompt(self, prompt):  # the prompt stands for its embeddings
-            return prompt, prompt, None
 
         def __call__(self, **kwargs):
             Pipeline.calls += 1
             if Pipeline.calls == 1:
                 forward()
-            return SimpleNamespace(images=[Image.new("RGB", (kwargs["width"], kwargs["height"]))])
+            return super().__call__(**kwargs)
 
     # What the allocator could give back: only blocks no tensor holds any more.
     released = []
@@ -105,25 +98,17 @@ def test_every_generation_runs_on_one_thread_whoever_asks(caplog):
     import logging
     import threading
     from concurrent.futures import ThreadPoolExecutor
-    from types import SimpleNamespace
 
-    from PIL import Image
 
     from flux_infer.inference import FluxInference
     from flux_infer.service import REQUEST_ID, RequestIdFilter
 
-    class Pipeline:
+    class Pipeline(FakePipeline):
         threads = []
-
-        def set_progress_bar_config(self, **_):
-            pass
-
-        def encode_prompt(self, prompt):  # the prompt stands for its embeddings
-            return prompt, prompt, None
 
         def __call__(self, **kwargs):
             Pipeline.threads.append(threading.get_ident())
-            return SimpleNamespace(images=[Image.new("RGB", (kwargs["width"], kwargs["height"]))])
+            return super().__call__(**kwargs)
 
     inference = FluxInference(Pipeline())
     inference.warm_up(((256, 256),), steps=2)
@@ -151,7 +136,6 @@ def test_the_generation_thread_works_on_the_models_gpu(monkeypatch):
     from types import SimpleNamespace
 
     import torch
-    from PIL import Image
 
     from flux_infer import tuning
     from flux_infer.inference import FluxInference
@@ -160,16 +144,10 @@ def test_the_generation_thread_works_on_the_models_gpu(monkeypatch):
     seen = []
     monkeypatch.setattr(torch.cuda, "set_device", lambda index: current.append((threading.get_ident(), index)))
 
-    class Pipeline:
-        def set_progress_bar_config(self, **_):
-            pass
-
-        def encode_prompt(self, prompt):
-            return prompt, prompt, None
-
+    class Pipeline(FakePipeline):
         def __call__(self, **kwargs):  # the devices this thread made current before this image
             seen.append([index for thread, index in current if thread == threading.get_ident()])
-            return SimpleNamespace(images=[Image.new("RGB", (kwargs["width"], kwargs["height"]))])
+            return super().__call__(**kwargs)
 
     runtime = SimpleNamespace(device="cuda:1", before=lambda request: None, after=lambda request: {},
                               call_context=lambda request: contextlib.nullcontext())
@@ -195,11 +173,7 @@ def test_a_flux_inference_let_go_ends_its_generation_thread():
 
     from flux_infer.inference import FluxInference
 
-    class Pipeline:
-        def set_progress_bar_config(self, **_):
-            pass
-
-    inference = FluxInference(Pipeline(), runtime=SimpleNamespace(device="cpu"))
+    inference = FluxInference(FakePipeline(), runtime=SimpleNamespace(device="cpu"))
     thread = inference.on_generation_thread(threading.current_thread)
     gone = weakref.ref(inference)
     del inference
@@ -216,7 +190,6 @@ def test_each_image_says_the_most_gpu_memory_it_held(monkeypatch, caplog):
     from types import SimpleNamespace
 
     import torch
-    from PIL import Image
     from prometheus_client.parser import text_string_to_metric_families
 
     from flux_infer import tuning
@@ -234,18 +207,12 @@ def test_each_image_says_the_most_gpu_memory_it_held(monkeypatch, caplog):
     monkeypatch.setattr(torch.cuda, "max_memory_allocated", lambda device: allocator.peak)
     monkeypatch.setattr(torch.cuda, "set_device", lambda index: None)
 
-    class Pipeline:
+    class Pipeline(FakePipeline):
         vae = SimpleNamespace(enable_tiling=lambda: None, disable_tiling=lambda: None)
-
-        def set_progress_bar_config(self, **_):
-            pass
-
-        def encode_prompt(self, prompt):
-            return prompt, prompt, None
 
         def __call__(self, **kwargs):  # activations of 4 KiB a pixel while it runs
             allocator.peak = max(allocator.peak, allocator.held + kwargs["width"] * kwargs["height"] * 4096)
-            return SimpleNamespace(images=[Image.new("RGB", (kwargs["width"], kwargs["height"]))])
+            return super().__call__(**kwargs)
 
     pipeline = Pipeline()
     runtime = tuning.Runtime(pipeline, tuning.Options(vae_tiling="off"), tuning.MemoryPlan(), "cuda:1")
