@@ -753,16 +753,37 @@ def part_cold(run: Run) -> None:
     run.write(f"\n(goal: second start with --compile to its first image <= {SECOND_START_GOAL_S} s)")
 
 
+def served_doors(server, *, size: int, steps: int, takes, timeout: float) -> dict:
+    """The ways a served image is asked for, each a `call(seed)` that returns once the image is back:
+    the page (its event stream, every preview fetched), gradio_client and the OpenAI route. `takes`
+    numbers the prompts: every served image a prompt of its own (bench/common.py's `prompt`)."""
+    import httpx
+
+    prompt = bench_module("common").prompt
+    page_outputs = bench_module("previews").page_outputs
+    browser = httpx.Client(base_url=server.url, timeout=timeout)
+    client = server.client()
+    data = [False, size, size, 3.5, steps]  # /infer's arguments after the prompt and seed
+
+    def page(seed):
+        if not list(page_outputs(browser, [prompt(next(takes)), seed, *data])):
+            raise RuntimeError(f"the page's event stream brought no image: see {server.log_path}")
+
+    return {
+        "page (event stream, every preview fetched)": page,
+        "gradio_client predict()": lambda seed: client.predict(prompt(next(takes)), seed, *data, api_name="/infer"),
+        "OpenAI route, b64_json": lambda seed: browser.post("v1/images/generations", json={
+            "prompt": prompt(next(takes)), "size": f"{size}x{size}", "response_format": "b64_json", "seed": seed,
+            "num_inference_steps": steps}).raise_for_status(),
+    }
+
+
 def part_served(run: Run) -> None:
     """The served path against the direct call, at the Space's defaults with previews on."""
     import itertools
 
-    import httpx
-
     a = run.args
-    common = bench_module("common")
-    Server, prompt = common.Server, common.prompt
-    page_outputs = bench_module("previews").page_outputs
+    Server = bench_module("common").Server
 
     run.write("\n## Served end to end\n")
     from flux_infer.random_weights import save_taef1
@@ -773,7 +794,6 @@ def part_served(run: Run) -> None:
     direct = run.measure("served", "direct", "", runs=a.runs, taef1=str(taef1))
     if not direct:
         return
-    data = [0, False, a.size, a.size, 3.5, a.steps]  # /infer's arguments after the prompt
     takes = itertools.count(10_000)  # every served image a prompt of its own, as the direct ones
     run.write("| consumer | previews | median s | vs direct | runs |\n|---|---|---:|---:|---|")
     run.write(f"| direct FluxInference.run | none | {direct['median_s']:.3f} | 1.00 | "
@@ -786,17 +806,7 @@ def part_served(run: Run) -> None:
             run.write(f"| server, previews {preview} | could not start: {str(err).strip().splitlines()[-1][:300]} |")
             continue
         try:
-            browser = httpx.Client(base_url=server.url, timeout=600)
-            client = server.client()
-            consumers = {
-                "page (event stream, every preview fetched)": lambda seed: len(set(page_outputs(
-                    browser, [prompt(next(takes)), seed, *data[1:]]))),
-                "gradio_client predict()": lambda seed: client.predict(prompt(next(takes)), seed, *data[1:],
-                                                                        api_name="/infer"),
-                "OpenAI route, b64_json": lambda seed: browser.post("v1/images/generations", json={
-                    "prompt": prompt(next(takes)), "size": f"{a.size}x{a.size}", "response_format": "b64_json",
-                    "seed": seed, "num_inference_steps": a.steps}).raise_for_status(),
-            }
+            consumers = served_doors(server, size=a.size, steps=a.steps, takes=takes, timeout=600)
             for consumer, call in consumers.items():
                 call(100)  # warm-up
                 runs = 1 if consumer.startswith("OpenAI") else a.runs
@@ -833,11 +843,7 @@ def part_graphs(run: Run) -> None:
     memory does not grow from door to door. The server logs each recording (TORCH_LOGS=+cudagraphs)."""
     import itertools
 
-    import httpx
-
     a = run.args
-    common = bench_module("common")
-    page_outputs = bench_module("previews").page_outputs
 
     run.write("\n## CUDA graphs served through every door\n")
     limit = run.child_timeout()
@@ -848,8 +854,8 @@ def part_graphs(run: Run) -> None:
              *(["--device", a.device] if a.device else [])]
     began = time.perf_counter()
     try:
-        server = common.Server(a.model, Path(a.scratch) / "graphs", flags, name="graphs", startup_s=limit[0],
-                               env={"TORCH_LOGS": "+cudagraphs,recompiles"})
+        server = bench_module("common").Server(a.model, Path(a.scratch) / "graphs", flags, name="graphs",
+                                               startup_s=limit[0], env={"TORCH_LOGS": "+cudagraphs,recompiles"})
     except RuntimeError as err:
         run.write(f"`serve {' '.join(flags)}` could not start: {str(err).strip().splitlines()[-1][:300]}")
         return
@@ -860,22 +866,7 @@ def part_graphs(run: Run) -> None:
         return log.count("Recording function="), log.count("skipping cudagraphs"), log.count("Recompiling function")
 
     try:
-        browser = httpx.Client(base_url=server.url, timeout=limit[0])
-        client = server.client()
-        data = [False, a.size, a.size, 3.5, a.steps]  # /infer's arguments after the prompt and seed
-        takes = itertools.count(20_000)
-
-        def page():
-            if not list(page_outputs(browser, [common.prompt(next(takes)), 0, *data])):
-                raise RuntimeError(f"the page's event stream brought no image: see {server.log_path}")
-
-        doors = {
-            "gradio_client predict()": lambda: client.predict(common.prompt(next(takes)), 0, *data, api_name="/infer"),
-            "page (event stream, every preview fetched)": page,
-            "OpenAI route, b64_json": lambda: browser.post("v1/images/generations", json={
-                "prompt": common.prompt(next(takes)), "size": f"{a.size}x{a.size}", "response_format": "b64_json",
-                "num_inference_steps": a.steps}).raise_for_status(),
-        }
+        doors = served_doors(server, size=a.size, steps=a.steps, takes=itertools.count(20_000), timeout=limit[0])
         at_start, used_at_start = recorded(), SmiPeak._used()
         run.write(f"`serve {' '.join(flags)}`: ready in {started_s:.0f} s (load and warm-up), {at_start[0]} CUDA "
                   f"graphs recorded and {at_start[1]} left out by inductor, card memory "
@@ -889,9 +880,9 @@ def part_graphs(run: Run) -> None:
                 break
             before = recorded()
             times = []
-            for _ in range(2):
+            for seed in range(2):
                 began = time.perf_counter()
-                call()
+                call(seed)
                 times.append(time.perf_counter() - began)
             used.append(SmiPeak._used())
             after = recorded()
