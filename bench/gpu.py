@@ -16,7 +16,8 @@ Parts (`--parts`, comma-separated; each sized for about 5 minutes on an H100 at 
 - compile: --compile in bf16, with fp8, with CUDA graphs (bf16 and fp8), autotuned (bf16 and fp8),
   with fused QKV, and with cuDNN attention (bf16 and fp8), the same figures (compiling takes
   minutes; `--only` picks some);
-- offload: model offload and group offload, the same figures;
+- offload: the transformer in fp8 with T5 streamed in (`--offload t5`, each image a new prompt, so
+  T5's trip is in every image), model offload and group offload, the same figures;
 - steps: the cost of a full step and of a step a cache skipped (fbcache, taylorseer, magcache;
   skip counts on random weights mean nothing, the costs do);
 - served: `flux-infer serve` driven like the page (event stream, every preview fetched) and by
@@ -30,8 +31,9 @@ Parts (`--parts`, comma-separated; each sized for about 5 minutes on an H100 at 
   start-up, each door's first image against its second, the card's memory door to door);
 - memory: `--memory auto` within `--gpu-memory` 24, 16, 12 and 8 GiB: the plan, s/image, peaks;
   nf4 needs the `nf4` wheels, else 12 GiB plans group offload;
-- lean: two leaner plans under the 8 GiB cap (fp8-storage with group offload, nf4 transformer and
-  T5 with model offload), against what --memory auto picks there;
+- lean: three leaner plans under the 8 GiB cap (fp8-storage with group offload, nf4 transformer and
+  T5 with model offload, nf4 transformer on the GPU with T5 streamed in and the VAE tiled), against
+  what --memory auto picks there;
 - cold: the random pipeline saved as a diffusers folder, page cache dropped, raw read time of its
   safetensors against load_pipeline's time to ready (cold and warm cache, cold with diffusers'
   parallel shard loading, and cold onto a numbered device, `cuda:0`; imports timed apart); time to a
@@ -107,6 +109,7 @@ PRESETS = {
     "cudnn-attention": "--memory off --attention _native_cudnn",
     "flash3-attention": "--memory off --attention _flash_3",
     "flash-attention": "--memory off --attention flash",
+    "t5-offload": "--quantize fp8 --offload t5",
     "model-offload": "--offload model",
     "group-offload": "--offload group",
 }
@@ -117,7 +120,7 @@ PARTS = {
     "presets": ["bf16", "fused-qkv", "fp8", "int8", "cudnn-attention", "flash3-attention", "flash-attention"],
     "compile": ["bf16", "compile", "fp8-compile", "compile-cudagraphs", "compile-autotune", "fp8-compile-autotune",
                 "fp8-compile-cudagraphs", "compile-fused", "compile-cudnn", "fp8-compile-cudnn"],
-    "offload": ["bf16", "model-offload", "group-offload"],
+    "offload": ["bf16", "t5-offload", "model-offload", "group-offload"],
     "steps": ["bf16"],
     "served": [],
     "graphs": [],
@@ -661,6 +664,7 @@ LEAN_CAP_GIB = 8
 LEAN_PLANS = {
     "group offload, fp8-storage transformer": "--offload group --quantize fp8-storage",
     "model offload, nf4 transformer and T5": "--offload model --quantize nf4 --quantize-text-encoder",
+    "nf4 transformer on the GPU, T5 streamed in, VAE tiled": "--offload t5 --quantize nf4 --vae-tiling on",
 }
 
 

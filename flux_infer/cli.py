@@ -73,8 +73,10 @@ def _add_runtime_flags(parser: argparse.ArgumentParser) -> None:
                        help="auto: on a GPU, pick the fastest offload/quantization that fits its free memory "
                        "(unless --offload/--quantize are given); off: only what the flags say (default: auto)")
     group.add_argument("--offload", choices=tuning.OFFLOAD_MODES, default=None,
-                       help="keep weights on the CPU: model (one component at a time on the GPU), group (blocks "
-                       "streamed in), sequential (layer by layer; slowest) (default: none, or --memory auto's)")
+                       help="keep weights on the CPU: t5 (T5 alone, streamed in block by block for each new "
+                       "prompt; the transformer stays on the GPU), model (one component at a time on the GPU), "
+                       "group (blocks streamed in), sequential (layer by layer; slowest) (default: none, or "
+                       "--memory auto's)")
     group.add_argument("--quantize", choices=tuning.QUANTIZE_MODES, default=None,
                        help="transformer weights: fp8-storage (float8 storage, compute in the dtype), int8 or fp8 "
                        "(torchao), nf4 (bitsandbytes, CUDA) (default: none, or --memory auto's)")
@@ -85,7 +87,7 @@ def _add_runtime_flags(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--compile-mode", choices=tuning.COMPILE_MODES, default=tuning.Options.compile_mode,
                        help="with --compile, torch.compile's mode: max-autotune-no-cudagraphs tries kernel variants "
                        "while compiling; reduce-overhead and max-autotune also capture CUDA graphs, of the whole "
-                       "transformer (slower to compile; not with --cache or offloading) (default: default)")
+                       "transformer (slower to compile; not with --cache, nor with offloading other than t5) (default: default)")
     group.add_argument("--compile-sizes", type=_checked(tuning.parse_sizes), default=tuning.DEFAULT_COMPILE_SIZES,
                        metavar="WxH[,WxH]", help="sizes to warm up with --compile (default: 1024x1024)")
     group.add_argument("--cache", type=_checked(tuning.parse_cache), default=None, metavar="KIND[:VALUE]",

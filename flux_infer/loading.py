@@ -369,7 +369,8 @@ def _read_pipeline(source, folder, placement, plan, *, gguf: bool):
 
     # Read the weights straight onto the device they will run on (quantized there, tensor by
     # tensor), unless they are offloaded or cast for storage after loading: no full copy in RAM.
-    direct = plan.offload == "none" and plan.quantize != "fp8-storage"
+    # With offload t5, T5 alone is read into RAM, where it stays.
+    direct = plan.offload in tuning.RESIDENT_TRANSFORMER and plan.quantize != "fp8-storage"
     # diffusers' pipeline device_map names a device type ("cuda"), not a numbered GPU ("cuda:1"). For
     # one, the transformer and T5 (97% of the bytes) are read onto it each with its own device_map, and
     # the small components are moved there after loading.
@@ -397,6 +398,11 @@ def _read_pipeline(source, folder, placement, plan, *, gguf: bool):
                 f"could not read {source.location} as a FLUX transformer checkpoint: {err}"
             ) from None
     try:
+        if direct and tuning.in_ram(plan, "text_encoder_2"):
+            from transformers import T5EncoderModel
+
+            components["text_encoder_2"] = T5EncoderModel.from_pretrained(
+                folder, subfolder="text_encoder_2", dtype=placement.dtype, use_safetensors=True)
         if numbered:
             from transformers import T5EncoderModel
 

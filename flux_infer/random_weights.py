@@ -269,20 +269,22 @@ def build_pipeline(name: str, *, placement, plan, gpu_memory_gib: float | None =
         if plan.quantize_text_encoder:
             quantized["text_encoder_2"] = quantizer_kind
     sizes = weight_bytes(models, dtype=dtype, quantized=quantized)
-    # Offloading keeps the weights in RAM and moves them to the GPU as they are used.
-    home = "cpu" if plan.offload != "none" else placement.device
+    # Offloading keeps weights in RAM (all of them; T5's alone with offload t5) and moves them to the
+    # GPU as they are used.
+    homes = {component: "cpu" if tuning.in_ram(plan, component) else placement.device for component in models}
     stage = placement.device
-    needed = sum(sizes.values())
-    free = tuning.free_bytes(home, gpu_memory_gib)
-    if needed + MARGIN_GIB * 1024**3 > free:
-        where = "this machine's RAM" if home == "cpu" else f"{placement.device}"
-        advice = (f"use --model {settings.RANDOM_SMALL_MODEL_NAME} to check the code path here, or run on a GPU"
-                  if home == "cpu" and not placement.device.startswith("cuda")
-                  else "free memory, or let --memory auto choose quantization and offloading")
-        raise ModelLoadError(
-            f"--model {name} needs {needed / 1024**3:.1f} GiB for its weights in {placement.dtype_name} "
-            f"({', '.join(f'{c} {b / 1024**3:.1f}' for c, b in sizes.items())}) plus {MARGIN_GIB:g} GiB, and "
-            f"{where} has {free / 1024**3:.1f} GiB free: {advice}")
+    for home in dict.fromkeys(homes.values()):
+        here = {component: size for component, size in sizes.items() if homes[component] == home}
+        needed, free = sum(here.values()), tuning.free_bytes(home, gpu_memory_gib)
+        if needed + MARGIN_GIB * 1024**3 > free:
+            where = "this machine's RAM" if home == "cpu" else f"{placement.device}"
+            advice = (f"use --model {settings.RANDOM_SMALL_MODEL_NAME} to check the code path here, or run on a GPU"
+                      if home == "cpu" and not placement.device.startswith("cuda")
+                      else "free memory, or let --memory auto choose quantization and offloading")
+            raise ModelLoadError(
+                f"--model {name} needs {needed / 1024**3:.1f} GiB for its weights in {placement.dtype_name} "
+                f"({', '.join(f'{c} {b / 1024**3:.1f}' for c, b in here.items())}) plus {MARGIN_GIB:g} GiB, and "
+                f"{where} has {free / 1024**3:.1f} GiB free: {advice}")
 
     def quantizer(component):
         kind = quantized.get(component)
@@ -298,9 +300,13 @@ def build_pipeline(name: str, *, placement, plan, gpu_memory_gib: float | None =
                 else "it checks the code path, not speed or memory")
     with torch.no_grad():
         for index, (component, model) in enumerate(models.items()):
-            materialize(model, stage=stage, home=home, dtype=dtype, quantize=quantizer(component), seed=seed + index)
-    log.info("built %s with random weights on %s (%s GiB of weights%s)", name, home,
-             f"{needed / 1024**3:.1f}", f", quantized {quantized}" if quantized else "")
+            materialize(model, stage=stage, home=homes[component], dtype=dtype, quantize=quantizer(component),
+                        seed=seed + index)
+    in_ram = [component for component, home in homes.items() if home != placement.device]
+    where = ("cpu" if len(in_ram) == len(homes) else
+             f"{placement.device}, {' and '.join(in_ram)} in RAM" if in_ram else placement.device)
+    log.info("built %s with random weights on %s (%s GiB of weights%s)", name, where,
+             f"{sum(sizes.values()) / 1024**3:.1f}", f", quantized {quantized}" if quantized else "")
     return FluxPipeline(scheduler=FlowMatchEulerDiscreteScheduler(**SCHEDULER), tokenizer=clip_tokenizer(),
                         tokenizer_2=t5_tokenizer(), **models)
 

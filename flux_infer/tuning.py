@@ -1,7 +1,8 @@
 """Memory and speed options: what fits the GPU, and what makes it fast.
 
 Everything here is the field's own machinery, switched on with the right arguments:
-- memory: diffusers' offloading (`enable_model_cpu_offload`, group offload, sequential), its
+- memory: diffusers' offloading (`enable_model_cpu_offload`, group offload of the whole pipeline or
+  of T5 alone, sequential), its
   quantization configs at load time (torchao int8/fp8, bitsandbytes nf4, GGUF single files) and
   layerwise casting (`fp8-storage`); VAE tiling and slicing;
 - speed: `torch.compile` of the transformer's repeated blocks and the VAE decoder, fused QKV
@@ -24,7 +25,12 @@ from flux_infer import settings
 log = logging.getLogger(__name__)
 
 MEMORY_MODES = ("auto", "off")
-OFFLOAD_MODES = ("none", "model", "group", "sequential")
+# t5: T5 alone in RAM, streamed to the GPU a block at a time when a new prompt is encoded; the
+# transformer, CLIP and the VAE stay on the GPU.
+OFFLOAD_MODES = ("none", "t5", "model", "group", "sequential")
+# Plans whose transformer stays on the GPU: its weights keep their addresses (CUDA graphs) and no
+# offloading hook sits in its blocks.
+RESIDENT_TRANSFORMER = ("none", "t5")
 QUANTIZE_MODES = ("none", "fp8-storage", "int8", "fp8", "nf4")
 VAE_TILING_MODES = ("auto", "on", "off")
 # torch.compile's modes: max-autotune* try kernel variants while compiling (slower to start);
@@ -41,13 +47,18 @@ DEFAULT_COMPILE_SIZES = ((1024, 1024),)
 
 # Estimated peaks for FLUX.1-dev at 1024x1024, in GiB: the components' weights (12B-parameter
 # transformer, 4.7B T5-XXL encoder, CLIP-L and VAE) and the transient memory of the denoising
-# and of the VAE decode. Published sizes; a run of bench/gpu.py measures the real ones.
+# and of the VAE decode. Published sizes, checked with bench/gpu.py on an H200 (bench/RESULTS.md,
+# 2026-11-27): 31.4 GiB of weights in bf16 (estimated 31.5), 16.0 with the transformer and T5 in fp8
+# (16.0), and the allocator's peak 2.5 GiB above the weights in both, the VAE decode's.
 TRANSFORMER_GIB = {"none": 22.2, "fp8-storage": 11.1, "int8": 11.1, "fp8": 11.1, "nf4": 6.3}
 T5_GIB = {"none": 8.9, "int8": 4.5, "fp8": 4.5, "nf4": 2.7}
 OTHER_GIB = 0.4  # CLIP-L, VAE
 DENOISE_GIB = 1.5
-DECODE_GIB = 3.0
+DECODE_GIB = 2.5
 OFFLOAD_PEAK_GIB = {"group": 4.0, "sequential": 3.0}
+# T5's blocks on the GPU at once when it is streamed in (the block running, the next one coming, and
+# its embedding): at the text-encoding step, before the denoising's transient memory.
+T5_STREAMED_GIB = 1.0
 HEADROOM_GIB = 1.0
 # VAE decode: bytes per output pixel (bf16; twice that in float32), to decide tiling.
 DECODE_BYTES_PER_PIXEL = 3 * 1024**3 / (1024 * 1024)
@@ -177,16 +188,27 @@ def estimate_gib(offload: str, quantize: str, quantize_text_encoder: bool, *,
     t5 = T5_GIB[quantize if quantize_text_encoder else "none"]
     if offload == "model":  # one component on the GPU at a time
         return max(transformer + DENOISE_GIB, t5, OTHER_GIB + DECODE_GIB)
+    if offload == "t5":  # the transformer stays; T5 passes through a block at a time
+        return transformer + OTHER_GIB + max(T5_STREAMED_GIB, DENOISE_GIB, DECODE_GIB)
     return transformer + t5 + OTHER_GIB + max(DENOISE_GIB, DECODE_GIB)
 
 
 def candidates(*, fp8: bool, nf4: bool, gguf: bool):
-    """Combinations from the fastest to the leanest: (offload, quantize, quantize_text_encoder)."""
+    """Combinations from the fastest to the leanest: (offload, quantize, quantize_text_encoder).
+
+    Streaming T5 in (offload t5) costs a fraction of a second per new prompt and nothing per step;
+    model offload moves the transformer to the GPU and back for every image (22 s an image at 16
+    GiB on an H200: bench/RESULTS.md). So a transformer that stays on the GPU comes first, in nf4 if
+    need be, before model offload.
+    """
     eight = "fp8" if fp8 else "int8"
     if gguf:  # the transformer is quantized already; only T5 and offloading are left to choose
-        ladder = [("none", "none", False), ("none", eight, True), ("model", "none", False)]
+        ladder = [("none", "none", False), ("none", eight, True), ("t5", "none", False), ("model", "none", False)]
     else:
-        ladder = [("none", "none", False), ("none", eight, False), ("none", eight, True), ("model", eight, False)]
+        ladder = [("none", "none", False), ("none", eight, False), ("none", eight, True), ("t5", eight, False)]
+        if nf4:
+            ladder += [("t5", "nf4", False)]
+        ladder += [("model", eight, False)]
         if nf4:
             ladder += [("model", "nf4", False), ("model", "nf4", True)]
     return ladder + [("group", "none", False), ("sequential", "none", False)]
@@ -251,13 +273,13 @@ def check_plan(plan: MemoryPlan, placement, *, gguf: bool = False, switching_lor
                fuse_qkv: bool = False, compile_mode: str | None = None) -> None:
     """Refuse what cannot run here, saying what to use instead."""
     on_cuda = placement.device.startswith("cuda")
-    if compile_mode in CUDA_GRAPH_MODES and plan.offload != "none":
+    if compile_mode in CUDA_GRAPH_MODES and plan.offload not in RESIDENT_TRANSFORMER:
         # A CUDA graph replays reads of fixed addresses; offloading gives the weights new ones at
         # every trip to the GPU, and torch would record the graphs again, each with memory of its own.
         raise OptionError(f"--compile-mode {compile_mode} records CUDA graphs over weights that stay on the GPU, "
                           f"and this plan offloads them (offload {plan.offload}: {plan.reason}): use --compile-mode "
-                          "default or max-autotune-no-cudagraphs, or a plan without offloading (--memory off, "
-                          "--quantize fp8)")
+                          "default or max-autotune-no-cudagraphs, or a plan that keeps the transformer on the "
+                          "GPU (--memory off, --quantize fp8, --offload t5)")
     if switching_loras and plan.quantize == "fp8-storage":
         # PEFT gives a LoRA loaded later the dtype of the layer it wraps: float8, which cannot multiply.
         raise OptionError("--lora-dir cannot switch LoRAs on --quantize fp8-storage weights (they would be stored "
@@ -274,6 +296,10 @@ def check_plan(plan: MemoryPlan, placement, *, gguf: bool = False, switching_lor
         # FluxPipeline gives the prompt embeddings T5's weight dtype: float8 while stored.
         raise OptionError("--quantize-text-encoder cannot store T5 in float8 (fp8-storage): its output would be "
                           "float8 too; use --quantize fp8 or int8 to quantize T5, or leave --quantize-text-encoder out")
+    if plan.offload == "t5" and plan.quantize_text_encoder:
+        # Streamed in, T5 is copied block by block from pinned RAM: plain bf16 tensors, not quantized ones.
+        raise OptionError("--offload t5 streams T5's bf16 weights to the GPU as it runs: leave "
+                          "--quantize-text-encoder out, or keep a quantized T5 on the GPU with --offload none")
     if plan.offload != "none" and not on_cuda:
         raise OptionError(f"--offload {plan.offload} moves weights between a GPU and the CPU: it needs a CUDA GPU "
                           f"(this run is on {placement.device}); leave --offload at none")
@@ -399,17 +425,32 @@ def _standard_strides(_block, _args, outputs):
     return tuple(output.flatten().view(output.shape) for output in outputs)
 
 
-def group_offload(pipe, onload_device, *, use_stream: bool = True) -> None:
-    """Group offloading, one block at a time on the GPU. diffusers groups the ModuleLists that are a
+def group_offload(pipe, onload_device, *, use_stream: bool = True, t5_only: bool = False) -> None:
+    """Group offloading, one block at a time on the GPU; with `t5_only` (offload t5), of T5 alone,
+    and every other component moves to the GPU to stay. diffusers groups the ModuleLists that are a
     component's direct children; T5's blocks sit one level down (`encoder.block`), so T5 is told to
-    look inside `encoder`, or all 9 GB of it would be one group."""
+    look inside `encoder`, or all 9 GB of it would be one group. With a stream, diffusers pins the
+    offloaded weights in RAM and copies the next block in while one runs."""
     import torch
     from diffusers.hooks import apply_group_offloading
 
     kwargs = dict(onload_device=onload_device, offload_device=torch.device("cpu"), offload_type="block_level",
                   num_blocks_per_group=1, use_stream=use_stream)
-    pipe.enable_group_offload(**kwargs, exclude_modules=["text_encoder_2"])
+    if t5_only:
+        for name, component in pipe.components.items():
+            if isinstance(component, torch.nn.Module) and name != "text_encoder_2":
+                component.to(onload_device)
+    else:
+        pipe.enable_group_offload(**kwargs, exclude_modules=["text_encoder_2"])
     apply_group_offloading(pipe.text_encoder_2, **kwargs, block_modules=["encoder"])
+
+
+def in_ram(plan: MemoryPlan, component: str) -> bool:
+    """Whether `component` (a pipeline component's name) is kept in RAM under `plan`, moved to the
+    GPU only as it runs, rather than placed on the GPU once."""
+    if plan.offload == "t5":
+        return component == "text_encoder_2"
+    return plan.offload != "none"
 
 
 @dataclass
@@ -513,8 +554,8 @@ class Runtime:
             pipe.enable_model_cpu_offload(device=placement.device)
         elif offload == "sequential":
             pipe.enable_sequential_cpu_offload(device=placement.device)
-        elif offload == "group":
-            group_offload(pipe, torch.device(placement.device))
+        elif offload in ("group", "t5"):
+            group_offload(pipe, torch.device(placement.device), t5_only=offload == "t5")
         else:
             pipe.to(placement.device)
 

@@ -163,3 +163,28 @@ def test_weights_are_read_straight_onto_the_device_unless_offloaded_or_cast_afte
     assert type(quantized.transformer.transformer_blocks[0].ff.net[2].weight).__name__ == "Int8Tensor"
     assert type(quantized.text_encoder_2.encoder.block[0].layer[1].DenseReluDense.wo.weight).__name__ == "Int8Tensor"
     assert quantized.transformer.hf_device_map == {"": torch.device("cpu", 0)}
+
+
+def test_offload_t5_reads_t5_into_ram_and_the_rest_onto_the_device(tiny_dir, monkeypatch):
+    # --offload t5 (which needs a GPU; the CPU stands in): T5 stays in RAM and is streamed in, so it
+    # is read there, on its own; the rest is read straight onto the device (diffusers' device_map).
+    from diffusers import FluxPipeline
+    from transformers import T5EncoderModel
+
+    from flux_infer import loading
+    from flux_infer.tuning import MemoryPlan
+
+    reads = []
+    read = T5EncoderModel.from_pretrained.__func__
+
+    def recording_read(cls, *args, **kwargs):
+        reads.append(kwargs.get("device_map"))
+        return read(cls, *args, **kwargs)
+
+    monkeypatch.setattr(T5EncoderModel, "from_pretrained", classmethod(recording_read))
+    pipe = loading._read_pipeline(resolve_source(str(tiny_dir)), tiny_dir, resolve_placement("cpu"),
+                                  MemoryPlan(offload="t5"), gguf=False)
+    assert reads == [None]  # T5 read once, into RAM
+    assert pipe.hf_device_map == "cpu"
+    plain = FluxPipeline.from_pretrained(tiny_dir, dtype=torch.float32)
+    np.testing.assert_array_equal(_image(pipe), _image(plain))

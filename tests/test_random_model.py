@@ -168,9 +168,9 @@ CUDA = Placement("cuda", "bfloat16", "a test GPU")
 
 @pytest.mark.parametrize("cap, expected", [
     (None, ("none", "none", False)),
-    (24, ("none", "fp8", True)),
-    (16, ("model", "fp8", False)),
-    (12, ("model", "nf4", False)),
+    (24, ("none", "fp8", False)),
+    (16, ("t5", "fp8", False)),
+    (12, ("t5", "nf4", False)),
     (8, ("group", "none", False)),
 ])
 def test_gpu_memory_cap_plans_within_the_cap_and_sets_the_allocator_fraction(fake_h100, cap, expected):
@@ -185,6 +185,25 @@ def test_gpu_memory_cap_plans_within_the_cap_and_sets_the_allocator_fraction(fak
         assert f"{cap:.1f} GiB free on NVIDIA H100 80GB HBM3 (sm 9.0) within --gpu-memory {cap}" in plan.reason
         assert tuning.estimate_gib(*expected) + tuning.HEADROOM_GIB <= cap
         assert tuning.free_bytes("cuda", cap) == cap * GIB
+
+
+def test_offload_t5_sizes_t5_against_ram_and_the_rest_against_the_gpu(monkeypatch):
+    # With --offload t5, T5 is built in RAM and everything else on the GPU: each checked against its
+    # own free memory, before anything is allocated.
+    free = {"cuda": 40 * GIB, "cpu": 5 * GIB}
+    monkeypatch.setattr(tuning, "free_bytes", lambda device, gpu_memory=None: free[device])
+    t5 = tuning.MemoryPlan(offload="t5")
+    with pytest.raises(ModelLoadError) as error:
+        random_weights.build_pipeline("random", placement=CUDA, plan=t5)
+    message = str(error.value)
+    assert "GiB for its weights in bfloat16 (text_encoder_2 " in message and "transformer" not in message
+    assert "this machine's RAM has 5.0 GiB free" in message
+    free.update(cuda=20 * GIB, cpu=100 * GIB)
+    with pytest.raises(ModelLoadError) as error:
+        random_weights.build_pipeline("random", placement=CUDA, plan=t5)
+    message = str(error.value)
+    assert "(transformer 22.2" in message and "text_encoder_2" not in message
+    assert "cuda has 20.0 GiB free" in message
 
 
 def test_gpu_memory_errors(fake_h100):
