@@ -21,7 +21,8 @@ Parts (`--parts`, comma-separated; each sized for about 5 minutes on an H100 at 
 - steps: the cost of a full step and of a step a cache skipped (fbcache, taylorseer, magcache;
   skip counts on random weights mean nothing, the costs do);
 - served: `flux-infer serve` driven like the page (event stream, every preview fetched) and by
-  gradio_client, previews latent and a random-weight TAEF1, and one OpenAI-route request,
+  gradio_client, previews latent (the page's images as PNG, the default, and as WebP) and a
+  random-weight TAEF1, and one OpenAI-route request,
   against the direct call (needs the `server` wheels); then what serving adds, each part timed
   apart: a preview decoded on the device (latent map, TAEF1 as served with channels_last weights,
   TAEF1 on 2x2-pooled latents or with NCHW weights), the VAE decode (NCHW, channels_last) and the
@@ -476,6 +477,11 @@ class Run:
         with open(self.out / "results.md", "a") as report:
             report.write(text + "\n")
 
+    def keep_server_log(self, server, name: str) -> None:
+        """The end of a server's log, appended to servers.log: one file for every server of the run."""
+        with open(self.out / "servers.log", "ab") as kept:
+            kept.write(f"### server {name}\n".encode() + server.log_path.read_bytes()[-200_000:] + b"\n")
+
     def record(self, part: str, name: str, row: dict) -> None:
         with open(self.out / "results.jsonl", "a") as lines:
             lines.write(json.dumps({"part": part, "name": name, **row}) + "\n")
@@ -803,15 +809,21 @@ def part_served(run: Run) -> None:
     run.write(f"| direct FluxInference.run | none | {direct['median_s']:.3f} | 1.00 | "
               f"{' '.join(f'{t:.2f}' for t in direct['times'])} |")
     extra = ["--device", a.device] if a.device else []
-    for preview, flags in (("latent", ["--preview", "latent"]), ("taef1", ["--preview", "taef1", "--taef1", str(taef1)])):
+    # The page's images as PNG (the default) and as WebP (the Space's format, quicker to encode).
+    variants = (("latent", "latent", ["--preview", "latent"]),
+                ("latent, WebP images", "latent-webp", ["--preview", "latent", "--image-format", "webp"]),
+                ("taef1", "taef1", ["--preview", "taef1", "--taef1", str(taef1)]))
+    for preview, slug, flags in variants:
         try:
-            server = Server(a.model, workdir / preview, [*flags, *extra], name=preview)
+            server = Server(a.model, workdir / slug, [*flags, *extra], name=slug)
         except RuntimeError as err:
             run.write(f"| server, previews {preview} | could not start: {str(err).strip().splitlines()[-1][:300]} |")
             continue
         try:
             consumers = served_doors(server, size=a.size, steps=a.steps, takes=takes, timeout=600)
             for consumer, call in consumers.items():
+                if slug == "latent-webp" and consumer.startswith("OpenAI"):
+                    continue  # its format is the request's output_format: the same as with PNG images
                 call(100)  # warm-up
                 runs = 1 if consumer.startswith("OpenAI") else a.runs
                 times = []
@@ -826,7 +838,7 @@ def part_served(run: Run) -> None:
                                                                 "ratio": median / direct["median_s"]})
         finally:
             server.stop()
-            (run.out / f"server-{preview}.log").write_bytes(server.log_path.read_bytes()[-200_000:])
+            run.keep_server_log(server, slug)
     run.write(f"\n(goal: served/direct <= {SERVED_GOAL} with previews on)")
     run.write(serving_costs_table(direct["serving_costs"], direct["median_s"], a.steps))
     # The encoding as timed above is of a random model's noise; a photograph's, on this machine's CPU:
@@ -902,7 +914,7 @@ def part_graphs(run: Run) -> None:
                   f"recompilations (goal 0 and 0); card memory from the first door to the last: {growth}.")
     finally:
         server.stop()
-        (run.out / "server-graphs.log").write_bytes(server.log_path.read_bytes()[-200_000:])
+        run.keep_server_log(server, "graphs")
 
 
 def serving_costs_table(costs: dict, direct_s: float, steps: int) -> str:
