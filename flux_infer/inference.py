@@ -378,7 +378,7 @@ class FluxInference:
             torch.cuda.empty_cache()
             raise GenerationFailed(
                 f"out of GPU memory at {request.width}x{request.height}: try a smaller size, or restart the "
-                "server with less GPU memory in use (--memory auto, --offload model, --quantize fp8)"
+                "server with less GPU memory in use (--memory auto, --quantize fp8, --offload t5 or model)"
             ) from None
         stats = self.runtime.after(request) if self.runtime is not None else {}
         return output.images[0], {**stats, "prompt_reused": reused}

@@ -352,10 +352,10 @@ def _out_of_memory(placement, plan, options) -> str:
     free = tuning.free_bytes(placement.device, options.gpu_memory) / 1024**3
     if options.explicit_memory or options.memory == "off":
         advice = ("leave the memory options out: --memory auto then plans for the memory that is free, or ask for a "
-                  "leaner plan (--quantize fp8, --offload model)")
+                  "leaner plan (--quantize fp8, --offload t5, --offload model)")
     else:
         advice = ("another program may be using the GPU (see nvidia-smi); ask for a leaner plan than --memory auto "
-                  "chose (--quantize fp8 --offload model, or --offload group)")
+                  "chose (--quantize fp8 --offload t5, --quantize nf4 --offload t5, or --offload group)")
     return (f"out of GPU memory while loading the model onto {placement.device} with {plan.describe()} "
             f"({plan.reason}); {free:.1f} GiB free now: {advice}")
 
