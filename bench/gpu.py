@@ -7,7 +7,8 @@ and bytes) or loads `--model`, and writes each figure to `--out` as soon as it i
 leaves all it finished. The card, torch, CUDA and library versions head the report.
 
 Every measurement runs in its own process (its compiled graphs, its allocator cap and its peak
-memory are its own); the parent polls nvidia-smi for the card's peak while it runs. Ratios are to
+memory are its own); the parent polls nvidia-smi for the card's peak while it runs, and for its SM
+clock and power while it is busy (a row's note: a busier card may clock lower). Ratios are to
 bf16 eager measured in the same run.
 
 Parts (`--parts`, comma-separated; each sized for about 5 minutes on an H100 at 1024x1024, 28 steps):
@@ -203,28 +204,67 @@ def versions() -> dict:
 
 
 class SmiPeak:
-    """The card's used memory, polled by nvidia-smi while a measurement runs, above what was used before."""
+    """The card's used memory, polled by nvidia-smi while a measurement runs, above what was used before;
+    and its SM clock and power draw while it is busy (90% utilization or more): a card kept busier
+    can run at lower clocks, which slows every kernel alike."""
+
+    BUSY_PERCENT = 90
 
     def __init__(self):
         self.peak = None
+        self.busy = []  # (SM MHz, watts) of the samples taken while the card was busy
         self._stop = threading.Event()
         self._base = self._used()
         self._thread = threading.Thread(target=self._poll, daemon=True) if self._base is not None else None
 
     @staticmethod
-    def _used() -> float | None:
+    def _sample() -> dict | None:
+        """memory.used (GiB), utilization.gpu (%), clocks.sm (MHz), power.draw (W); a field the card
+        does not report ("[N/A]") is None."""
+        fields = ("memory.used", "utilization.gpu", "clocks.sm", "power.draw")
         try:
-            out = subprocess.run(["nvidia-smi", "--query-gpu=memory.used", "--format=csv,noheader,nounits", "-i", "0"],
-                                 capture_output=True, text=True, timeout=10).stdout
-            return float(out.strip().splitlines()[0]) / 1024  # MiB -> GiB
-        except (OSError, ValueError, IndexError, subprocess.TimeoutExpired):
+            out = subprocess.run(["nvidia-smi", f"--query-gpu={','.join(fields)}", "--format=csv,noheader,nounits",
+                                  "-i", "0"], capture_output=True, text=True, timeout=10).stdout
+            values = out.strip().splitlines()[0].split(",")
+        except (OSError, IndexError, subprocess.TimeoutExpired):
             return None
+
+        def number(text):
+            try:
+                return float(text)
+            except ValueError:
+                return None
+
+        sample = dict(zip(fields, map(number, values)))
+        if sample.get("memory.used") is None:
+            return None
+        sample["memory.used"] /= 1024  # MiB -> GiB
+        return sample
+
+    @classmethod
+    def _used(cls) -> float | None:
+        sample = cls._sample()
+        return None if sample is None else sample["memory.used"]
 
     def _poll(self):
         while not self._stop.wait(0.25):
-            used = self._used()
-            if used is not None:
-                self.peak = max(self.peak or 0.0, used - self._base)
+            self.take(self._sample())
+
+    def take(self, sample: dict | None) -> None:
+        if sample is None:
+            return
+        self.peak = max(self.peak or 0.0, sample["memory.used"] - self._base)
+        if (sample["utilization.gpu"] or 0) >= self.BUSY_PERCENT and sample["clocks.sm"] is not None:
+            self.busy.append((sample["clocks.sm"], sample["power.draw"]))
+
+    def busy_figures(self) -> dict:
+        """The SM clock (median and lowest) and power (median) over the busy samples; {} without any."""
+        if not self.busy:
+            return {}
+        clocks = [clock for clock, _ in self.busy]
+        watts = [w for _, w in self.busy if w is not None]
+        return {"busy_sm_mhz": statistics.median(clocks), "busy_sm_mhz_min": min(clocks),
+                "busy_watts": statistics.median(watts) if watts else None, "busy_samples": len(self.busy)}
 
     def __enter__(self):
         if self._thread:
@@ -533,7 +573,7 @@ class Run:
             self.write(f"| {name} | `{flags}` | could not run: {reason} |")
             self.record(part, name, {"flags": flags, "error": reason})
             return None
-        row = {**json.loads(lines[-1]), "process_s": wall, "peak_smi_gib": smi.peak}
+        row = {**json.loads(lines[-1]), "process_s": wall, "peak_smi_gib": smi.peak, **smi.busy_figures()}
         if compiling:
             # inductor says when it leaves CUDA graphs out of a graph (a CUDA graph mode then runs without them)
             row.update(recompiles=child.stderr.count("Recompiling function"),
@@ -604,7 +644,12 @@ def row_notes(row: dict) -> str:
     ms = row.get("profile_ms_per_step")
     profile = (f"\n|  | profile, ms per step: matmul {ms['matmul']:.1f}, attention {ms['attention']:.1f}, "
                f"other {ms['other']:.1f} (kernels: {Path(row['profile_file']).name}) |") if ms else ""
-    return profile + after_image_note(row)
+    clocks = ""
+    if "busy_sm_mhz" in row:
+        watts = "" if row["busy_watts"] is None else f", power {row['busy_watts']:.0f} W"
+        clocks = (f"\n|  | while the card was busy ({row['busy_samples']} samples of nvidia-smi): SM clock "
+                  f"{row['busy_sm_mhz']:.0f} MHz (lowest {row['busy_sm_mhz_min']:.0f}){watts} |")
+    return profile + clocks + after_image_note(row)
 
 
 def after_image_note(row: dict) -> str:

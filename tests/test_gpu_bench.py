@@ -242,3 +242,25 @@ def test_a_pipeline_save_past_its_time_is_written_down_and_leaves_no_half_folder
     assert "could not save the pipeline: timed out after 200 s (--timeout)" in report
     assert "raw read" not in report  # nothing measured on a folder that is not whole
     assert not (tmp_path / "scratch" / "flux-random-pipeline").exists()
+
+
+def test_the_cards_clock_and_power_are_read_while_it_is_busy(gpu_bench, monkeypatch):
+    import subprocess
+
+    # nvidia-smi's answers: idle before the measurement, then idle, busy, busy without a power reading.
+    answers = iter(["1024, 0, 1980, 90.5", "2048, 3, 1980, 120.0", "35840, 100, 1755, 690.2",
+                    "36864, 97, 1650, [N/A]"])
+    monkeypatch.setattr(gpu_bench.subprocess, "run", lambda command, **_: subprocess.CompletedProcess(
+        command, 0, next(answers) + "\n", ""))
+    smi = gpu_bench.SmiPeak()  # reads the memory used before
+    for _ in range(3):
+        smi.take(smi._sample())
+    assert smi.peak == pytest.approx(35.0)  # GiB above the 1 GiB used before
+    figures = smi.busy_figures()
+    assert figures == {"busy_sm_mhz": pytest.approx(1702.5), "busy_sm_mhz_min": 1650, "busy_watts": 690.2,
+                       "busy_samples": 2}
+    note = gpu_bench.row_notes({**figures})
+    assert "while the card was busy (2 samples of nvidia-smi): SM clock 1702 MHz (lowest 1650), power 690 W" in note
+    idle = gpu_bench.SmiPeak.__new__(gpu_bench.SmiPeak)  # no busy sample: no line
+    idle.busy = []
+    assert idle.busy_figures() == {} and gpu_bench.row_notes({}) == ""
