@@ -218,7 +218,10 @@ def plan_memory(free_gib: float, *, fp8: bool = True, nf4: bool = True, gguf_gib
                 where: str = "the GPU") -> MemoryPlan:
     """`--memory auto`: the first of `candidates()` whose estimate plus HEADROOM_GIB fits `free_gib`.
 
-    `fp8`: the GPU has float8 matmuls (compute capability 8.9+), else 8-bit means torchao int8.
+    `fp8`: 8 bits means float8 (torchao's float8 weights and activations), else torchao's int8
+    weight-only. `resolve_plan` asks for float8 on GPUs with float8 matmuls (compute capability 8.9+)
+    under `--compile` only: eager, int8 weight-only was the faster of the two (7.20 s an image
+    against 8.33 s on an H100, bench/RESULTS.md), and it leaves the activations in bf16.
     `nf4`: bitsandbytes is installed. `gguf_gib`: the transformer is a GGUF file of that size.
     """
     tried = []
@@ -262,7 +265,8 @@ def resolve_plan(options: Options, placement, *, gguf_bytes: int | None = None,
         if options.gpu_memory is not None:
             where += f" within --gpu-memory {options.gpu_memory:g}"
         plan = plan_memory(free_bytes(placement.device, options.gpu_memory) / 1024**3,
-                           fp8=capability >= FP8_COMPUTE_CAPABILITY, nf4=_bitsandbytes_installed(),
+                           fp8=capability >= FP8_COMPUTE_CAPABILITY and options.compile,
+                           nf4=_bitsandbytes_installed(),
                            gguf_gib=gguf_bytes / 1024**3 if gguf_bytes else None, where=where)
     check_plan(plan, placement, gguf=gguf_bytes is not None, switching_loras=switching_loras,
                fuse_qkv=options.fuse_qkv, compile_mode=options.compile_mode if options.compile else None)
