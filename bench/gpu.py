@@ -33,9 +33,9 @@ Parts (`--parts`, comma-separated; each sized for about 5 minutes on an H100 at 
   start-up, each door's first image against its second, the card's memory door to door);
 - memory: `--memory auto` within `--gpu-memory` 24, 16, 12 and 8 GiB: the plan, s/image, peaks;
   nf4 needs the `nf4` wheels, else 12 GiB plans group offload;
-- lean: three leaner plans under the 8 GiB cap (fp8-storage with group offload, nf4 transformer and
-  T5 with model offload, nf4 transformer on the GPU with T5 streamed in and the VAE tiled), against
-  what --memory auto picks there;
+- lean: leaner plans under the 8 GiB cap (group offload of an fp8-storage or an int8 transformer,
+  half the bytes a step of bf16's; nf4 transformer and T5 with model offload; nf4 transformer on the
+  GPU with T5 streamed in and the VAE tiled), against what --memory auto picks there;
 - cold: the random pipeline saved as a diffusers folder, page cache dropped, raw read time of its
   safetensors against load_pipeline's time to ready (cold and warm cache, cold with diffusers'
   parallel shard loading, and cold onto a numbered device, `cuda:0`; imports timed apart); time to a
@@ -720,6 +720,7 @@ def under_cap(row: dict, cap: float) -> str:
 LEAN_CAP_GIB = 8
 LEAN_PLANS = {
     "group offload, fp8-storage transformer": "--offload group --quantize fp8-storage",
+    "group offload, int8 transformer": "--offload group --quantize int8",
     "model offload, nf4 transformer and T5": "--offload model --quantize nf4 --quantize-text-encoder",
     "nf4 transformer on the GPU, T5 streamed in, VAE tiled": "--offload t5 --quantize nf4 --vae-tiling on",
 }
