@@ -2,9 +2,8 @@
 
 Everything here is the field's own machinery, switched on with the right arguments:
 - memory: diffusers' offloading (`enable_model_cpu_offload`, group offload of the whole pipeline or
-  of T5 alone, sequential), its
-  quantization configs at load time (torchao int8/fp8, bitsandbytes nf4, GGUF single files) and
-  layerwise casting (`fp8-storage`); VAE tiling and slicing;
+  of T5 alone, sequential), its quantization configs at load time (torchao int8/fp8, bitsandbytes
+  nf4, GGUF single files) and layerwise casting (`fp8-storage`); VAE tiling and slicing;
 - speed: `torch.compile` of the transformer's repeated blocks and the VAE decoder, fused QKV
   projections, diffusers' cache hooks (First Block Cache, TaylorSeer, MagCache), attention backends.
 
