@@ -236,7 +236,8 @@ def _spec(args, *, preview: str = "none", preview_every: int = 1, taef1: str | N
     fused = () if args.command != "serve" and args.lora_dir is not None else tuple(args.lora)
     return InferenceSpec(model=args.model, base_model=args.base_model, device=args.device, dtype=args.dtype,
                          options=_options(args), loras=fused, lora_folder=args.lora_folder, preview=preview,
-                         preview_every=preview_every, taef1=taef1, progress_bar=args.command != "serve")
+                         preview_every=preview_every, taef1=taef1, progress_bar=args.command != "serve",
+                         serving=args.command == "serve")
 
 
 def _load(args, **preview):

@@ -417,7 +417,7 @@ class FluxInference:
 
     def warm_up(self, sizes, steps: int = 2, images: int = 1) -> None:
         """Generate `images` images of `steps` steps at each (width, height), so that torch.compile
-        has compiled for them before the first request."""
+        has compiled for them, and the GPU's one-time costs are paid, before the first request."""
         for width, height in sizes:
             started = time.perf_counter()
             for seed in range(images):

@@ -447,10 +447,11 @@ class InferenceSpec:
     preview_every: int = 1
     taef1: str | None = None
     progress_bar: bool = False
+    serving: bool = False  # a server's: on a GPU, an image at start-up takes the first request's one-time costs
 
 
 def load_inference(spec: InferenceSpec):
-    """Load the pipeline and preview decoder for `spec`, warm up compiled graphs; a FluxInference."""
+    """Load the pipeline and preview decoder for `spec`, warm up (Runtime.start_up_images); a FluxInference."""
     from flux_infer import tuning
     from flux_infer.inference import FluxInference
     from flux_infer.previews import load_preview_decoder
@@ -462,11 +463,12 @@ def load_inference(spec: InferenceSpec):
     decoder = load_preview_decoder(spec.preview, taef1=spec.taef1, device=placement.device, dtype=placement.dtype)
     inference = FluxInference(pipeline, runtime=runtime, preview=decoder, preview_every=spec.preview_every,
                               progress_bar=spec.progress_bar, adapters=adapters)
-    if options.compile:
+    start_up = runtime.start_up_images(serving=spec.serving)
+    if start_up is not None:
         import torch._dynamo.exc
 
         try:
-            inference.warm_up(options.compile_sizes, *options.warm_up_runs())
+            inference.warm_up(*start_up)
         except torch._dynamo.exc.TorchDynamoException as err:  # no C++ compiler (CPU), no Triton (GPU), ...
             log.error("--compile: torch.compile failed", exc_info=True)
             raise tuning.compile_failure(err) from None

@@ -41,7 +41,7 @@ CUDA_GRAPH_MODES = ("max-autotune", "reduce-overhead")
 HOOKS_RECOMPILE_LIMIT = 64
 # --cache KIND[:VALUE]: the value is a threshold, except TaylorSeer's, which is its refresh interval.
 CACHE_DEFAULTS = {"fbcache": 0.05, "taylorseer": 5, "magcache": 0.06}
-# Sizes warmed up at start-up with --compile (the Space's default size).
+# Sizes warmed up at start-up with --compile, and the one size without (the Space's default size).
 DEFAULT_COMPILE_SIZES = ((1024, 1024),)
 
 # Estimated peaks for FLUX.1-dev at 1024x1024, in GiB: the components' weights (12B-parameter
@@ -612,6 +612,22 @@ class Runtime:
     def full_passes(self) -> int:
         """Full transformer passes so far in the current image (counted only with a cache)."""
         return self._calls
+
+    def start_up_images(self, *, serving: bool) -> tuple | None:
+        """What to generate at start-up, before the first request: (sizes, steps, images), or None.
+
+        With --compile, every compiled graph at --compile-sizes (Options.warm_up_runs). Otherwise,
+        when `serving` on a GPU that keeps the transformer: one image of 2 steps at the Space's
+        default size, so that the first request does not pay for CUDA's lazy kernel loading and
+        cuDNN's and cuBLAS's first choices (a first image took 0.8 s longer than the next on an H200,
+        2.9 s in the machine's first process: bench/RESULTS.md). Not with offloading, which would move
+        the weights for it (model offload: 20 s), nor on a CPU.
+        """
+        if self.options.compile:
+            return (self.options.compile_sizes, *self.options.warm_up_runs())
+        if serving and self.device.startswith("cuda") and self.plan.offload in RESIDENT_TRANSFORMER:
+            return DEFAULT_COMPILE_SIZES, 2, 1
+        return None
 
     # -- per request -----------------------------------------------------------------------------
     def before(self, request) -> None:

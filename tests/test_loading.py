@@ -188,3 +188,29 @@ def test_offload_t5_reads_t5_into_ram_and_the_rest_onto_the_device(tiny_dir, mon
     assert pipe.hf_device_map == "cpu"
     plain = FluxPipeline.from_pretrained(tiny_dir, dtype=torch.float32)
     np.testing.assert_array_equal(_image(pipe), _image(plain))
+
+
+def test_a_server_generates_at_start_up_what_its_runtime_says(tiny_dir, monkeypatch, caplog):
+    # `serve` asks for the start-up image (Runtime.start_up_images: on a GPU, the first request's
+    # one-time costs), `generate` does not.
+    from flux_infer import cli, tuning
+    from flux_infer.loading import load_inference
+
+    asked = []
+
+    def start_up_images(self, *, serving):
+        asked.append(serving)
+        return (((256, 256),), 1, 1) if serving else None
+
+    monkeypatch.setattr(tuning.Runtime, "start_up_images", start_up_images)
+    specs = []
+    for command in (["serve"], ["generate", "a boat"]):
+        args = cli._parser().parse_args([*command, "--model", str(tiny_dir), "--device", "cpu"])
+        args.lora_folder = None
+        specs.append(cli._spec(args))
+    with caplog.at_level("INFO", logger="flux_infer.inference"):
+        for spec in specs:
+            load_inference(spec)
+    assert asked == [True, False]
+    warmed = [r.message for r in caplog.records if "warmed up" in r.message]
+    assert len(warmed) == 1 and warmed[0].startswith("warmed up at 256x256 in ")

@@ -150,6 +150,22 @@ def test_option_values_are_checked():
             parse_cache(bad)
 
 
+def test_what_is_generated_at_start_up():
+    # Served on a GPU that keeps the transformer, one short image takes the first request's one-time
+    # costs; with --compile, every graph is compiled first (on a CPU too); nothing else.
+    def runtime(plan=MemoryPlan(), device="cuda", **options):
+        return tuning.Runtime(None, Options(**options), plan, device)
+
+    default_size = (((1024, 1024),), 2, 1)
+    assert runtime().start_up_images(serving=True) == default_size
+    assert runtime(MemoryPlan(offload="t5", quantize="nf4")).start_up_images(serving=True) == default_size
+    assert runtime().start_up_images(serving=False) is None  # `generate`: its one image pays them anyway
+    assert runtime(MemoryPlan(offload="model")).start_up_images(serving=True) is None  # would move the weights
+    assert runtime(device="cpu").start_up_images(serving=True) is None
+    compiled = runtime(device="cpu", compile=True, compile_sizes=((512, 512),))
+    assert compiled.start_up_images(serving=False) == (((512, 512),), 2, 1)
+
+
 # -- speed: fused QKV, caches, compile, attention --------------------------------------------------
 
 def test_fused_qkv_is_lossless(tiny_dir, reference):
