@@ -17,7 +17,7 @@ Parts (`--parts`, comma-separated; each sized for about 5 minutes on an H100 at 
 - compile: --compile in bf16, with fp8, with CUDA graphs (bf16 and fp8), autotuned (bf16 and fp8),
   with fused QKV, and with cuDNN attention (bf16 and fp8), the same figures (compiling takes
   minutes; `--only` picks some);
-- offload: the transformer in fp8 with T5 streamed in (`--offload t5`, each image a new prompt, so
+- offload: the transformer in int8 with T5 streamed in (`--offload t5`, each image a new prompt, so
   T5's trip is in every image), model offload and group offload, the same figures;
 - steps: the cost of a full step and of a step a cache skipped (fbcache, taylorseer, magcache;
   skip counts on random weights mean nothing, the costs do);
@@ -111,7 +111,7 @@ PRESETS = {
     "cudnn-attention": "--memory off --attention _native_cudnn",
     "flash3-attention": "--memory off --attention _flash_3",
     "flash-attention": "--memory off --attention flash",
-    "t5-offload": "--quantize fp8 --offload t5",
+    "t5-offload": "--quantize int8 --offload t5",
     "model-offload": "--offload model",
     "group-offload": "--offload group",
 }
