@@ -132,19 +132,12 @@ class Housekeeping:
     def __init__(self, demo, files, keep_seconds: float, mcp=None):
         self.demo, self.files, self.keep_seconds, self.mcp = demo, files, keep_seconds, mcp
 
-    def sweep(self, age: float) -> None:
-        """Delete the temporary images older than `age` seconds."""
+    def sweep(self, age: float | None) -> None:
+        """Delete the temporary images older than `age` seconds; None, at shutdown: every one, and
+        /v1's folder."""
         from flux_infer import web
 
-        deleted = web.sweep_files(self.demo, age) + self.files.sweep(age)
-        if deleted:
-            log.debug("deleted %d temporary image files", deleted)
-
-    def close(self) -> None:
-        """At shutdown: delete every temporary image, and /v1's folder."""
-        from flux_infer import web
-
-        deleted = web.sweep_files(self.demo, None) + self.files.close()
+        deleted = web.sweep_files(self.demo, age) + (self.files.sweep(age) if age is not None else self.files.close())
         if deleted:
             log.debug("deleted %d temporary image files", deleted)
 
@@ -165,7 +158,7 @@ class Housekeeping:
                 yield
         finally:
             task.cancel()
-            self.close()
+            self.sweep(None)
 
 
 class OpsRoutes:
