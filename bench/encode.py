@@ -2,13 +2,15 @@
 
 Every served image is encoded once on the CPU before its caller gets it (Gradio's postprocess for
 `/infer`, the OpenAI route's and MCP's own), so the encoding is on every request's path. Compared,
-on the same images in one run: PNG and WebP as flux-infer writes them (`images.SAVE_OPTIONS`)
-against Pillow's defaults (what Gradio alone would write), and PNG at level 1. Times are the best
-of `--runs`; ratios are to Pillow's default of the same format; WebP (lossy) also gets its PSNR.
+on the same images in one run: the lossless encodings of a final image (PNG as flux-infer writes
+it, `images.SAVE_OPTIONS`, and lossless WebP, `images.LOSSLESS_WEBP`) against Pillow's default PNG
+and PNG at level 1, and lossy WebP as written (previews, the OpenAI route's output_compression)
+against Pillow's default WebP (what Gradio alone would write). Times are the best of `--runs`;
+ratios are to Pillow's default of the group; lossy WebP also gets its PSNR.
 
 The images: a photograph shipped with Gradio (resized), when present, and synthetic ones (a smooth
-field, a photo-like one with fine noise, a detailed one, flat shapes); `--images` adds files of
-your own, such as FLUX outputs.
+field, a photo-like one with fine noise, a detailed one, flat shapes, and noise, which is what a
+random model makes); `--images` adds files of your own, such as FLUX outputs.
 
     python bench/encode.py [--size 1024] [--runs 5] [--images a.png b.jpg]
 """
@@ -22,12 +24,15 @@ from pathlib import Path
 
 
 def variants() -> dict:
-    """Name -> (format, save parameters); the first of each format is its baseline."""
-    from flux_infer.images import SAVE_OPTIONS
+    """Name -> (format, save parameters, group); the first of each group is its baseline."""
+    from flux_infer.images import LOSSLESS_WEBP, SAVE_OPTIONS
 
-    return {"PNG, Pillow's default": ("PNG", {}), "PNG as written": ("PNG", SAVE_OPTIONS["PNG"]),
-            "PNG, level 1": ("PNG", {"compress_level": 1}),
-            "WebP, Pillow's default": ("WEBP", {}), "WebP as written": ("WEBP", SAVE_OPTIONS["WEBP"])}
+    return {"PNG, Pillow's default": ("PNG", {}, "lossless"),
+            "PNG as written": ("PNG", SAVE_OPTIONS["PNG"], "lossless"),
+            "PNG, level 1": ("PNG", {"compress_level": 1}, "lossless"),
+            "WebP lossless as written": ("WEBP", LOSSLESS_WEBP, "lossless"),
+            "WebP, Pillow's default": ("WEBP", {}, "lossy"),
+            "WebP as written": ("WEBP", SAVE_OPTIONS["WEBP"], "lossy")}
 
 
 def test_images(size: int, extra: list[Path]) -> dict:
@@ -52,7 +57,8 @@ def test_images(size: int, extra: list[Path]) -> dict:
     except (ImportError, OSError) as err:
         print(f"(no photograph from Gradio: {err})")
     images.update({"smooth field": field(24, 0), "photo-like, fine noise": field(24, 1.0),
-                   "detailed, noise": field(size // 4, 2.0)})
+                   "detailed, noise": field(size // 4, 2.0),
+                   "noise (a random model's image)": Image.fromarray(rng.integers(0, 256, (size, size, 3), np.uint8))})
     shapes = Image.new("RGB", (size, size), "skyblue")
     draw = ImageDraw.Draw(shapes)
     for _ in range(40):
@@ -100,21 +106,26 @@ def main() -> None:
           f"{args.size}x{args.size}, best of {args.runs}\n")
     print("| image | " + " | ".join(compared) + " |")
     print("|---|" + "---:|" * len(compared))
-    speedups = {"PNG": [], "WEBP": []}
+    speedups = {variant: [] for variant in compared if variant.endswith("as written")}
+    lossless_webp = []  # lossless WebP's time against PNG as written
     for name, image in test_images(args.size, args.images).items():
-        cells, baseline = [], {}
-        for variant, (kind, options) in compared.items():
+        cells, baseline, seconds_of = [], {}, {}
+        for variant, (kind, options, group) in compared.items():
             seconds, data = timed(image, kind, options, args.runs)
-            base_s, base_bytes = baseline.setdefault(kind, (seconds, len(data)))
+            seconds_of[variant] = seconds
+            base_s, base_bytes = baseline.setdefault(group, (seconds, len(data)))
             cell = (f"{seconds * 1000:.0f} ms, {len(data) / 2**20:.2f} MiB ({seconds / base_s:.2f}x time, "
                     f"{len(data) / base_bytes:.2f}x size")
-            cells.append(cell + (f", {psnr(image, data):.1f} dB)" if kind == "WEBP" else ")"))
-            if variant.endswith("as written"):
-                speedups[kind].append(base_s / seconds)
+            cells.append(cell + (f", {psnr(image, data):.1f} dB)" if group == "lossy" else ")"))
+            if variant in speedups:
+                speedups[variant].append(base_s / seconds)
+        lossless_webp.append(seconds_of["PNG as written"] / seconds_of["WebP lossless as written"])
         print(f"| {name} | " + " | ".join(cells) + " |")
-    for kind, ratios in speedups.items():
-        print(f"\n{kind} as written against Pillow's default: {min(ratios):.1f}x to {max(ratios):.1f}x faster", end="")
     print()
+    for variant, ratios in speedups.items():
+        print(f"{variant} against Pillow's default of its group: {min(ratios):.1f}x to {max(ratios):.1f}x faster")
+    print(f"WebP lossless as written against PNG as written: {min(lossless_webp):.1f}x to "
+          f"{max(lossless_webp):.1f}x faster")
 
 
 if __name__ == "__main__":

@@ -183,7 +183,8 @@ def _parser() -> argparse.ArgumentParser:
         "--image-format",
         choices=settings.IMAGE_FORMATS,
         default=settings.DEFAULT_IMAGE_FORMAT,
-        help="png (lossless, settings in a text chunk) or webp (the Space's) (default: %(default)s)",
+        help="the final image's format, lossless either way: webp (the Space's, quicker to write) or png "
+        "(default: %(default)s)",
     )
 
     generate = sub.add_parser("generate", help="generate one image from the shell")

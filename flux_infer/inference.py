@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
-import json
 import logging
 import math
 import secrets
@@ -22,6 +21,7 @@ from dataclasses import asdict, dataclass, replace
 from typing import Any, Protocol
 
 from flux_infer import settings
+from flux_infer.images import keep_settings
 from flux_infer.settings import Range
 
 log = logging.getLogger(__name__)
@@ -78,7 +78,7 @@ class GenerationRequest:
         return min(int(self.num_inference_steps * self.strength), self.num_inference_steps)
 
     def settings(self) -> dict:
-        """The request as JSON-ready values (the PNG's `flux_infer` chunk, the --output-dir sidecar);
+        """The request as JSON-ready values (the image's `flux_infer` settings, the --output-dir sidecar);
         an edit's kind, strength and the sizes of its image and mask, not their pixels."""
         fields = asdict(replace(self, image=None, mask=None))
         del fields["image"], fields["mask"], fields["strength"]
@@ -97,7 +97,7 @@ class GenerationRequest:
         return cls(**{**fields, "loras": tuple(LoraChoice(**lora) for lora in fields.get("loras", ()))})
 
     def parameters_text(self) -> str:
-        """The generation settings in the common `parameters` PNG-chunk layout."""
+        """The generation settings in the common `parameters` layout (a PNG chunk, a WebP's EXIF UserComment)."""
         loras = "".join(f", Lora: {lora.name}:{lora.scale:g}" for lora in self.loras)
         if self.image is not None:
             loras += f", Strength: {self.strength:g}, Mode: {self.kind}"
@@ -405,8 +405,7 @@ class FluxInference:
         started = time.perf_counter()
         image, stats = self._call_pipeline(request, on_step=on_step, cancel=cancel)
         seconds = time.perf_counter() - started
-        image.info["parameters"] = request.parameters_text()
-        image.info["flux_infer"] = json.dumps(request.settings())
+        keep_settings(image, request.parameters_text(), request.settings())
         peak = stats.get("gpu_peak_bytes")
         log.info("generated %dx%d (%s), %d steps, seed %d in %.2f s%s%s", request.width, request.height, request.kind,
                  request.denoising_steps, request.seed, seconds,

@@ -106,8 +106,12 @@ STEP_LINE_EVERY_S = 0.5
 # How often Ray Serve asks whether each replica is alive (seconds): a crashed replica is noticed, and a
 # new one started, within this time (Ray's default, 10 s, left its place empty that long).
 REPLICA_HEALTH_CHECK_S = 2.0
-IMAGE_FORMATS = ("png", "webp")
-DEFAULT_IMAGE_FORMAT = "png"
+# The page's and /infer's final image: WebP, the Space's format (written lossless, quicker than PNG:
+# flux_infer.images), or PNG. Either keeps the settings inside.
+IMAGE_FORMATS = ("webp", "png")
+DEFAULT_IMAGE_FORMAT = "webp"
+# A preview's WebP quality (lossy: it is sent at every step).
+PREVIEW_QUALITY = 80
 
 DOWNLOAD_HINT = (
     "Get the weights: accept the licence at https://huggingface.co/black-forest-labs/FLUX.1-dev, "

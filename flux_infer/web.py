@@ -86,7 +86,7 @@ def preview_file(frame) -> str:
     folder = Path(gradio_internals.cache_folder()) / PREVIEWS_FOLDER
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / f"{secrets.token_hex(16)}.webp"
-    path.write_bytes(encode(frame.image(), "webp"))
+    path.write_bytes(encode(frame.image(), "webp", quality=settings.PREVIEW_QUALITY))
     return str(path)
 
 

@@ -9,9 +9,9 @@ import numpy as np
 import pytest
 import torch
 from conftest import SMALL, InProcessServer
-from PIL import Image
+from PIL import ExifTags, Image
 
-from flux_infer.images import encode
+from flux_infer.images import encode, parameters_of, settings_of
 
 pytestmark = pytest.mark.e2e  # starts servers
 
@@ -64,12 +64,15 @@ def test_the_contract_snippet_runs_against_the_local_url(server):
     path, seed = result
     assert isinstance(seed, (int, float)) and 0 <= seed <= 2147483647 and float(seed).is_integer()
     image = Image.open(path)
-    assert image.format == "PNG"
+    # The Space's format, WebP: here lossless, with its settings (the seed used among them) in its EXIF,
+    # the `parameters` text in UserComment as other Stable Diffusion tools write it.
+    assert image.format == "WEBP" and path.endswith(".webp")
     assert image.size == (256, 256)
-    # The PNG carries its settings, the seed used among them.
-    settings = json.loads(image.text["flux_infer"])
+    settings = settings_of(image)
     assert settings["seed"] == seed and settings["prompt"] == "Hello!!"
-    assert f"Seed: {int(seed)}" in image.text["parameters"]
+    assert parameters_of(image).startswith("Hello!!\nSteps: ") and f"Seed: {int(seed)}" in parameters_of(image)
+    comment = image.getexif().get_ifd(ExifTags.IFD.Exif)[ExifTags.Base.UserComment]
+    assert comment == b"UNICODE\0" + parameters_of(image).encode("utf-16-be")
 
 
 def test_randomize_seed_draws_a_new_seed_each_time(client):
@@ -85,8 +88,8 @@ def test_same_seed_gives_the_pixels_of_a_direct_pipeline_call(client, tiny_dir):
     path, used = client.predict(prompt, seed, False, 256, 256, 3.5, 4, api_name="/infer")
     assert used == seed
     served = np.asarray(Image.open(path).convert("RGB"))
-    # Gradio wrote it as every door writes a PNG (images.SAVE_OPTIONS), its settings in text chunks.
-    assert Path(path).read_bytes() == encode(Image.open(path), "png")
+    # Gradio wrote it as every door writes a lossless WebP (images.LOSSLESS_WEBP), its settings in EXIF.
+    assert Path(path).read_bytes() == encode(Image.open(path), "webp")
 
     pipe = FluxPipeline.from_pretrained(tiny_dir, dtype=torch.float32)
     direct = pipe(
@@ -103,7 +106,7 @@ def test_same_seed_gives_the_pixels_of_a_direct_pipeline_call(client, tiny_dir):
     assert not np.array_equal(served, np.asarray(Image.open(other).convert("RGB")))
 
 
-def test_image_format_webp_sends_the_spaces_webp_written_as_every_door_writes_it(tiny_dir):
+def test_image_format_png_sends_a_png_written_as_every_door_writes_it(tiny_dir):
     from gradio_client import Client
 
     from flux_infer.inference import FluxInference, build_request
@@ -114,17 +117,20 @@ def test_image_format_webp_sends_the_spaces_webp_written_as_every_door_writes_it
 
     pipeline, *_ = load_pipeline(str(tiny_dir), device="cpu")
     service = Service(FluxInference(pipeline))
-    server = InProcessServer(build_app(service, build_demo(service, image_format="webp"), ServerConfig()))
+    server = InProcessServer(build_app(service, build_demo(service, image_format="png"), ServerConfig()))
     try:
-        path, seed = Client(server.url, verbose=False).predict("a webp owl", 5, False, 256, 256, 3.5, 2,
+        path, seed = Client(server.url, verbose=False).predict("a png owl", 5, False, 256, 256, 3.5, 2,
                                                                api_name="/infer")
     finally:
         server.stop()
-    assert seed == 5 and Image.open(path).format == "WEBP"
-    made = service.run(build_request("a webp owl", seed=5, randomize_seed=False, width=256, height=256,
+    image = Image.open(path)
+    assert seed == 5 and image.format == "PNG"
+    # The settings in text chunks of the same names as a WebP's
+    assert json.loads(image.text["flux_infer"])["prompt"] == "a png owl" and "Seed: 5" in image.text["parameters"]
+    made = service.run(build_request("a png owl", seed=5, randomize_seed=False, width=256, height=256,
                                      num_inference_steps=2), route="test")
-    # Gradio wrote the same pixels with images.SAVE_OPTIONS (lossy: compared as the files).
-    assert Path(path).read_bytes() == encode(made.image, "webp")
+    # Gradio wrote the file as encode() writes a PNG (images.SAVE_OPTIONS).
+    assert Path(path).read_bytes() == encode(made.image, "png")
 
 
 def test_float_sizes_are_floored_to_multiples_of_16(client):

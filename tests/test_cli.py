@@ -15,6 +15,8 @@ import pytest
 from conftest import TELEMETRY_OFF
 from PIL import Image
 
+from flux_infer.images import parameters_of, settings_of
+
 e2e = pytest.mark.e2e  # runs `flux-infer` in a child process
 
 
@@ -89,7 +91,9 @@ def test_generate_without_seed_draws_one(tmp_path, tiny_dir, capsys):
                  "--steps", "1", "-o", str(tmp_path / "x.webp")]) == 0
     seed = int(capsys.readouterr().out.split("seed ")[1].split()[0])
     assert 0 <= seed <= 2147483647
-    assert Image.open(tmp_path / "x.webp").format == "WEBP"
+    image = Image.open(tmp_path / "x.webp")
+    # lossless, its settings in EXIF
+    assert image.format == "WEBP" and settings_of(image)["seed"] == seed and f"Seed: {seed}" in parameters_of(image)
 
 
 def test_generate_rejects_bad_values_before_loading(tmp_path, capsys):
@@ -238,7 +242,7 @@ def test_serve_reads_gradio_server_name_and_port(monkeypatch):
     monkeypatch.delenv("GRADIO_SERVER_PORT", raising=False)
     args = _parser().parse_args(["serve"])
     assert (args.host, args.port, args.max_queue, args.preview, args.image_format) == (
-        "127.0.0.1", 7860, 16, "auto", "png")
+        "127.0.0.1", 7860, 16, "auto", "webp")
     monkeypatch.setenv("GRADIO_SERVER_NAME", "0.0.0.0")
     monkeypatch.setenv("GRADIO_SERVER_PORT", "9001")
     args = _parser().parse_args(["serve"])

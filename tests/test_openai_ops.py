@@ -224,11 +224,11 @@ def test_gradio_temporary_files_are_deleted_after_keep_outputs(extras_server):
     extras_server.client().predict("a fleeting cat", 5, False, 256, 256, 3.5, 2, api_name="/infer")
     temp = extras_server.workdir / "gradio-tmp"
 
-    def pngs():
-        return [path for path in files_under(temp) if path.suffix == ".png"]
+    def images():  # the image and its previews
+        return [path for path in files_under(temp) if path.suffix == ".webp"]
 
-    assert pngs()
-    wait_for(lambda: not pngs(), "the image to be deleted after --keep-outputs", timeout=3 * KEEP_S + 10)
+    assert images()
+    wait_for(lambda: not images(), "the image to be deleted after --keep-outputs", timeout=3 * KEEP_S + 10)
 
 
 def test_mcp_client_gets_the_image_its_seed_and_progress(extras_server):

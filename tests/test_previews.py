@@ -42,7 +42,7 @@ def test_submit_streams_a_preview_per_step_then_the_predict_image(client, server
     # Previews go as WebP, as the Space sent them (small, quick to encode at every step); the final
     # image in the page's format.
     assert {Image.open(p).format for p, _ in previews} == {"WEBP"}
-    assert Image.open(final[0]).format == "PNG" and Image.open(final[0]).size == (512, 384)
+    assert Image.open(final[0]).format == "WEBP" and Image.open(final[0]).size == (512, 384)
     predicted, seed = client.predict(*args, api_name="/infer")
     assert seed == 77
     np.testing.assert_array_equal(_pixels(final[0]), _pixels(predicted))
