@@ -27,21 +27,35 @@ LOSSLESS_WEBP = {"lossless": True, "method": 0, "quality": 0}
 # after the "UNICODE" marker, in a big-endian EXIF so that the two byte orders agree); its
 # ImageDescription holds the `flux_infer` JSON (ASCII: json.dumps escapes the rest).
 USER_COMMENT_UNICODE = b"UNICODE\0"
+# EXIF's types for a tag's value (TIFF's): UserComment is UNDEFINED (bytes whose first 8 say their
+# encoding); Pillow, which has no type for that tag, writes bytes as BYTE, and readers built on piexif
+# (the PNG Info of A1111's web UI, Forge) then get a tuple of numbers, not the text.
+TIFF_BYTE, TIFF_UNDEFINED = 1, 7
 
 
 def keep_settings(image, parameters: str, settings: dict):
     """Record the generation settings in `image.info`, where every writer of the image finds them:
     PNG text chunks (`parameters`, `flux_infer`) and the EXIF of a WebP or JPEG (`exif`, which Gradio
     passes on when it writes a WebP)."""
+    import struct
+
     from PIL import ExifTags, Image
 
     text = json.dumps(settings)
+    comment = USER_COMMENT_UNICODE + parameters.encode("utf-16-be")
     exif = Image.Exif()
     exif.endian = ">"
     exif[ExifTags.Base.ImageDescription] = text
     exif[ExifTags.Base.Software] = "flux-infer"
-    exif.get_ifd(ExifTags.IFD.Exif)[ExifTags.Base.UserComment] = USER_COMMENT_UNICODE + parameters.encode("utf-16-be")
-    image.info.update(parameters=parameters, flux_infer=text, exif=exif.tobytes())
+    exif.get_ifd(ExifTags.IFD.Exif)[ExifTags.Base.UserComment] = comment
+    data = exif.tobytes()
+    # UserComment's entry (tag, type, count) made UNDEFINED: the same size per element, so nothing
+    # else moves. Everything written before it is ASCII (the JSON, "flux-infer"), so this is the entry.
+    entry = struct.pack(">HHI", ExifTags.Base.UserComment, TIFF_BYTE, len(comment))
+    if data.count(entry) != 1:
+        raise RuntimeError("could not find EXIF's UserComment entry in Pillow's output")
+    data = data.replace(entry, struct.pack(">HHI", ExifTags.Base.UserComment, TIFF_UNDEFINED, len(comment)))
+    image.info.update(parameters=parameters, flux_infer=text, exif=data)
     return image
 
 

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import io
+import struct
 
 import numpy as np
 import pytest
-from PIL import Image
+from PIL import ExifTags, Image
 
-from flux_infer.images import encode, keep_settings, parameters_of, quick_to_encode, settings_of
+from flux_infer.images import (USER_COMMENT_UNICODE, encode, keep_settings, parameters_of, quick_to_encode,
+                               settings_of)
 
 SETTINGS = {"prompt": "un chat « noir » 猫", "seed": 7, "width": 64, "height": 48, "guidance_scale": 3.5,
             "num_inference_steps": 4, "loras": []}
@@ -26,6 +28,10 @@ def test_every_format_keeps_the_settings(image_format):
     assert written.format == image_format.upper()
     assert settings_of(written) == SETTINGS
     assert parameters_of(written) == PARAMETERS
+    if image_format != "png":
+        # UserComment typed UNDEFINED, as EXIF says: readers built on piexif decode only that
+        comment = USER_COMMENT_UNICODE + PARAMETERS.encode("utf-16-be")
+        assert struct.pack(">HHI", ExifTags.Base.UserComment, 7, len(comment)) in written.info["exif"]
 
 
 def test_a_final_webp_is_lossless_and_a_preview_quality_webp_is_not():
