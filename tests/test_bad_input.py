@@ -44,7 +44,7 @@ def test_server_keeps_serving_after_bad_input(client):
         with pytest.raises(AppError):
             client.predict(**{**GOOD, **change}, api_name="/infer")
     path, seed = client.predict(**GOOD, api_name="/infer")
-    assert seed == 5 and path.endswith(".png")
+    assert seed == 5 and path.endswith(".webp")
 
 
 def _raw_call(server, data) -> tuple[int, str]:
@@ -88,7 +88,7 @@ def test_raw_http_good_call_after_bad_ones(server):
     kind, payload = _event(text)
     assert (status, kind) == (200, "complete")
     image, seed = payload
-    assert seed == 9 and image["url"].endswith(".png")
+    assert seed == 9 and image["url"].endswith(".webp")
 
 
 def test_malformed_json_is_a_4xx(server):
