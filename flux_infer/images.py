@@ -50,11 +50,11 @@ def keep_settings(image, parameters: str, settings: dict):
     exif.get_ifd(ExifTags.IFD.Exif)[ExifTags.Base.UserComment] = comment
     data = exif.tobytes()
     # UserComment's entry (tag, type, count) made UNDEFINED: the same size per element, so nothing
-    # else moves. Everything written before it is ASCII (the JSON, "flux-infer"), so this is the entry.
+    # else moves. Everything written before it is ASCII (the JSON, "flux-infer"), so a single match is
+    # the entry; were Pillow's layout ever to differ, its own bytes stay (tests/test_images.py says so).
     entry = struct.pack(">HHI", ExifTags.Base.UserComment, TIFF_BYTE, len(comment))
-    if data.count(entry) != 1:
-        raise RuntimeError("could not find EXIF's UserComment entry in Pillow's output")
-    data = data.replace(entry, struct.pack(">HHI", ExifTags.Base.UserComment, TIFF_UNDEFINED, len(comment)))
+    if data.count(entry) == 1:
+        data = data.replace(entry, struct.pack(">HHI", ExifTags.Base.UserComment, TIFF_UNDEFINED, len(comment)))
     image.info.update(parameters=parameters, flux_infer=text, exif=data)
     return image
 
