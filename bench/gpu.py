@@ -22,7 +22,7 @@ Parts (`--parts`, comma-separated; each sized for about 5 minutes on an H100 at 
 - steps: the cost of a full step and of a step a cache skipped (fbcache, taylorseer, magcache;
   skip counts on random weights mean nothing, the costs do);
 - served: `flux-infer serve` driven like the page (event stream, every preview fetched) and by
-  gradio_client, previews latent (the page's images as PNG, the default, and as WebP) and a
+  gradio_client, previews latent (the page's images as lossless WebP, the default, and as PNG) and a
   random-weight TAEF1, and one OpenAI-route request,
   against the direct call (needs the `server` wheels); then what serving adds, each part timed
   apart: a preview decoded on the device (latent map, TAEF1 as served with channels_last weights,

@@ -364,6 +364,7 @@ def _read_pipeline(source, folder, placement, plan, *, gguf: bool):
     """A FluxPipeline from a diffusers folder, with a single-file transformer when `source` is one."""
     import torch
     from diffusers import FluxPipeline, FluxTransformer2DModel, PipelineQuantizationConfig
+    from transformers import T5EncoderModel
 
     from flux_infer import tuning
 
@@ -399,13 +400,9 @@ def _read_pipeline(source, folder, placement, plan, *, gguf: bool):
             ) from None
     try:
         if direct and tuning.in_ram(plan, "text_encoder_2"):
-            from transformers import T5EncoderModel
-
             components["text_encoder_2"] = T5EncoderModel.from_pretrained(
                 folder, subfolder="text_encoder_2", dtype=placement.dtype, use_safetensors=True)
         if numbered:
-            from transformers import T5EncoderModel
-
             for name, model_class in (("transformer", FluxTransformer2DModel), ("text_encoder_2", T5EncoderModel)):
                 if name not in components:
                     components[name] = model_class.from_pretrained(

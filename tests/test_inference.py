@@ -59,7 +59,6 @@ def test_importing_loads_no_framework():
 
 def test_out_of_memory_is_a_clear_error_and_the_next_request_runs(monkeypatch):
     # A fake pipeline is enough here: what is tested is the error translation and the lock.
-
     import torch
 
     from flux_infer.inference import FluxInference, GenerationFailed
@@ -98,7 +97,6 @@ def test_every_generation_runs_on_one_thread_whoever_asks(caplog):
     import logging
     import threading
     from concurrent.futures import ThreadPoolExecutor
-
 
     from flux_infer.inference import FluxInference
     from flux_infer.service import REQUEST_ID, RequestIdFilter
