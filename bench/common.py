@@ -44,6 +44,21 @@ def Server(model: str | Path, workdir: Path, extra: list[str], name: str = "serv
     return ServerProcess(["--model", str(model), *extra], workdir, name=name, **kwargs)
 
 
+# Gradio's own timings of each event it runs (gradio.profiling: the wait in its queue, the handler,
+# the postprocessing that writes the result's files), kept by a server started with this in its
+# environment and read back from its /gradio_api/profiling routes.
+GRADIO_PROFILING = {"GRADIO_PROFILING": "1"}
+
+
+def gradio_traces(server: ServerProcess, count: int) -> list[dict]:
+    """Gradio's timings (ms) of the last `count` events `server` ran, oldest first; `server` was
+    started with GRADIO_PROFILING in its environment."""
+    response = server.http.get("gradio_api/profiling/traces", params={"last_n": count})
+    if response.status_code == 404:
+        raise RuntimeError("the server keeps no Gradio timings: start it with GRADIO_PROFILING=1 in its environment")
+    return response.raise_for_status().json()
+
+
 def interleaved(calls: dict, runs: int, servers: dict | None = None) -> dict[str, list[float]]:
     """Time each call `runs` times, round-robin, so machine noise hits all of them alike.
 

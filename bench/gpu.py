@@ -24,7 +24,9 @@ Parts (`--parts`, comma-separated; each sized for about 5 minutes on an H100 at 
 - served: `flux-infer serve` driven like the page (event stream, every preview fetched) and by
   gradio_client, previews latent (the page's images as lossless WebP, the default, and as PNG) and a
   random-weight TAEF1, and one OpenAI-route request,
-  against the direct call (needs the `server` wheels); then what serving adds, each part timed
+  against the direct call (needs the `server` wheels), each Gradio door's time split by Gradio's own
+  timings (GRADIO_PROFILING: its event, the handler in it, its postprocessing, and the time outside
+  it: event stream, downloads, client); then what serving adds, each part timed
   apart: a preview decoded on the device (latent map, TAEF1 as served with channels_last weights,
   TAEF1 on 2x2-pooled latents or with NCHW weights), the VAE decode (NCHW, channels_last) and the
   final PNG and WebP encoding;
@@ -840,12 +842,30 @@ def served_doors(server, *, size: int, steps: int, takes, timeout: float) -> dic
     }
 
 
+# The served table's columns from Gradio's timings, and how each is written.
+SPLIT_COLUMNS = (("event_s", ".3f"), ("handler_s", ".3f"), ("postprocess_ms", ".0f"), ("outside_ms", ".0f"))
+
+
+def gradio_split(times: list[float], traces: list[dict]) -> dict:
+    """Medians of the served time's parts, from a door's client-side `times` (s) and Gradio's traces
+    of the same events (ms, in the same order): the event, its handler, its postprocessing, and the
+    time outside the event."""
+    if len(traces) != len(times):
+        raise RuntimeError(f"Gradio kept {len(traces)} timings for {len(times)} events: another client used "
+                           "the server meanwhile")
+    return {"event_s": statistics.median(t["total_ms"] for t in traces) / 1000,
+            "handler_s": statistics.median(t["fn_call_ms"] for t in traces) / 1000,
+            "postprocess_ms": statistics.median(t["postprocess_ms"] for t in traces),
+            "outside_ms": statistics.median(s * 1000 - t["total_ms"] for s, t in zip(times, traces))}
+
+
 def part_served(run: Run) -> None:
     """The served path against the direct call, at the Space's defaults with previews on."""
     import itertools
 
     a = run.args
-    Server = bench_module("common").Server
+    common = bench_module("common")
+    Server = common.Server
 
     run.write("\n## Served end to end\n")
     from flux_infer.random_weights import save_taef1
@@ -857,7 +877,11 @@ def part_served(run: Run) -> None:
     if not direct:
         return
     takes = itertools.count(10_000)  # every served image a prompt of its own, as the direct ones
-    run.write("| consumer | previews | median s | vs direct | runs |\n|---|---|---:|---:|---|")
+    # The Gradio doors' time split by Gradio's own timings (GRADIO_PROFILING): its event (the handler,
+    # that is the generation with its previews, then the postprocessing that writes the final image's
+    # file) and what is outside it (the event stream, the downloads, the client).
+    run.write("| consumer | previews | median s | vs direct | runs | Gradio's event s | its handler s | "
+              "its postprocess ms | outside the event ms |\n|---|---|---:|---:|---|---:|---:|---:|---:|")
     run.write(f"| direct FluxInference.run | none | {direct['median_s']:.3f} | 1.00 | "
               f"{' '.join(f'{t:.2f}' for t in direct['times'])} |")
     extra = ["--device", a.device] if a.device else []
@@ -867,7 +891,7 @@ def part_served(run: Run) -> None:
                 ("taef1", "taef1", ["--preview", "taef1", "--taef1", str(taef1)]))
     for preview, slug, flags in variants:
         try:
-            server = Server(a.model, workdir / slug, [*flags, *extra], name=slug)
+            server = Server(a.model, workdir / slug, [*flags, *extra], name=slug, env=common.GRADIO_PROFILING)
         except RuntimeError as err:
             run.write(f"| server, previews {preview} | could not start: {str(err).strip().splitlines()[-1][:300]} |")
             continue
@@ -884,10 +908,12 @@ def part_served(run: Run) -> None:
                     call(seed)
                     times.append(time.perf_counter() - began)
                 median = statistics.median(times)
+                split = {} if consumer.startswith("OpenAI") else gradio_split(times, common.gradio_traces(server, runs))
                 run.write(f"| {consumer} | {preview} | {median:.3f} | {median / direct['median_s']:.3f} | "
-                          f"{' '.join(f'{t:.2f}' for t in times)} |")
+                          f"{' '.join(f'{t:.2f}' for t in times)} | " +
+                          (" | ".join(f"{split[key]:{form}}" for key, form in SPLIT_COLUMNS) + " |" if split else ""))
                 run.record("served", f"{consumer}, {preview}", {"times": times, "median_s": median,
-                                                                "ratio": median / direct["median_s"]})
+                                                                "ratio": median / direct["median_s"], **split})
         finally:
             server.stop()
             run.keep_server_log(server, slug)

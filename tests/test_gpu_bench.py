@@ -108,6 +108,29 @@ def test_the_served_direct_measurement_says_what_previews_and_encoding_add(gpu_b
     assert "(1x)" in next(line for line in table if line.startswith("| vae decode |"))
 
 
+@pytest.mark.e2e  # a server
+def test_the_served_time_is_split_by_gradios_own_timings(gpu_bench, tiny_dir, tmp_path):
+    common = gpu_bench.bench_module("common")
+    server = common.Server(tiny_dir, tmp_path, ["--preview", "latent"], env=common.GRADIO_PROFILING)
+    try:
+        client = server.client()
+        times = []
+        for seed in range(2):
+            began = time.perf_counter()
+            client.predict("a cat", seed, False, 256, 256, 3.5, 3, api_name="/infer")
+            times.append(time.perf_counter() - began)
+        split = gpu_bench.gradio_split(times, common.gradio_traces(server, 2))
+        # Gradio's event holds the handler (the generation and its previews) and the postprocessing
+        # that wrote the final image's file; the client's time holds the event and more.
+        assert 0 < split["handler_s"] < split["event_s"] < min(times)
+        assert 0 < split["postprocess_ms"] < (split["event_s"] - split["handler_s"]) * 1000
+        assert split["outside_ms"] > 0
+        with pytest.raises(RuntimeError, match="Gradio kept 2 timings for 3 events"):
+            gpu_bench.gradio_split([*times, 1.0], common.gradio_traces(server, 3))
+    finally:
+        server.stop()
+
+
 def test_a_compiling_measurement_counts_its_recompiles_and_graph_breaks(gpu_bench, tmp_path, monkeypatch):
     import json
     import subprocess
