@@ -53,6 +53,19 @@ def wait_for(condition, what: str, timeout: float = 120) -> None:
         time.sleep(0.02)
 
 
+@pytest.fixture(scope="session", autouse=True)
+def temporary_files_under_pytests_folder(tmp_path_factory):
+    """The session's temporary files under pytest's own folder (it keeps the last three sessions'),
+    not loose in /tmp: gradio_client leaves an empty /tmp/<40 hex digits> folder behind for every
+    file it downloads (its download goes through a folder of its own that it never removes)."""
+    import tempfile
+
+    before = tempfile.tempdir
+    tempfile.tempdir = str(tmp_path_factory.mktemp("tempfile"))
+    yield
+    tempfile.tempdir = before
+
+
 @pytest.fixture(scope="session")
 def tiny_dir(tmp_path_factory) -> Path:
     """The tiny random pipeline, written once per test session by `flux-infer make-tiny`'s code."""
