@@ -34,10 +34,11 @@ Parts (`--parts`, comma-separated; each sized for about 5 minutes on an H100 at 
   each door in turn: the graphs its warm-up recorded must serve them all (graphs recorded after the
   start-up, each door's first image against its second, the card's memory door to door);
 - memory: `--memory auto` within `--gpu-memory` 24, 16, 12 and 8 GiB: the plan, s/image, peaks;
-  nf4 needs the `nf4` wheels, else 12 GiB plans group offload;
-- lean: leaner plans under the 8 GiB cap (group offload of an fp8-storage or an int8 transformer,
-  half the bytes a step of bf16's; nf4 transformer and T5 with model offload; nf4 transformer on the
-  GPU with T5 streamed in and the VAE tiled), against what --memory auto picks there;
+  nf4 needs the `nf4` wheels, else 12 GiB plans group offload; 8 GiB plans group offload of an
+  fp8-storage transformer;
+- lean: other plans under the 8 GiB cap (group offload of a bf16 transformer, twice the bytes a step
+  of fp8-storage's, or of an int8 one; nf4 transformer and T5 with model offload; nf4 transformer on
+  the GPU with T5 streamed in and the VAE tiled), against what --memory auto picks there;
 - cold: the random pipeline saved as a diffusers folder, page cache dropped, raw read time of its
   safetensors against load_pipeline's time to ready (cold and warm cache, cold with diffusers'
   parallel shard loading, and cold onto a numbered device, `cuda:0`; imports timed apart); time to a
@@ -717,11 +718,11 @@ def under_cap(row: dict, cap: float) -> str:
     return f"peak under the cap: {'yes' if under else 'NO'}"
 
 
-# Leaner plans than --memory auto picks for an 8 GiB card (group offload of the bf16 transformer),
-# measured under the same cap, to see which one should take its place.
+# Other plans than --memory auto picks for an 8 GiB card (group offload of an fp8-storage
+# transformer), measured under the same cap, to see whether one should take its place.
 LEAN_CAP_GIB = 8
 LEAN_PLANS = {
-    "group offload, fp8-storage transformer": "--offload group --quantize fp8-storage",
+    "group offload, bf16 transformer": "--offload group",
     "group offload, int8 transformer": "--offload group --quantize int8",
     "model offload, nf4 transformer and T5": "--offload model --quantize nf4 --quantize-text-encoder",
     "nf4 transformer on the GPU, T5 streamed in, VAE tiled": "--offload t5 --quantize nf4 --vae-tiling on",
@@ -729,7 +730,7 @@ LEAN_PLANS = {
 
 
 def part_lean(run: Run) -> None:
-    run.write(f"\n## Leaner plans within --gpu-memory {LEAN_CAP_GIB}\n\n" +
+    run.write(f"\n## Other plans within --gpu-memory {LEAN_CAP_GIB}\n\n" +
               PRESET_HEADER.replace("| preset |", "| plan |"))
     for name, flags in LEAN_PLANS.items():
         row = run.measure("lean", name, f"--gpu-memory {LEAN_CAP_GIB} {flags}", runs=1)

@@ -192,13 +192,19 @@ def estimate_gib(offload: str, quantize: str, quantize_text_encoder: bool, *,
     return transformer + t5 + OTHER_GIB + max(DENOISE_GIB, DECODE_GIB)
 
 
-def candidates(*, fp8: bool, nf4: bool, gguf: bool):
+def candidates(*, fp8: bool, nf4: bool, gguf: bool, storage: bool = True):
     """Combinations from the fastest to the leanest: (offload, quantize, quantize_text_encoder).
 
     Streaming T5 in (offload t5) costs a fraction of a second per new prompt and nothing per step;
     model offload moves the transformer to the GPU and back for every image (22 s an image at 16
     GiB on an H200: bench/RESULTS.md). So a transformer that stays on the GPU comes first, in nf4 if
     need be, before model offload.
+
+    Group offload copies all of the transformer's weights to the GPU at every step (22 GB in bf16:
+    the link's time, not the GPU's, sets the pace). Stored in float8 (fp8-storage), they are half the
+    bytes to copy and half the pinned RAM to hold, so that comes first where `storage` allows it
+    (not under --compile, which cannot trace its per-layer casts, nor with LoRAs chosen per request,
+    which would be stored in float8 too).
     """
     eight = "fp8" if fp8 else "int8"
     if gguf:  # the transformer is quantized already; only T5 and offloading are left to choose
@@ -210,11 +216,12 @@ def candidates(*, fp8: bool, nf4: bool, gguf: bool):
         ladder += [("model", eight, False)]
         if nf4:
             ladder += [("model", "nf4", False), ("model", "nf4", True)]
-    return ladder + [("group", "none", False), ("sequential", "none", False)]
+    streamed = [("group", "fp8-storage", False)] if storage and not gguf else []
+    return ladder + streamed + [("group", "none", False), ("sequential", "none", False)]
 
 
 def plan_memory(free_gib: float, *, fp8: bool = True, nf4: bool = True, gguf_gib: float | None = None,
-                where: str = "the GPU") -> MemoryPlan:
+                storage: bool = True, where: str = "the GPU") -> MemoryPlan:
     """`--memory auto`: the first of `candidates()` whose estimate plus HEADROOM_GIB fits `free_gib`.
 
     `fp8`: 8 bits means float8 (torchao's float8 weights and activations), else torchao's int8
@@ -222,9 +229,10 @@ def plan_memory(free_gib: float, *, fp8: bool = True, nf4: bool = True, gguf_gib
     under `--compile` only: eager, int8 weight-only was the faster of the two (7.20 s an image
     against 8.33 s on an H100, bench/RESULTS.md), and it leaves the activations in bf16.
     `nf4`: bitsandbytes is installed. `gguf_gib`: the transformer is a GGUF file of that size.
+    `storage`: fp8-storage can be chosen (see `candidates()`).
     """
     tried = []
-    for offload, quantize, text in candidates(fp8=fp8, nf4=nf4, gguf=gguf_gib is not None):
+    for offload, quantize, text in candidates(fp8=fp8, nf4=nf4, gguf=gguf_gib is not None, storage=storage):
         needs = estimate_gib(offload, quantize, text, transformer_gib=gguf_gib)
         plan = MemoryPlan(offload, quantize, text)
         if needs + HEADROOM_GIB <= free_gib:
@@ -266,7 +274,8 @@ def resolve_plan(options: Options, placement, *, gguf_bytes: int | None = None,
         plan = plan_memory(free_bytes(placement.device, options.gpu_memory) / 1024**3,
                            fp8=capability >= FP8_COMPUTE_CAPABILITY and options.compile,
                            nf4=_bitsandbytes_installed(),
-                           gguf_gib=gguf_bytes / 1024**3 if gguf_bytes else None, where=where)
+                           gguf_gib=gguf_bytes / 1024**3 if gguf_bytes else None,
+                           storage=not options.compile and not switching_loras, where=where)
     check_plan(plan, placement, gguf=gguf_bytes is not None, switching_loras=switching_loras,
                fuse_qkv=options.fuse_qkv, compile_mode=options.compile_mode if options.compile else None)
     return plan

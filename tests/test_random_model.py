@@ -175,7 +175,8 @@ CUDA = Placement("cuda", "bfloat16", "a test GPU")
     (16, False, ("t5", "int8", False)),
     (16, True, ("t5", "fp8", False)),
     (12, False, ("t5", "nf4", False)),
-    (8, False, ("group", "none", False)),
+    (8, False, ("group", "fp8-storage", False)),
+    (8, True, ("group", "none", False)),  # --compile cannot trace fp8-storage's casts
 ])
 def test_gpu_memory_cap_plans_within_the_cap_and_sets_the_allocator_fraction(fake_h100, cap, compile, expected):
     options = tuning.Options(gpu_memory=cap, compile=compile)
@@ -189,6 +190,13 @@ def test_gpu_memory_cap_plans_within_the_cap_and_sets_the_allocator_fraction(fak
         assert f"{cap:.1f} GiB free on NVIDIA H100 80GB HBM3 (sm 9.0) within --gpu-memory {cap}" in plan.reason
         assert tuning.estimate_gib(*expected) + tuning.HEADROOM_GIB <= cap
         assert tuning.free_bytes("cuda", cap) == cap * GIB
+
+
+def test_a_cap_with_loras_per_request_streams_the_blocks_in_bf16(fake_h100):
+    # LoRAs loaded later would be stored in float8 too (check_plan refuses that): not fp8-storage
+    tuning.limit_gpu_memory(8, CUDA.device)
+    plan = tuning.resolve_plan(tuning.Options(gpu_memory=8), CUDA, switching_loras=True)
+    assert (plan.offload, plan.quantize) == ("group", "none")
 
 
 def test_offload_t5_sizes_t5_against_ram_and_the_rest_against_the_gpu(monkeypatch):

@@ -55,7 +55,8 @@ def reference(tiny_dir):
     (16, MemoryPlan("t5", "fp8", False)),
     (12, MemoryPlan("t5", "nf4", False)),
     (10, MemoryPlan("model", "nf4", True)),
-    (8, MemoryPlan("group", "none", False)),
+    # The transformer's blocks streamed in at every step: float8 storage copies half bf16's bytes.
+    (8, MemoryPlan("group", "fp8-storage", False)),
 ])
 def test_memory_auto_picks_the_fastest_that_fits(card_gib, expected):
     plan = plan_memory(card_gib - CUDA_CONTEXT_GIB, fp8=True, nf4=True, where="a test GPU")
@@ -71,6 +72,8 @@ def test_memory_auto_picks_the_fastest_that_fits(card_gib, expected):
 def test_memory_auto_without_fp8_or_bitsandbytes():
     assert plan_memory(23.4, fp8=False).quantize == "int8"  # e.g. an RTX 3090: torchao int8 instead
     assert plan_memory(11.4, nf4=False).offload == "group"  # no bitsandbytes: stream the blocks
+    # where fp8-storage cannot be used (--compile, LoRAs per request), they stream in bf16
+    assert (plan_memory(7.4).quantize, plan_memory(7.4, storage=False).quantize) == ("fp8-storage", "none")
     assert (plan_memory(13.8, nf4=False).offload, plan_memory(13.8, nf4=False).quantize) == ("model", "fp8")
     lean = plan_memory(2.0)
     assert lean.offload == "sequential" and "may not fit" in lean.reason
@@ -408,6 +411,31 @@ def test_group_offload_moves_t5_one_block_at_a_time(tiny_dir, reference):
     assert all([block] in _offload_groups(pipe.transformer) for block in pipe.transformer.transformer_blocks)
     offloaded = FluxInference(pipe).infer("a lighthouse at dusk", seed=7, randomize_seed=False, **SMALL)
     np.testing.assert_array_equal(pixels(offloaded), pixels(reference))
+
+
+def test_group_offload_streams_fp8_storage_weights_as_they_are_stored(tiny_dir, monkeypatch):
+    # --memory auto's plan for 8 GiB: the transformer's blocks, stored in float8, copied in as they
+    # run and cast there; the same pixels as fp8-storage without offloading. The CPU stands in for
+    # the GPU (no copy stream on a CPU).
+    import functools
+
+    import torch
+    from diffusers import FluxPipeline
+
+    from flux_infer.loading import resolve_placement
+
+    monkeypatch.setattr(tuning, "group_offload", functools.partial(tuning.group_offload, use_stream=False))
+    images = {}
+    for offload in ("none", "group"):
+        pipe = FluxPipeline.from_pretrained(tiny_dir)
+        runtime = tuning.Runtime(pipe, Options(fuse_qkv=False), MemoryPlan(offload, "fp8-storage"), "cpu")
+        runtime.apply(resolve_placement("cpu"))
+        images[offload] = FluxInference(pipe, runtime=runtime).infer("a lighthouse at dusk", seed=7,
+                                                                     randomize_seed=False, **SMALL)
+    blocks = pipe.transformer.transformer_blocks
+    assert all([block] in _offload_groups(pipe.transformer) for block in blocks)
+    assert blocks[0].ff.net[2].weight.dtype == torch.float8_e4m3fn  # stored in float8 between its runs
+    np.testing.assert_array_equal(pixels(images["group"]), pixels(images["none"]))
 
 
 def test_offload_t5_streams_t5_alone_and_keeps_the_rest_in_place(tiny_dir, reference, monkeypatch):
