@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import time
 from pathlib import Path
@@ -54,16 +55,25 @@ def wait_for(condition, what: str, timeout: float = 120) -> None:
 
 
 @pytest.fixture(scope="session", autouse=True)
-def temporary_files_under_pytests_folder(tmp_path_factory):
-    """The session's temporary files under pytest's own folder (it keeps the last three sessions'),
-    not loose in /tmp: gradio_client leaves an empty /tmp/<40 hex digits> folder behind for every
-    file it downloads (its download goes through a folder of its own that it never removes)."""
+def no_empty_download_folders_left():
+    """gradio_client leaves an empty <temporary folder>/<40 hex digits> folder behind for every file it
+    downloads (its download goes through a folder of its own that it never removes): some 1,900 a
+    run, the replica scenarios' process included. Those made during the session are removed at its
+    end; rmdir removes only empty folders."""
+    import re
     import tempfile
 
-    before = tempfile.tempdir
-    tempfile.tempdir = str(tmp_path_factory.mktemp("tempfile"))
+    root = Path(tempfile.gettempdir())
+    name = re.compile(r"[0-9a-f]{40}")
+
+    def folders() -> set[Path]:
+        return {path for path in root.iterdir() if name.fullmatch(path.name)}
+
+    before = folders()
     yield
-    tempfile.tempdir = before
+    for folder in folders() - before:
+        with contextlib.suppress(OSError):
+            folder.rmdir()
 
 
 @pytest.fixture(scope="session")

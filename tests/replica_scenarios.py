@@ -216,10 +216,4 @@ def main(tiny: str, workdir: Path) -> None:
 
 
 if __name__ == "__main__":
-    import tempfile
-
-    # gradio_client leaves an empty folder in the temporary folder for every file it downloads (see
-    # conftest.py): this process's go under its pytest folder, not loose in /tmp.
-    tempfile.tempdir = str(Path(sys.argv[2]) / "tempfile")
-    Path(tempfile.tempdir).mkdir(parents=True, exist_ok=True)
     main(sys.argv[1], Path(sys.argv[2]))
