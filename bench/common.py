@@ -59,6 +59,20 @@ def gradio_traces(server: ServerProcess, count: int) -> list[dict]:
     return response.raise_for_status().json()
 
 
+def gradio_split(times: list[float], server: ServerProcess) -> dict:
+    """Medians of the served time's parts. `times` (s, client side) are `server`'s last events, in
+    order, with no other client meanwhile; Gradio's timings of the same events split each into the
+    event, its handler (the generation and its previews), its postprocessing (the final image's
+    file) and the time outside the event (event stream, downloads, client)."""
+    traces = gradio_traces(server, len(times))
+    if len(traces) != len(times):
+        raise RuntimeError(f"Gradio kept {len(traces)} timings for {len(times)} events")
+    return {"event_s": statistics.median(t["total_ms"] for t in traces) / 1000,
+            "handler_s": statistics.median(t["fn_call_ms"] for t in traces) / 1000,
+            "postprocess_ms": statistics.median(t["postprocess_ms"] for t in traces),
+            "outside_ms": statistics.median(s * 1000 - t["total_ms"] for s, t in zip(times, traces))}
+
+
 def interleaved(calls: dict, runs: int, servers: dict | None = None) -> dict[str, list[float]]:
     """Time each call `runs` times, round-robin, so machine noise hits all of them alike.
 

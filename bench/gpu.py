@@ -843,21 +843,8 @@ def served_doors(server, *, size: int, steps: int, takes, timeout: float) -> dic
     }
 
 
-# The served table's columns from Gradio's timings, and how each is written.
+# The served table's columns from Gradio's timings (bench/common.py's gradio_split), and how each is written.
 SPLIT_COLUMNS = (("event_s", ".3f"), ("handler_s", ".3f"), ("postprocess_ms", ".0f"), ("outside_ms", ".0f"))
-
-
-def gradio_split(times: list[float], traces: list[dict]) -> dict:
-    """Medians of the served time's parts, from a door's client-side `times` (s) and Gradio's traces
-    of the same events (ms, in the same order): the event, its handler, its postprocessing, and the
-    time outside the event."""
-    if len(traces) != len(times):
-        raise RuntimeError(f"Gradio kept {len(traces)} timings for {len(times)} events: another client used "
-                           "the server meanwhile")
-    return {"event_s": statistics.median(t["total_ms"] for t in traces) / 1000,
-            "handler_s": statistics.median(t["fn_call_ms"] for t in traces) / 1000,
-            "postprocess_ms": statistics.median(t["postprocess_ms"] for t in traces),
-            "outside_ms": statistics.median(s * 1000 - t["total_ms"] for s, t in zip(times, traces))}
 
 
 def part_served(run: Run) -> None:
@@ -909,7 +896,7 @@ def part_served(run: Run) -> None:
                     call(seed)
                     times.append(time.perf_counter() - began)
                 median = statistics.median(times)
-                split = {} if consumer.startswith("OpenAI") else gradio_split(times, common.gradio_traces(server, runs))
+                split = {} if consumer.startswith("OpenAI") else common.gradio_split(times, server)
                 run.write(f"| {consumer} | {preview} | {median:.3f} | {median / direct['median_s']:.3f} | "
                           f"{' '.join(f'{t:.2f}' for t in times)} | " +
                           (" | ".join(f"{split[key]:{form}}" for key, form in SPLIT_COLUMNS) + " |" if split else ""))

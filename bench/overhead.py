@@ -5,7 +5,10 @@ alternately in one run: a server with its default previews (`--preview auto`: TA
 else the latent map), whose 28 previews gradio_client's predict() also receives and downloads,
 and one with `--preview none`. On a CPU the tiny model takes about as long per image as
 FLUX.1-dev on one H100, so the ratio reads like a GPU user's; but here the client, the server and
-the "GPU" share two cores. Goal: at most 1.05.
+the "GPU" share two cores. Goal: at most 1.05. Each server's time is then split by Gradio's own
+timings of the same requests (bench/common.py's gradio_split): its event, the handler and the
+postprocessing in it, and the time outside it (event stream, downloads, client), which on a CPU's
+noise resolve what a ratio of totals cannot.
 
     python bench/overhead.py [--runs 9] [--model DIR_OR_REPO] [--size 1024] [--steps 28] [--torch-threads N]
 
@@ -24,7 +27,8 @@ import tempfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common import Server, add_thread_option, apply_thread_option, interleaved, prompt, report  # noqa: E402
+from common import (GRADIO_PROFILING, Server, add_thread_option, apply_thread_option, gradio_split,  # noqa: E402
+                    interleaved, prompt, report)
 
 
 def main() -> None:
@@ -46,8 +50,8 @@ def main() -> None:
     workdir = Path(tempfile.mkdtemp(prefix="flux-bench-"))
     model = args.model or make_tiny(workdir / "tiny", seed=0)
     settings = dict(width=args.size, height=args.size, guidance_scale=3.5, num_inference_steps=args.steps)
-    server = Server(model, workdir / "default", args.server_args.split())
-    plain = Server(model, workdir / "none", [*args.server_args.split(), "--preview", "none"])
+    server = Server(model, workdir / "default", args.server_args.split(), env=GRADIO_PROFILING)
+    plain = Server(model, workdir / "none", [*args.server_args.split(), "--preview", "none"], env=GRADIO_PROFILING)
     try:
         client = server.client()
         plain_client = plain.client()
@@ -74,6 +78,11 @@ def main() -> None:
         print(f"{args.size}x{args.size}, {args.steps} steps, {model}, {placement.device} {placement.dtype_name}, "
               f"{args.runs} runs each, torch threads {torch.get_num_threads()}")
         report(times, "direct FluxPipeline call", {"/infer, default previews": 1.05, "/infer, --preview none": 1.05})
+        # Where the served time goes, by Gradio's own timings of the same requests.
+        for name, served_by in (("/infer, default previews", server), ("/infer, --preview none", plain)):
+            split = gradio_split(times[name], served_by)
+            print(f"{name:<34} Gradio's event {split['event_s']:.3f} s (handler {split['handler_s']:.3f} s, "
+                  f"postprocess {split['postprocess_ms']:.0f} ms), outside it {split['outside_ms']:.0f} ms")
     finally:
         server.stop()
         plain.stop()

@@ -126,11 +126,11 @@ def test_the_served_time_is_split_by_gradios_own_timings(gpu_bench, tiny_dir, tm
         for took, trace in zip(times, traces):
             assert 0 < trace["fn_call_ms"] and 0 < trace["postprocess_ms"]
             assert trace["fn_call_ms"] + trace["postprocess_ms"] < trace["total_ms"] < took * 1000
-        split = gpu_bench.gradio_split(times, traces)
+        split = common.gradio_split(times, server)
         assert 0 < split["handler_s"] < split["event_s"] < statistics.median(times)
         assert split["postprocess_ms"] > 0 and split["outside_ms"] > 0
         with pytest.raises(RuntimeError, match="Gradio kept 2 timings for 3 events"):
-            gpu_bench.gradio_split([*times, 1.0], common.gradio_traces(server, 3))
+            common.gradio_split([*times, 1.0], server)
     finally:
         server.stop()
 
