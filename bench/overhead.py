@@ -7,8 +7,8 @@ and one with `--preview none`. On a CPU the tiny model takes about as long per i
 FLUX.1-dev on one H100, so the ratio reads like a GPU user's; but here the client, the server and
 the "GPU" share two cores. Goal: at most 1.05. Each server's time is then split by Gradio's own
 timings of the same requests (bench/common.py's gradio_split): its event, the handler and the
-postprocessing in it, and the time outside it (event stream, downloads, client), which on a CPU's
-noise resolve what a ratio of totals cannot.
+postprocessing in it, and the time outside it (event stream, downloads, client): parts that this
+machine's noise hides in a ratio of totals.
 
     python bench/overhead.py [--runs 9] [--model DIR_OR_REPO] [--size 1024] [--steps 28] [--torch-threads N]
 
