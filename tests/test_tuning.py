@@ -382,6 +382,15 @@ def test_vae_tiling_auto_follows_free_memory(tiny_dir, reference, monkeypatch, c
     assert abs(pixels(tiled).mean() - pixels(reference).mean()) < 8
 
 
+@pytest.fixture
+def offload_on_the_cpu(monkeypatch):
+    """Group offloading with the CPU standing in for the GPU: Runtime's offloading without a copy
+    stream, which a CPU has not."""
+    import functools
+
+    monkeypatch.setattr(tuning, "group_offload", functools.partial(tuning.group_offload, use_stream=False))
+
+
 def _offload_groups(model) -> list[list]:
     """The module groups diffusers' group offloading moves together, read from its hooks."""
     from diffusers.hooks import HookRegistry
@@ -413,18 +422,14 @@ def test_group_offload_moves_t5_one_block_at_a_time(tiny_dir, reference):
     np.testing.assert_array_equal(pixels(offloaded), pixels(reference))
 
 
-def test_group_offload_streams_fp8_storage_weights_as_they_are_stored(tiny_dir, monkeypatch):
+def test_group_offload_streams_fp8_storage_weights_as_they_are_stored(tiny_dir, offload_on_the_cpu):
     # --memory auto's plan for 8 GiB: the transformer's blocks, stored in float8, copied in as they
-    # run and cast there; the same pixels as fp8-storage without offloading. The CPU stands in for
-    # the GPU (no copy stream on a CPU).
-    import functools
-
+    # run and cast there; the same pixels as fp8-storage without offloading.
     import torch
     from diffusers import FluxPipeline
 
     from flux_infer.loading import resolve_placement
 
-    monkeypatch.setattr(tuning, "group_offload", functools.partial(tuning.group_offload, use_stream=False))
     images = {}
     for offload in ("none", "group"):
         pipe = FluxPipeline.from_pretrained(tiny_dir)
@@ -438,16 +443,13 @@ def test_group_offload_streams_fp8_storage_weights_as_they_are_stored(tiny_dir, 
     np.testing.assert_array_equal(pixels(images["group"]), pixels(images["none"]))
 
 
-def test_offload_t5_streams_t5_alone_and_keeps_the_rest_in_place(tiny_dir, reference, monkeypatch):
+def test_offload_t5_streams_t5_alone_and_keeps_the_rest_in_place(tiny_dir, reference, offload_on_the_cpu):
     # --offload t5: T5 in groups of one block, the transformer, CLIP and the VAE with no offloading
-    # hooks (placed once); the same pixels. The CPU stands in for the GPU (no copy stream on a CPU).
-    import functools
-
+    # hooks (placed once); the same pixels.
     from diffusers import FluxPipeline
 
     from flux_infer.loading import resolve_placement
 
-    monkeypatch.setattr(tuning, "group_offload", functools.partial(tuning.group_offload, use_stream=False))
     pipe = FluxPipeline.from_pretrained(tiny_dir)
     runtime = tuning.Runtime(pipe, Options(fuse_qkv=False), MemoryPlan(offload="t5"), "cpu")
     runtime.apply(resolve_placement("cpu"))
@@ -460,18 +462,14 @@ def test_offload_t5_streams_t5_alone_and_keeps_the_rest_in_place(tiny_dir, refer
 
 
 @pytest.mark.e2e  # compiles the tiny transformer
-def test_compile_runs_with_group_offloading(tiny_dir, reference, monkeypatch):
+def test_compile_runs_with_group_offloading(tiny_dir, reference, offload_on_the_cpu):
     # Group offloading onloads a block's weights in a hook inside the block, which torch.compile runs
-    # outside its graph: compiled whole (fullgraph), the first image failed. The CPU stands in for the
-    # GPU (no copy stream on a CPU).
-    import functools
-
+    # outside its graph: compiled whole (fullgraph), the first image failed.
     import torch
     from diffusers import FluxPipeline
 
     from flux_infer.loading import resolve_placement
 
-    monkeypatch.setattr(tuning, "group_offload", functools.partial(tuning.group_offload, use_stream=False))
     torch._dynamo.reset()
     pipe = FluxPipeline.from_pretrained(tiny_dir)
     runtime = tuning.Runtime(pipe, Options(compile=True, fuse_qkv=False), MemoryPlan(offload="group"), "cpu")
