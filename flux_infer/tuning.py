@@ -440,21 +440,26 @@ def _standard_strides(_block, _args, outputs):
 def group_offload(pipe, onload_device, *, use_stream: bool = True, t5_only: bool = False) -> None:
     """Group offloading, one block at a time on the GPU; with `t5_only` (offload t5), of T5 alone,
     and every other component moves to the GPU to stay. diffusers groups the ModuleLists that are a
-    component's direct children; T5's blocks sit one level down (`encoder.block`), so T5 is told to
-    look inside `encoder`, or all 9 GB of it would be one group. With a stream, diffusers pins the
+    module's direct children; T5's blocks sit one level down (`encoder.block`), so T5's `encoder` is
+    the module offloaded, or all 9 GB of T5 would be one group. (Not `block_modules=["encoder"]` on
+    T5 itself: with a stream, diffusers then nests two prefetch hooks, which fail on the same blocks.)
+    T5's only other module, its input embedding, is the encoder's `embed_tokens` (tied). Each
+    component is offloaded here, not by the pipeline's `enable_group_offload`, whose
+    `exclude_modules` would first move T5 whole to the GPU. With a stream, diffusers pins the
     offloaded weights in RAM and copies the next block in while one runs."""
     import torch
     from diffusers.hooks import apply_group_offloading
 
     kwargs = dict(onload_device=onload_device, offload_device=torch.device("cpu"), offload_type="block_level",
                   num_blocks_per_group=1, use_stream=use_stream)
-    if t5_only:
-        for name, component in pipe.components.items():
-            if isinstance(component, torch.nn.Module) and name != "text_encoder_2":
-                component.to(onload_device)
-    else:
-        pipe.enable_group_offload(**kwargs, exclude_modules=["text_encoder_2"])
-    apply_group_offloading(pipe.text_encoder_2, **kwargs, block_modules=["encoder"])
+    for name, component in pipe.components.items():
+        if not isinstance(component, torch.nn.Module) or name == "text_encoder_2":
+            continue
+        if t5_only:
+            component.to(onload_device)
+        else:
+            apply_group_offloading(component, **kwargs)
+    apply_group_offloading(pipe.text_encoder_2.encoder, **kwargs)
 
 
 def in_ram(plan: MemoryPlan, component: str) -> bool:

@@ -422,6 +422,56 @@ def test_group_offload_moves_t5_one_block_at_a_time(tiny_dir, reference):
     np.testing.assert_array_equal(pixels(offloaded), pixels(reference))
 
 
+class _NoStream:
+    """A copy stream that does nothing, standing in for CUDA's."""
+
+    def synchronize(self):
+        pass
+
+
+@pytest.fixture
+def streams_on_the_cpu(monkeypatch):
+    """diffusers' group offloading with a copy stream, set up on a CPU: its GPU backend replaced by
+    the CPU's with a stream that does nothing, pinning left out. Enough to set the hooks up as on a
+    GPU (diffusers adds its prefetch hooks only with a stream); not to run them."""
+    import torch
+    from diffusers.hooks import group_offloading
+    from diffusers.utils.torch_utils import TorchDeviceBackend
+
+    class CpuBackend(TorchDeviceBackend):
+        Stream = _NoStream
+
+        def __init__(self, device=None):
+            super().__init__("cpu")
+
+        @staticmethod
+        def current_stream():
+            return _NoStream()
+
+    monkeypatch.setattr(group_offloading, "TorchDeviceBackend", CpuBackend)
+    monkeypatch.setattr(torch.Tensor, "pin_memory", lambda tensor, *args, **kwargs: tensor)
+
+
+def test_group_offload_with_a_copy_stream_sets_up_t5_and_the_transformer(tiny_dir, streams_on_the_cpu):
+    # With a stream (on every GPU), diffusers adds a prefetch hook to each offloaded module; T5
+    # offloaded with block_modules=["encoder"] got two, nested, which failed on the same blocks
+    # ("Hook with name layer_execution_tracker already exists"): every --gpu-memory cap of 16 GiB
+    # and under, on the first H100 run that reached them.
+    import torch
+    from diffusers import FluxPipeline
+    from diffusers.hooks import HookRegistry
+
+    pipe = FluxPipeline.from_pretrained(tiny_dir)
+    tuning.group_offload(pipe, torch.device("cuda"))
+    t5 = pipe.text_encoder_2
+    assert all([block] in _offload_groups(t5) for block in t5.encoder.block)
+    assert all([block] in _offload_groups(pipe.transformer) for block in pipe.transformer.transformer_blocks)
+    prefetching = [name for name, module in pipe.components.items() if isinstance(module, torch.nn.Module)
+                   and any(HookRegistry.check_if_exists_or_initialize(sub).get_hook("lazy_prefetch_group_offloading")
+                           for sub in module.modules())]
+    assert {"transformer", "text_encoder_2"} <= set(prefetching)
+
+
 def test_group_offload_streams_fp8_storage_weights_as_they_are_stored(tiny_dir, offload_on_the_cpu):
     # --memory auto's plan for 8 GiB: the transformer's blocks, stored in float8, copied in as they
     # run and cast there; the same pixels as fp8-storage without offloading.
