@@ -62,14 +62,17 @@ def gradio_traces(server: ServerProcess, count: int) -> list[dict]:
 def gradio_split(times: list[float], server: ServerProcess) -> dict:
     """Medians of the served time's parts. `times` (s, client side) are `server`'s last events, in
     order, with no other client meanwhile; Gradio's timings of the same events split each into the
-    event, its handler (the generation and its previews), its postprocessing (the final image's
-    file) and the time outside the event (event stream, downloads, client)."""
+    event, its handler (the generation and its previews), its postprocessing (summed over every
+    yield: each preview's file, then the final image's), the final image's encoding and writing in
+    it (Gradio's save_pil_to_cache) and the time outside the event (event stream, downloads,
+    client)."""
     traces = gradio_traces(server, len(times))
     if len(traces) != len(times):
         raise RuntimeError(f"Gradio kept {len(traces)} timings for {len(times)} events")
     return {"event_s": statistics.median(t["total_ms"] for t in traces) / 1000,
             "handler_s": statistics.median(t["fn_call_ms"] for t in traces) / 1000,
             "postprocess_ms": statistics.median(t["postprocess_ms"] for t in traces),
+            "final_image_ms": statistics.median(t["postprocess_save_pil_to_cache_ms"] for t in traces),
             "outside_ms": statistics.median(s * 1000 - t["total_ms"] for s, t in zip(times, traces))}
 
 

@@ -82,7 +82,8 @@ def main() -> None:
         for name, served_by in (("/infer, default previews", server), ("/infer, --preview none", plain)):
             split = gradio_split(times[name], served_by)
             print(f"{name:<34} Gradio's event {split['event_s']:.3f} s (handler {split['handler_s']:.3f} s, "
-                  f"postprocess {split['postprocess_ms']:.0f} ms), outside it {split['outside_ms']:.0f} ms")
+                  f"postprocess {split['postprocess_ms']:.0f} ms, the final image's {split['final_image_ms']:.0f} "
+                  f"of them), outside it {split['outside_ms']:.0f} ms")
     finally:
         server.stop()
         plain.stop()
