@@ -462,6 +462,17 @@ def group_offload(pipe, onload_device, *, use_stream: bool = True, t5_only: bool
     apply_group_offloading(pipe.text_encoder_2.encoder, **kwargs)
 
 
+def store_in_float8(transformer, compute_dtype) -> None:
+    """fp8-storage: the transformer's weights kept in float8, cast to `compute_dtype` layer by layer
+    as they run (diffusers' layerwise casting). Once: a transformer stored so already is left as it
+    is (loading may have done it, to hold less RAM)."""
+    import torch
+
+    if any(parameter.dtype == torch.float8_e4m3fn for parameter in transformer.parameters()):
+        return
+    transformer.enable_layerwise_casting(storage_dtype=torch.float8_e4m3fn, compute_dtype=compute_dtype)
+
+
 def in_ram(plan: MemoryPlan, component: str) -> bool:
     """Whether `component` (a pipeline component's name) is kept in RAM under `plan`, moved to the
     GPU only as it runs, rather than placed on the GPU once."""
@@ -484,7 +495,6 @@ class Runtime:
     # -- start-up --------------------------------------------------------------------------------
     def apply(self, placement) -> Runtime:
         """Cast, fuse, place or offload, pick attention, hook the cache, compile. Logs each choice."""
-        import torch
 
         pipe, options, transformer = self.pipeline, self.options, self.pipeline.transformer
         # Fused Q, K, V projections: not for quantized weights (torchao, bitsandbytes, GGUF), which
@@ -493,9 +503,8 @@ class Runtime:
         fused = options.fuse_qkv and not quantized
         if fused:
             transformer.fuse_qkv_projections()
-        # fp8-storage: float8 weights, cast to the compute dtype layer by layer as they run.
         if self.plan.quantize == "fp8-storage":
-            transformer.enable_layerwise_casting(storage_dtype=torch.float8_e4m3fn, compute_dtype=placement.dtype)
+            store_in_float8(transformer, placement.dtype)
         # A batch decodes one image at a time; then the weights go to the device, or are offloaded.
         pipe.vae.enable_slicing()
         self._place(placement)

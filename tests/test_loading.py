@@ -147,16 +147,31 @@ def test_weights_are_read_straight_onto_the_device_unless_offloaded_or_cast_afte
     # The same weights as diffusers' default load (into RAM, then moved).
     plain = FluxPipeline.from_pretrained(tiny_dir, dtype=torch.float32)
     np.testing.assert_array_equal(_image(direct), _image(plain))
-    # fp8-storage casts after loading: loading to the GPU first would hold the full bf16 weights there.
-    cast = load_pipeline(str(tiny_dir), device="cpu", options=Options(quantize="fp8-storage")).pipeline
+    # fp8-storage casts after reading: reading onto the GPU first would hold the full bf16 weights
+    # there. It reads the transformer first and casts it before T5 is read, so RAM never holds both
+    # models' bf16 weights; the same pixels as diffusers' load cast after.
+    read = []
+
+    def reading(cls, *args, **kwargs):
+        transformer = kwargs.get("transformer")  # None: read by the pipeline, beside T5
+        read.append(transformer and transformer.transformer_blocks[0].ff.net[2].weight.dtype)
+        return from_pretrained.__func__(cls, *args, **kwargs)
+
+    from_pretrained = FluxPipeline.from_pretrained
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(FluxPipeline, "from_pretrained", classmethod(reading))
+        cast = load_pipeline(str(tiny_dir), device="cpu", options=Options(quantize="fp8-storage")).pipeline
+    assert read == [torch.float8_e4m3fn]
     assert cast.hf_device_map is None
+    plain.transformer.enable_layerwise_casting(storage_dtype=torch.float8_e4m3fn, compute_dtype=torch.float32)
+    np.testing.assert_array_equal(_image(cast), _image(plain))
     # A numbered device (`--device cuda:1` on a multi-GPU box) is one diffusers' pipeline device_map
     # refuses (it names device types): the transformer and T5 are read onto it each on its own (the
     # transformer's map records the number), the small components moved there; the same pixels.
     numbered = load_pipeline(str(tiny_dir), device="cpu:0").pipeline
     assert numbered.hf_device_map is None
     assert numbered.transformer.hf_device_map == {"": torch.device("cpu", 0)}
-    np.testing.assert_array_equal(_image(numbered), _image(plain))
+    np.testing.assert_array_equal(_image(numbered), _image(direct))
     # Quantized as they are read, with the configs the pipeline would have given them.
     quantized = load_pipeline(str(tiny_dir), device="cpu:0",
                               options=Options(quantize="int8", quantize_text_encoder=True)).pipeline
