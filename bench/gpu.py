@@ -645,8 +645,14 @@ def preset_line(run: Run, name: str, row: dict) -> str:
 def row_notes(row: dict) -> str:
     """Lines under a preset's row: where each step went (with --profile), and the edit and cancel check."""
     ms = row.get("profile_ms_per_step")
-    profile = (f"\n|  | profile, ms per step: matmul {ms['matmul']:.1f}, attention {ms['attention']:.1f}, "
-               f"other {ms['other']:.1f} (kernels: {Path(row['profile_file']).name}) |") if ms else ""
+    profile = ""
+    if ms:
+        # The kernels' time against a steady step's: what is missing, the GPU waited for the CPU (its
+        # kernel launches, the Python between them).
+        kernels, step = sum(ms.values()), row["per_step_s"] * 1000
+        profile = (f"\n|  | profile, ms per step: matmul {ms['matmul']:.1f}, attention {ms['attention']:.1f}, "
+                   f"other {ms['other']:.1f}; kernels {kernels:.1f} of a {step:.1f} ms step ({kernels / step:.0%} "
+                   f"busy) (kernels: {Path(row['profile_file']).name}) |")
     clocks = ""
     if "busy_sm_mhz" in row:
         watts = "" if row["busy_watts"] is None else f", power {row['busy_watts']:.0f} W"
