@@ -108,6 +108,9 @@ PRESETS = {
     "fp8-compile-autotune": "--quantize fp8 --compile --compile-mode max-autotune-no-cudagraphs",
     # fp8 halves a step's GPU time, so the CPU's kernel launches weigh more: CUDA graphs replay them
     "fp8-compile-cudagraphs": "--quantize fp8 --compile --compile-mode reduce-overhead",
+    # or launches them from C++ rather than Python (inductor's cpp_wrapper; PRESET_ENV), with the
+    # blocks still compiled one by one
+    "fp8-compile-cpp-wrapper": "--quantize fp8 --compile",
     "compile-cudnn": "--memory off --compile --attention _native_cudnn",
     "fp8-compile-cudnn": "--quantize fp8 --compile --attention _native_cudnn",
     "int8": "--quantize int8",
@@ -118,13 +121,17 @@ PRESETS = {
     "model-offload": "--offload model",
     "group-offload": "--offload group",
 }
+# Environment a preset's child runs with, beside its flags.
+PRESET_ENV = {"fp8-compile-cpp-wrapper": {"TORCHINDUCTOR_CPP_WRAPPER": "1"}}
 # The presets each goal is met by: bf16 with any compile mode; any preset whose only loss is fp8.
 COMPILE_PRESETS = ("compile", "compile-fused", "compile-cudagraphs", "compile-autotune", "compile-cudnn")
-FP8_PRESETS = ("fp8", "fp8-compile", "fp8-compile-autotune", "fp8-compile-cudagraphs", "fp8-compile-cudnn")
+FP8_PRESETS = ("fp8", "fp8-compile", "fp8-compile-autotune", "fp8-compile-cudagraphs", "fp8-compile-cpp-wrapper",
+               "fp8-compile-cudnn")
 PARTS = {
     "presets": ["bf16", "fused-qkv", "fp8", "int8", "cudnn-attention", "flash3-attention", "flash-attention"],
     "compile": ["bf16", "compile", "fp8-compile", "compile-cudagraphs", "compile-autotune", "fp8-compile-autotune",
-                "fp8-compile-cudagraphs", "compile-fused", "compile-cudnn", "fp8-compile-cudnn"],
+                "fp8-compile-cudagraphs", "fp8-compile-cpp-wrapper", "compile-fused", "compile-cudnn",
+                "fp8-compile-cudnn"],
     "offload": ["bf16", "t5-offload", "model-offload", "group-offload"],
     "steps": ["bf16"],
     "served": [],
@@ -636,7 +643,8 @@ PRESET_HEADER = ("| preset | flags | plan | build s | warm-up s | first image s 
 def preset_line(run: Run, name: str, row: dict) -> str:
     compiled = (f"{row['recompiles']} / {row['graph_breaks']} / {row.get('cudagraph_skips', 0)}"
                 if "recompiles" in row else "")
-    return (f"| {name} | `{row['flags']}` | {row['plan']} | {row['build_s']:.1f} | {row['warm_s']:.1f} | "
+    flags = " ".join([*(f"{key}={value}" for key, value in PRESET_ENV.get(name, {}).items()), row["flags"]])
+    return (f"| {name} | `{flags}` | {row['plan']} | {row['build_s']:.1f} | {row['warm_s']:.1f} | "
             f"{row['first_s']:.2f} | {row['median_s']:.3f} | {row['per_step_s']:.3f} | {run.ratio(row['median_s'])} | "
             f"{_gib(row['peak_alloc_gib'])} | {_gib(row['peak_smi_gib'])} | {_gib(row['peak_ram_gib'])} | {compiled} |"
             + row_notes(row))
@@ -682,7 +690,8 @@ def part_presets(run: Run, part: str, names: list[str]) -> None:
         if missing and importlib.util.find_spec(missing) is None:
             run.write(f"| {name} | `{PRESETS[name]}` | not measured: the {missing} package is not installed |")
             continue
-        row = run.baseline(part) if name == "bf16" else run.measure(part, name, PRESETS[name])
+        row = run.baseline(part) if name == "bf16" else run.measure(part, name, PRESETS[name],
+                                                                     env=PRESET_ENV.get(name))
         if row:
             run.write(preset_line(run, name, row))
     for label, group, goal in (("--compile, bf16", COMPILE_PRESETS, COMPILE_GOAL_S), ("fp8", FP8_PRESETS, FP8_GOAL_S)):
