@@ -54,7 +54,8 @@ Check the whole script on a CPU first (random-small, 256x256, 4 steps, 1 run):
 `--only NAMES` narrows the preset parts to some presets (bf16 eager is always measured, for the
 ratios); `--profile [PARTS]` adds a torch.profiler account of one more image per preset, cap or lean
 plan (in PARTS only, when given):
-the kernels by GPU time in OUT/profiles/, and ms per step in matmuls, attention and the rest, to see
+the kernels by GPU time in OUT/profiles/ (4 denoising steps from an image's middle), and ms per step
+in matmuls, attention and the rest (and the kernels' share of a step: the rest is launch waits), to see
 where a preset stands against the arithmetic floor. Compiling children log their recompilations
 and graph breaks (counted in the table); a child near its time limit writes its stacks to
 children.log. `--deadline SECONDS` bounds the measurements: each measurement child (and
@@ -143,6 +144,7 @@ PARTS = {
 }
 # Parts whose measurements --profile accounts for: those with a goal on the time per image (the step
 # costs, the served path and loading are measured directly).
+PROFILED_STEPS = 4  # denoising steps a profile records
 PROFILED_PARTS = ("presets", "compile", "offload", "memory", "lean")
 # Backends that need a package torch does not bring; without it the preset is not measured.
 MODULES = {"flash3-attention": "flash_attn_interface", "flash-attention": "flash_attn"}
@@ -344,11 +346,11 @@ def measure_one(flags: str, *, model: str, device: str | None, size: int, steps:
             steps_seen.append((now - previous["at"], calls > previous["calls"]))
         previous.update(at=now, calls=calls)
 
-    def one(seed: int):
+    def one(seed: int, each_step=None):
         request = build_request(prompt(seed), seed=seed, randomize_seed=False, width=size, height=size,
                                 num_inference_steps=steps)
         began = time.perf_counter()
-        result = inference.run(request, on_step=on_step if step_times else None)
+        result = inference.run(request, on_step=each_step or (on_step if step_times else None))
         sync()
         return time.perf_counter() - began, result
 
@@ -373,15 +375,27 @@ def measure_one(flags: str, *, model: str, device: str | None, size: int, steps:
         row.update(serving_costs=serving_costs(result.image, taef1, placement, vae=pipeline.vae if resident else None,
                                                size=size, sync=sync))
     if profile:
+        # Denoising steps from the middle of one more image (not its text encoding or VAE decode):
+        # PROFILED_STEPS of them, after one to warm the profiler up. Reading a whole image's
+        # events took a minute of a GPU run's time.
+        active = min(PROFILED_STEPS, max(steps - 2, 1))
+        window = torch.profiler.schedule(skip_first=max((steps - active) // 2 - 1, 0), wait=0, warmup=1,
+                                         active=active, repeat=1)
+
         def profiled():  # torch.profiler records the operators of its own thread: the generation's
             with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU] +
-                                        ([torch.profiler.ProfilerActivity.CUDA] if cuda else [])) as profiler:
-                one(runs + 1)
+                                        ([torch.profiler.ProfilerActivity.CUDA] if cuda else []),
+                                        schedule=window) as profiler:
+                def each_step(_step):
+                    sync()  # the step's kernels ran inside its window
+                    profiler.step()
+
+                one(runs + 1, each_step)
             return profiler
 
         profiler = inference.on_generation_thread(profiled)
-        row.update(profile_ms_per_step=write_profile(profiler, Path(profile), steps=steps, cuda=cuda),
-                   profile_file=profile)
+        row.update(profile_ms_per_step=write_profile(profiler, Path(profile), steps=active, cuda=cuda),
+                   profile_file=profile, profiled_steps=active)
     if step_times:
         full = [s for s, computed in steps_seen if computed]
         skipped = [s for s, computed in steps_seen if not computed]
@@ -655,12 +669,14 @@ def row_notes(row: dict) -> str:
     ms = row.get("profile_ms_per_step")
     profile = ""
     if ms:
-        # The kernels' time against a steady step's: what is missing, the GPU waited for the CPU (its
-        # kernel launches, the Python between them).
+        # The kernels' time against a steady image's per step (which holds its share of the text
+        # encoding and VAE decode too): what is missing, the GPU waited for the CPU (its kernel
+        # launches, the Python between them).
         kernels, step = sum(ms.values()), row["per_step_s"] * 1000
-        profile = (f"\n|  | profile, ms per step: matmul {ms['matmul']:.1f}, attention {ms['attention']:.1f}, "
-                   f"other {ms['other']:.1f}; kernels {kernels:.1f} of a {step:.1f} ms step ({kernels / step:.0%} "
-                   f"busy) (kernels: {Path(row['profile_file']).name}) |")
+        profile = (f"\n|  | profile of {row.get('profiled_steps', '?')} denoising steps, ms each: matmul "
+                   f"{ms['matmul']:.1f}, attention {ms['attention']:.1f}, other {ms['other']:.1f}; kernels "
+                   f"{kernels:.1f} of the {step:.1f} ms an image takes a step ({kernels / step:.0%} busy) "
+                   f"(kernels: {Path(row['profile_file']).name}) |")
     clocks = ""
     if "busy_sm_mhz" in row:
         watts = "" if row["busy_watts"] is None else f", power {row['busy_watts']:.0f} W"

@@ -78,9 +78,11 @@ def test_a_profiled_measurement_says_where_each_step_goes(gpu_bench, tiny_dir, t
     assert row["peak_ram_gib"] > 0
     line = gpu_bench.preset_line(gpu_bench.Run(argparse.Namespace(out=tmp_path)), "bf16", {**row, "peak_smi_gib": None})
     assert f"matmul {per_step['matmul']:.1f}" in line
-    # The kernels' time against a steady step's (on a GPU, what is missing is the launches' waits).
+    # Only denoising steps are recorded (here the second of two), each against a steady image's
+    # time a step (on a GPU, what is missing is the launches' waits).
+    assert row["profiled_steps"] == 1 and "profile of 1 denoising steps" in line
     kernels, step = sum(per_step.values()), row["per_step_s"] * 1000
-    assert f"kernels {kernels:.1f} of a {step:.1f} ms step ({kernels / step:.0%} busy)" in line
+    assert f"kernels {kernels:.1f} of the {step:.1f} ms an image takes a step ({kernels / step:.0%} busy)" in line
     # A compiled row also says its recompilations, graph breaks and CUDA graphs inductor left out.
     compiled = {**row, "peak_smi_gib": None, "recompiles": 2, "graph_breaks": 0, "cudagraph_skips": 1}
     assert "| 2 / 0 / 1 |" in gpu_bench.preset_line(gpu_bench.Run(argparse.Namespace(out=tmp_path)), "x", compiled)
