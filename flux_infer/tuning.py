@@ -495,7 +495,6 @@ class Runtime:
     # -- start-up --------------------------------------------------------------------------------
     def apply(self, placement) -> Runtime:
         """Cast, fuse, place or offload, pick attention, hook the cache, compile. Logs each choice."""
-
         pipe, options, transformer = self.pipeline, self.options, self.pipeline.transformer
         # Fused Q, K, V projections: not for quantized weights (torchao, bitsandbytes, GGUF), which
         # cannot be concatenated.
