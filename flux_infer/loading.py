@@ -366,8 +366,9 @@ def _out_of_memory(placement, plan, options) -> str:
 def _read_pipeline(source, folder, placement, plan, *, gguf: bool, cast_early: bool = False):
     """A FluxPipeline from a diffusers folder, with a single-file transformer when `source` is one.
     `cast_early` (fp8-storage): the transformer is read first and stored in float8 before T5 is
-    read, so RAM holds its bf16 weights (22 GB in FLUX.1-dev) or T5's (9 GB) beside its float8 ones
-    (11 GB), never all of them (34 GB): what a 32 GB machine with an 8 GB card needs."""
+    read, so RAM holds its bf16 weights (24 GB in FLUX.1-dev) or T5's (9.5 GB) beside its float8
+    ones (12 GB), never both models' bf16 weights (34 GB): what a 32 GB machine with an 8 GB card
+    needs."""
     import torch
     from diffusers import FluxPipeline, FluxTransformer2DModel, PipelineQuantizationConfig
     from transformers import T5EncoderModel
