@@ -673,7 +673,7 @@ def row_notes(row: dict) -> str:
         # encoding and VAE decode too): what is missing, the GPU waited for the CPU (its kernel
         # launches, the Python between them).
         kernels, step = sum(ms.values()), row["per_step_s"] * 1000
-        profile = (f"\n|  | profile of {row.get('profiled_steps', '?')} denoising steps, ms each: matmul "
+        profile = (f"\n|  | profile of {row['profiled_steps']} denoising steps, ms each: matmul "
                    f"{ms['matmul']:.1f}, attention {ms['attention']:.1f}, other {ms['other']:.1f}; kernels "
                    f"{kernels:.1f} of the {step:.1f} ms an image takes a step ({kernels / step:.0%} busy) "
                    f"(kernels: {Path(row['profile_file']).name}) |")
@@ -875,8 +875,9 @@ def served_doors(server, *, size: int, steps: int, takes, timeout: float) -> dic
 
 
 # The served table's columns from Gradio's timings (bench/common.py's gradio_split), and how each is written.
-SPLIT_COLUMNS = (("event_s", ".3f"), ("handler_s", ".3f"), ("postprocess_ms", ".0f"), ("final_image_ms", ".0f"),
-                 ("outside_ms", ".0f"))
+SPLIT_COLUMNS = (("event_s", "Gradio's event s", ".3f"), ("handler_s", "its handler s", ".3f"),
+                 ("postprocess_ms", "its postprocess ms", ".0f"),
+                 ("final_image_ms", "the final image's in it ms", ".0f"), ("outside_ms", "outside the event ms", ".0f"))
 
 
 def part_served(run: Run) -> None:
@@ -901,9 +902,9 @@ def part_served(run: Run) -> None:
     # that is the generation with its previews, and the postprocessing of every yield: the previews'
     # files, then the final image's, written in the last) and what is outside it (the event stream,
     # the downloads, the client).
-    run.write("| consumer | previews | median s | vs direct | runs | Gradio's event s | its handler s | "
-              "its postprocess ms | the final image's in it ms | outside the event ms |\n"
-              "|---|---|---:|---:|---|---:|---:|---:|---:|---:|")
+    run.write("| consumer | previews | median s | vs direct | runs | " +
+              " | ".join(label for _, label, _ in SPLIT_COLUMNS) + " |\n|---|---|---:|---:|---|" +
+              "---:|" * len(SPLIT_COLUMNS))
     run.write(f"| direct FluxInference.run | none | {direct['median_s']:.3f} | 1.00 | "
               f"{' '.join(f'{t:.2f}' for t in direct['times'])} |")
     extra = ["--device", a.device] if a.device else []
@@ -933,7 +934,7 @@ def part_served(run: Run) -> None:
                 split = {} if consumer.startswith("OpenAI") else common.gradio_split(times, server)
                 run.write(f"| {consumer} | {preview} | {median:.3f} | {median / direct['median_s']:.3f} | "
                           f"{' '.join(f'{t:.2f}' for t in times)} | " +
-                          (" | ".join(f"{split[key]:{form}}" for key, form in SPLIT_COLUMNS) + " |" if split else ""))
+                          (" | ".join(f"{split[key]:{form}}" for key, _, form in SPLIT_COLUMNS) + " |" if split else ""))
                 run.record("served", f"{consumer}, {preview}", {"times": times, "median_s": median,
                                                                 "ratio": median / direct["median_s"], **split})
         finally:
