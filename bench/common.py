@@ -7,7 +7,7 @@ import statistics
 import time
 from pathlib import Path
 
-from flux_infer.launcher import TELEMETRY_OFF, ServerProcess
+from flux_infer.launcher import TELEMETRY_OFF, ServerProcess, download_folders_removed  # noqa: F401 (the benchmarks')
 
 # Loopback only: no analytics, no hub look-ups.
 os.environ.update(TELEMETRY_OFF)

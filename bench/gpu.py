@@ -83,7 +83,9 @@ import sys
 import tempfile
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import NamedTuple
 
 REPO = Path(__file__).resolve().parent.parent
 os.environ.update(GRADIO_ANALYTICS_ENABLED="False", HF_HUB_DISABLE_TELEMETRY="1", HF_HUB_OFFLINE="1",
@@ -849,10 +851,18 @@ def part_cold(run: Run) -> None:
     run.write(f"\n(goal: second start with --compile to its first image <= {SECOND_START_GOAL_S} s)")
 
 
-def served_doors(server, *, size: int, steps: int, takes, timeout: float) -> dict:
-    """The ways a served image is asked for, each a `call(seed)` that returns once the image is back:
-    the page (its event stream, every preview fetched), gradio_client and the OpenAI route. `takes`
-    numbers the prompts: every served image a prompt of its own (bench/common.py's `prompt`)."""
+class Door(NamedTuple):
+    """A way a served image is asked for: `call(seed)` returns once the image is back; `gradio`: it
+    goes through Gradio's queue, whose timings split its time (bench/common.py's gradio_split)."""
+
+    call: Callable[[int], object]
+    gradio: bool
+
+
+def served_doors(server, *, size: int, steps: int, takes, timeout: float) -> dict[str, Door]:
+    """The doors of a served image by name: the page (its event stream, every preview fetched),
+    gradio_client and the OpenAI route. `takes` numbers the prompts: every served image a prompt of
+    its own (bench/common.py's `prompt`)."""
     import httpx
 
     prompt = bench_module("common").prompt
@@ -865,12 +875,16 @@ def served_doors(server, *, size: int, steps: int, takes, timeout: float) -> dic
         if not list(page_outputs(browser, [prompt(next(takes)), seed, *data])):
             raise RuntimeError(f"the page's event stream brought no image: see {server.log_path}")
 
-    return {
-        "page (event stream, every preview fetched)": page,
-        "gradio_client predict()": lambda seed: client.predict(prompt(next(takes)), seed, *data, api_name="/infer"),
-        "OpenAI route, b64_json": lambda seed: browser.post("v1/images/generations", json={
+    def openai_route(seed):
+        browser.post("v1/images/generations", json={
             "prompt": prompt(next(takes)), "size": f"{size}x{size}", "response_format": "b64_json", "seed": seed,
-            "num_inference_steps": steps}).raise_for_status(),
+            "num_inference_steps": steps}).raise_for_status()
+
+    return {
+        "page (event stream, every preview fetched)": Door(page, gradio=True),
+        "gradio_client predict()": Door(lambda seed: client.predict(prompt(next(takes)), seed, *data,
+                                                                    api_name="/infer"), gradio=True),
+        "OpenAI route, b64_json": Door(openai_route, gradio=False),
     }
 
 
@@ -920,18 +934,18 @@ def part_served(run: Run) -> None:
             continue
         try:
             consumers = served_doors(server, size=a.size, steps=a.steps, takes=takes, timeout=600)
-            for consumer, call in consumers.items():
-                if slug == "latent-png" and consumer.startswith("OpenAI"):
-                    continue  # its format is the request's output_format: the same as with PNG images
-                call(100)  # warm-up
-                runs = 1 if consumer.startswith("OpenAI") else a.runs
+            for consumer, door in consumers.items():
+                if slug == "latent-png" and not door.gradio:
+                    continue  # the OpenAI route's format is the request's output_format, not the page's
+                door.call(100)  # warm-up
+                runs = a.runs if door.gradio else 1
                 times = []
                 for seed in range(runs):
                     began = time.perf_counter()
-                    call(seed)
+                    door.call(seed)
                     times.append(time.perf_counter() - began)
                 median = statistics.median(times)
-                split = {} if consumer.startswith("OpenAI") else common.gradio_split(times, server)
+                split = common.gradio_split(times, server) if door.gradio else {}
                 run.write(f"| {consumer} | {preview} | {median:.3f} | {median / direct['median_s']:.3f} | "
                           f"{' '.join(f'{t:.2f}' for t in times)} | " +
                           (" | ".join(f"{split[key]:{form}}" for key, _, form in SPLIT_COLUMNS) + " |" if split else ""))
@@ -991,7 +1005,7 @@ def part_graphs(run: Run) -> None:
         run.write("| door | first image s | second image s | first/second | graphs recorded | recompilations | "
                   "card GiB after |\n|---|---:|---:|---:|---:|---:|---:|")
         used = []
-        for door, call in doors.items():
+        for door, (call, _) in doors.items():
             if run.child_timeout() is None:
                 run.write(f"| {door} | not measured: {run.deadline_reached()} |")
                 break
@@ -1123,28 +1137,30 @@ def main() -> None:
               f"{args.size}x{args.size}, {args.steps} steps, median of {args.runs}")
     with open(run.out / "versions.json", "w") as f:
         json.dump(facts, f, indent=1)
-    for part in parts:
-        began = time.perf_counter()
-        if part in ("presets", "compile", "offload"):
-            part_presets(run, part, PARTS[part])
-        elif part == "steps":
-            run.baseline(part)
-            part_steps(run)
-        elif part == "memory":
-            run.baseline(part)
-            part_memory(run)
-        elif part == "lean":
-            run.baseline(part)
-            part_lean(run)
-        elif part == "cold":
-            part_cold(run)
-        elif part == "served":
-            part_served(run)
-        elif part == "graphs":
-            part_graphs(run)
-        elif part == "lora":
-            part_lora(run)
-        run.write(f"\n({part}: {time.perf_counter() - began:.0f} s)")
+    # gradio_client's (the served parts') download folders
+    with bench_module("common").download_folders_removed():
+        for part in parts:
+            began = time.perf_counter()
+            if part in ("presets", "compile", "offload"):
+                part_presets(run, part, PARTS[part])
+            elif part == "steps":
+                run.baseline(part)
+                part_steps(run)
+            elif part == "memory":
+                run.baseline(part)
+                part_memory(run)
+            elif part == "lean":
+                run.baseline(part)
+                part_lean(run)
+            elif part == "cold":
+                part_cold(run)
+            elif part == "served":
+                part_served(run)
+            elif part == "graphs":
+                part_graphs(run)
+            elif part == "lora":
+                part_lora(run)
+            run.write(f"\n({part}: {time.perf_counter() - began:.0f} s)")
 
 
 if __name__ == "__main__":

@@ -23,7 +23,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common import Server  # noqa: E402
+from common import Server, download_folders_removed  # noqa: E402
 
 SEEDS = range(6)
 SLOW_REFUSAL_S = 2.0
@@ -115,4 +115,5 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    with download_folders_removed():
+        main()

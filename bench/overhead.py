@@ -27,8 +27,8 @@ import tempfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common import (GRADIO_PROFILING, Server, add_thread_option, apply_thread_option, gradio_split,  # noqa: E402
-                    interleaved, prompt, report)
+from common import (GRADIO_PROFILING, Server, add_thread_option, apply_thread_option,  # noqa: E402
+                    download_folders_removed, gradio_split, interleaved, prompt, report)
 
 
 def main() -> None:
@@ -90,4 +90,5 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    with download_folders_removed():
+        main()

@@ -30,7 +30,8 @@ import tempfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common import PROMPT, Server, add_thread_option, apply_thread_option, interleaved, report  # noqa: E402
+from common import (PROMPT, Server, add_thread_option, apply_thread_option,  # noqa: E402
+                    download_folders_removed, interleaved, report)
 
 
 def page_outputs(browser, data):
@@ -120,4 +121,5 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    with download_folders_removed():
+        main()

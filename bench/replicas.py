@@ -22,7 +22,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common import Server  # noqa: E402
+from common import Server, download_folders_removed  # noqa: E402
 
 INSIDE = "FLUX_BENCH_IN_NETNS"
 
@@ -65,4 +65,5 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    with download_folders_removed():
+        main()

@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import contextlib
 import os
 import time
 from pathlib import Path
 
 import pytest
 
-from flux_infer.launcher import TELEMETRY_OFF, ServerProcess, free_port
+from flux_infer.launcher import TELEMETRY_OFF, ServerProcess, download_folders_removed, free_port
 
 # Nothing in the tests may talk to anything but 127.0.0.1.
 os.environ.update(TELEMETRY_OFF)
@@ -56,24 +55,10 @@ def wait_for(condition, what: str, timeout: float = 120) -> None:
 
 @pytest.fixture(scope="session", autouse=True)
 def no_empty_download_folders_left():
-    """gradio_client leaves an empty <temporary folder>/<40 hex digits> folder behind for every file it
-    downloads (its download goes through a folder of its own that it never removes): some 1,900 a
-    run, the replica scenarios' process included. Those made during the session are removed at its
-    end; rmdir removes only empty folders."""
-    import re
-    import tempfile
-
-    root = Path(tempfile.gettempdir())
-    name = re.compile(r"[0-9a-f]{40}")
-
-    def folders() -> set[Path]:
-        return {path for path in root.iterdir() if name.fullmatch(path.name)}
-
-    before = folders()
-    yield
-    for folder in folders() - before:
-        with contextlib.suppress(OSError):
-            folder.rmdir()
+    """gradio_client's empty download folders made during the session (the replica scenarios' process
+    included) are removed at its end."""
+    with download_folders_removed():
+        yield
 
 
 @pytest.fixture(scope="session")
