@@ -14,6 +14,7 @@ Only safetensors and GGUF files are read and no remote code is ever run.
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import re
@@ -331,10 +332,12 @@ def load_pipeline(
             pipeline = build_pipeline(source.location, placement=placement, plan=plan,
                                       gpu_memory_gib=options.gpu_memory)
         else:
-            # fp8-storage's cast comes after the start-up LoRAs are fused and Q, K, V are, if asked;
-            # without them, loading does it (see _read_pipeline).
-            cast_early = plan.quantize == "fp8-storage" and not loras and not options.fuse_qkv
-            pipeline = _read_pipeline(source, folder, placement, plan, gguf=gguf, cast_early=cast_early)
+            # fp8-storage: the transformer's weights are prepared (tuning.prepare_weights) as soon as
+            # it is read, before T5 is, unless start-up LoRAs are to be fused into them first.
+            prepare = (None if plan.quantize != "fp8-storage" or loras else
+                       functools.partial(tuning.prepare_weights, options=options, plan=plan,
+                                         compute_dtype=placement.dtype))
+            pipeline = _read_pipeline(source, folder, placement, plan, gguf=gguf, prepare=prepare)
         return _finish(pipeline, source, placement, plan, options, loras, lora_folder)
     except torch.OutOfMemoryError:
         pass  # said below, once the exception (and with it the part-loaded model) is let go
@@ -363,12 +366,12 @@ def _out_of_memory(placement, plan, options) -> str:
             f"({plan.reason}); {free:.1f} GiB free now: {advice}")
 
 
-def _read_pipeline(source, folder, placement, plan, *, gguf: bool, cast_early: bool = False):
+def _read_pipeline(source, folder, placement, plan, *, gguf: bool, prepare=None):
     """A FluxPipeline from a diffusers folder, with a single-file transformer when `source` is one.
-    `cast_early` (fp8-storage): the transformer is read first and stored in float8 before T5 is
-    read, so RAM holds its bf16 weights (24 GB in FLUX.1-dev) or T5's (9.5 GB) beside its float8
-    ones (12 GB), never both models' bf16 weights (34 GB): what a 32 GB machine with an 8 GB card
-    needs."""
+    `prepare(transformer)` (fp8-storage): the transformer is read first and prepared (stored in
+    float8) before T5 is read, so RAM holds its bf16 weights (24 GB in FLUX.1-dev) or T5's (9.5 GB)
+    beside its float8 ones (12 GB), never both models' bf16 weights (34 GB): what a 32 GB machine
+    with an 8 GB card needs."""
     import torch
     from diffusers import FluxPipeline, FluxTransformer2DModel, PipelineQuantizationConfig
     from transformers import T5EncoderModel
@@ -406,11 +409,11 @@ def _read_pipeline(source, folder, placement, plan, *, gguf: bool, cast_early: b
                 f"could not read {source.location} as a FLUX transformer checkpoint: {err}"
             ) from None
     try:
-        if cast_early:
+        if prepare is not None:
             if "transformer" not in components:
                 components["transformer"] = FluxTransformer2DModel.from_pretrained(
                     folder, subfolder="transformer", dtype=placement.dtype, use_safetensors=True)
-            tuning.store_in_float8(components["transformer"], placement.dtype)
+            prepare(components["transformer"])
         if direct and tuning.in_ram(plan, "text_encoder_2"):
             components["text_encoder_2"] = T5EncoderModel.from_pretrained(
                 folder, subfolder="text_encoder_2", dtype=placement.dtype, use_safetensors=True)

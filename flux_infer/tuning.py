@@ -462,10 +462,25 @@ def group_offload(pipe, onload_device, *, use_stream: bool = True, t5_only: bool
     apply_group_offloading(pipe.text_encoder_2.encoder, **kwargs)
 
 
+def prepare_weights(transformer, options: Options, plan: MemoryPlan, compute_dtype) -> bool:
+    """The transformer's weights as `options` and `plan` want them, in this order: Q, K and V fused
+    into one projection (--fuse-qkv; not for quantized weights, which cannot be concatenated), then
+    stored in float8 (fp8-storage), which the fused projection must already be. Start-up LoRAs are
+    fused before this. Loading calls it as soon as the transformer is read, so that RAM never holds
+    both models' bf16 weights; Runtime.apply calls it again, which changes nothing the second time
+    (diffusers' fusing and store_in_float8 each do their work once). Returns whether Q, K, V are fused."""
+    quantized = plan_quantized(plan) or getattr(transformer, "hf_quantizer", None) is not None
+    fused = options.fuse_qkv and not quantized
+    if fused:
+        transformer.fuse_qkv_projections()
+    if plan.quantize == "fp8-storage":
+        store_in_float8(transformer, compute_dtype)
+    return fused
+
+
 def store_in_float8(transformer, compute_dtype) -> None:
     """fp8-storage: the transformer's weights kept in float8, cast to `compute_dtype` layer by layer
-    as they run (diffusers' layerwise casting). Once: a transformer stored so already is left as it
-    is (loading may have done it, to hold less RAM)."""
+    as they run (diffusers' layerwise casting). Once: a transformer stored so already is left as it is."""
     import torch
 
     if any(parameter.dtype == torch.float8_e4m3fn for parameter in transformer.parameters()):
@@ -495,15 +510,8 @@ class Runtime:
     # -- start-up --------------------------------------------------------------------------------
     def apply(self, placement) -> Runtime:
         """Cast, fuse, place or offload, pick attention, hook the cache, compile. Logs each choice."""
-        pipe, options, transformer = self.pipeline, self.options, self.pipeline.transformer
-        # Fused Q, K, V projections: not for quantized weights (torchao, bitsandbytes, GGUF), which
-        # cannot be concatenated.
-        quantized = plan_quantized(self.plan) or getattr(transformer, "hf_quantizer", None) is not None
-        fused = options.fuse_qkv and not quantized
-        if fused:
-            transformer.fuse_qkv_projections()
-        if self.plan.quantize == "fp8-storage":
-            store_in_float8(transformer, placement.dtype)
+        pipe, options = self.pipeline, self.options
+        fused = prepare_weights(pipe.transformer, options, self.plan, placement.dtype)
         # A batch decodes one image at a time; then the weights go to the device, or are offloaded.
         pipe.vae.enable_slicing()
         self._place(placement)

@@ -165,6 +165,20 @@ def test_weights_are_read_straight_onto_the_device_unless_offloaded_or_cast_afte
     assert cast.hf_device_map is None
     plain.transformer.enable_layerwise_casting(storage_dtype=torch.float8_e4m3fn, compute_dtype=torch.float32)
     np.testing.assert_array_equal(_image(cast), _image(plain))
+    # With --fuse-qkv, Q, K and V are fused first, then stored in float8, still before T5 is read
+    # (tuning.prepare_weights; Runtime.apply's second call changes nothing): the same pixels as
+    # diffusers' load, fused and cast after.
+    read.clear()
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(FluxPipeline, "from_pretrained", classmethod(reading))
+        fused = load_pipeline(str(tiny_dir), device="cpu", options=Options(quantize="fp8-storage", fuse_qkv=True))
+    assert read == [torch.float8_e4m3fn]
+    attention = fused.pipeline.transformer.transformer_blocks[0].attn
+    assert attention.fused_projections and attention.to_qkv.weight.dtype == torch.float8_e4m3fn
+    reference = FluxPipeline.from_pretrained(tiny_dir, dtype=torch.float32)
+    reference.transformer.fuse_qkv_projections()
+    reference.transformer.enable_layerwise_casting(storage_dtype=torch.float8_e4m3fn, compute_dtype=torch.float32)
+    np.testing.assert_array_equal(_image(fused.pipeline), _image(reference))
     # A numbered device (`--device cuda:1` on a multi-GPU box) is one diffusers' pipeline device_map
     # refuses (it names device types): the transformer and T5 are read onto it each on its own (the
     # transformer's map records the number), the small components moved there; the same pixels.
