@@ -79,9 +79,10 @@ def _add_runtime_flags(parser: argparse.ArgumentParser) -> None:
                        "--memory auto's)")
     group.add_argument("--quantize", choices=tuning.QUANTIZE_MODES, default=None,
                        help="transformer weights: fp8-storage (float8 storage, compute in the dtype), int8 or fp8 "
-                       "(torchao), nf4 (bitsandbytes, CUDA) (default: none, or --memory auto's)")
+                       "(torchao), fp8-row (fp8 with a scale per row), nf4 (bitsandbytes, CUDA) (default: none, or "
+                       "--memory auto's)")
     group.add_argument("--quantize-text-encoder", action="store_true", default=None,
-                       help="quantize the T5 text encoder the same way (int8, fp8 or nf4)")
+                       help="quantize the T5 text encoder the same way (int8, fp8, fp8-row or nf4)")
     group.add_argument("--compile", action="store_true", help="torch.compile the transformer and VAE decoder, "
                        "warmed up at start-up (minutes on the first run; cached after)")
     group.add_argument("--compile-mode", choices=tuning.COMPILE_MODES, default=tuning.Options.compile_mode,

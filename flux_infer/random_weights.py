@@ -262,7 +262,7 @@ def build_pipeline(name: str, *, placement, plan, gpu_memory_gib: float | None =
     arch = architecture(name)
     models = empty_models(arch)
     dtype = placement.dtype
-    quantizer_kind = {"int8": "int8", "fp8": "fp8", "nf4": "nf4"}.get(plan.quantize)
+    quantizer_kind = {"int8": "int8", "fp8": "fp8", "fp8-row": "fp8", "nf4": "nf4"}.get(plan.quantize)
     quantized = {}
     if quantizer_kind:
         quantized["transformer"] = quantizer_kind

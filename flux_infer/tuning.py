@@ -30,7 +30,9 @@ OFFLOAD_MODES = ("none", "t5", "model", "group", "sequential")
 # Plans whose transformer stays on the GPU: its weights keep their addresses (CUDA graphs) and no
 # offloading hook sits in its blocks.
 RESIDENT_TRANSFORMER = ("none", "t5")
-QUANTIZE_MODES = ("none", "fp8-storage", "int8", "fp8", "nf4")
+# fp8 and fp8-row: torchao's float8 weights and activations, with one scale per tensor or one per
+# row (finer, so closer to bf16's images; its speed against fp8's: bench/gpu.py's fp8-row presets).
+QUANTIZE_MODES = ("none", "fp8-storage", "int8", "fp8", "fp8-row", "nf4")
 VAE_TILING_MODES = ("auto", "on", "off")
 # torch.compile's modes: max-autotune* try kernel variants while compiling (slower to start);
 # reduce-overhead and max-autotune also capture CUDA graphs.
@@ -51,6 +53,8 @@ DEFAULT_COMPILE_SIZES = ((1024, 1024),)
 # (16.0), and the allocator's peak 2.5 GiB above the weights in both, the VAE decode's.
 TRANSFORMER_GIB = {"none": 22.2, "fp8-storage": 11.1, "int8": 11.1, "fp8": 11.1, "nf4": 6.3}
 T5_GIB = {"none": 8.9, "int8": 4.5, "fp8": 4.5, "nf4": 2.7}
+for _table in (TRANSFORMER_GIB, T5_GIB):
+    _table["fp8-row"] = _table["fp8"]  # a scale per row of a weight: the same bytes
 OTHER_GIB = 0.4  # CLIP-L, VAE
 DENOISE_GIB = 1.5
 DECODE_GIB = 2.5
@@ -327,7 +331,7 @@ def check_plan(plan: MemoryPlan, placement, *, gguf: bool = False, switching_lor
 
 def plan_quantized(plan: MemoryPlan) -> bool:
     """The transformer's weights are quantized tensors (not fp8-storage's plain float8 ones)."""
-    return plan.quantize in ("int8", "fp8", "nf4")
+    return plan.quantize in ("int8", "fp8", "fp8-row", "nf4")
 
 
 def quantization_configs(plan: MemoryPlan, placement) -> dict:
@@ -348,7 +352,7 @@ def quantization_configs(plan: MemoryPlan, placement) -> dict:
 
 
 def torchao_config(quantize: str, placement):
-    """torchao's config for `--quantize int8` or `fp8` on this placement.
+    """torchao's config for `--quantize int8`, `fp8` or `fp8-row` on this placement.
 
     torchao would also switch on inductor's coordinate-descent kernel tuning for the whole process
     when it quantizes (`set_inductor_config`); `--compile-mode` decides that instead (the
@@ -356,14 +360,15 @@ def torchao_config(quantize: str, placement):
     """
     import torch
     from torchao.quantization import (Float8DynamicActivationFloat8WeightConfig, Float8WeightOnlyConfig,
-                                      Int8WeightOnlyConfig)
+                                      Int8WeightOnlyConfig, PerRow, PerTensor)
 
     if quantize == "int8":
         return Int8WeightOnlyConfig(set_inductor_config=False)
     on_cuda = placement.device.startswith("cuda")
     if on_cuda and torch.cuda.get_device_capability(torch.device(placement.device)) >= FP8_COMPUTE_CAPABILITY:
         # float8 matmuls: faster as well as smaller
-        return Float8DynamicActivationFloat8WeightConfig(set_inductor_config=False)
+        return Float8DynamicActivationFloat8WeightConfig(
+            granularity=PerRow() if quantize == "fp8-row" else PerTensor(), set_inductor_config=False)
     return Float8WeightOnlyConfig(set_inductor_config=False)  # float8 weights, matmuls in the compute dtype
 
 

@@ -113,7 +113,7 @@ def test_cuda_only_options_fail_clearly_on_a_cpu(options, message):
 
 
 def test_option_values_are_checked():
-    with pytest.raises(OptionError, match="--quantize must be one of none, fp8-storage, int8, fp8, nf4, got 'q3'"):
+    with pytest.raises(OptionError, match="--quantize must be one of none, fp8-storage, int8, fp8, fp8-row, nf4, got 'q3'"):
         Options(quantize="q3")
     assert parse_cache("fbcache") == tuning.CacheSpec("fbcache", 0.05)
     assert parse_cache("magcache:0.1") == tuning.CacheSpec("magcache", 0.1)
@@ -307,7 +307,7 @@ def test_attention_backend_choice(tiny_dir, reference):
 
 # -- memory: quantization, GGUF, VAE tiling --------------------------------------------------------
 
-@pytest.mark.parametrize("quantize", ["int8", "fp8", "fp8-storage"])
+@pytest.mark.parametrize("quantize", ["int8", "fp8", "fp8-row", "fp8-storage"])
 def test_quantized_transformer_generates_close_to_full_precision(tiny_dir, reference, quantize):
     import torch._inductor.config as inductor
 
@@ -324,6 +324,27 @@ def test_quantized_transformer_generates_close_to_full_precision(tiny_dir, refer
 
         weight = inference.pipeline.transformer.transformer_blocks[0].ff.net[2].weight
         assert isinstance(weight, TorchAOBaseTensor), type(weight)
+
+
+def test_fp8_scales_activations_per_tensor_or_per_row_where_float8_matmuls_run(monkeypatch):
+    # On a GPU with float8 matmuls (compute capability 8.9+), fp8 and fp8-row quantize activations as
+    # well as weights, with one scale per tensor or one per row; elsewhere (a CPU) both store float8
+    # weights and compute in the dtype.
+    import torch
+    from torchao.quantization import (Float8DynamicActivationFloat8WeightConfig, Float8WeightOnlyConfig, PerRow,
+                                      PerTensor)
+
+    from flux_infer.loading import Placement, resolve_placement
+
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
+    gpu = Placement("cuda", "bfloat16", "a test GPU")
+    for quantize, granularity in (("fp8", PerTensor()), ("fp8-row", PerRow())):
+        config = tuning.torchao_config(quantize, gpu)
+        assert isinstance(config, Float8DynamicActivationFloat8WeightConfig)
+        assert config.granularity == [granularity, granularity]
+        assert type(tuning.torchao_config(quantize, resolve_placement("cpu"))) is Float8WeightOnlyConfig
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (8, 0))  # an A100
+    assert type(tuning.torchao_config("fp8-row", gpu)) is Float8WeightOnlyConfig
 
 
 def test_t5_is_quantized_when_asked(tiny_dir, reference):
