@@ -299,14 +299,15 @@ class SmiPeak:
 
 def measure_one(flags: str, *, model: str, device: str | None, size: int, steps: int, runs: int,
                 step_times: bool, started: float, plain: bool = False, profile: str | None = None,
-                taef1: str | None = None) -> dict:
+                taef1: str | None = None, image: str | None = None) -> dict:
     """Load with `flags`, warm up, time a first image and `runs` more; the row as a dict.
 
     `plain`: load as plain diffusers does (`from_pretrained` into RAM, then `.to(device)`), flags
     ignored, for the cold-start comparison. `profile`: a file for torch.profiler's account of one
     more image (the kernels by device time, and the time per step in matmuls, attention and the rest).
     `taef1`: a TAEF1 folder; the row then has `serving_costs` (previews, the VAE decode and the final
-    encoding, each timed apart).
+    encoding, each timed apart). `image`: a PNG file for the first image (the same seed and prompt in
+    every measurement), to be compared with bf16 eager's.
     """
     import torch
 
@@ -362,6 +363,8 @@ def measure_one(flags: str, *, model: str, device: str | None, size: int, steps:
 
     first_s, result = one(0)
     first_image_at = time.time() - started
+    if image:
+        result.image.save(image)
     steps_seen.clear()
     steady = [one(seed) for seed in range(1, runs + 1)]
     times = [seconds for seconds, _ in steady]
@@ -580,9 +583,12 @@ class Run:
         runs = a.runs if runs is None else runs
         profile = (self.out / "profiles" / f"{part}-{re.sub(r'[^a-z0-9]+', '-', name.lower())}.txt"
                    if a.profile and part in a.profile and runs > 0 else None)
+        image = Path(a.scratch) / "images" / f"{part}-{re.sub(r'[^a-z0-9]+', '-', name.lower())}.png"
+        image.parent.mkdir(parents=True, exist_ok=True)
         spec = dict(flags=flags, model=model or a.model, device=device or a.device, size=a.size, steps=a.steps,
                     runs=runs, step_times=step_times, started=time.time(), plain=plain,
-                    profile=profile and str(profile), taef1=taef1, stacks_after=max(timeout - 15, 1))
+                    profile=profile and str(profile), taef1=taef1, image=str(image),
+                    stacks_after=max(timeout - 15, 1))
         compiling = "--compile" in flags
         env = {**os.environ, **({"TORCH_LOGS": "recompiles,graph_breaks,cudagraphs"} if compiling else {}),
                **(env or {})}
@@ -603,7 +609,10 @@ class Run:
             self.write(f"| {name} | `{flags}` | could not run: {reason} |")
             self.record(part, name, {"flags": flags, "error": reason})
             return None
-        row = {**json.loads(lines[-1]), "process_s": wall, "peak_smi_gib": smi.peak, **smi.busy_figures()}
+        row = {**json.loads(lines[-1]), "process_s": wall, "peak_smi_gib": smi.peak, **smi.busy_figures(),
+               "image": str(image)}
+        if self.eager and name != "bf16":
+            row["image_vs_eager"] = image_difference(image, Path(self.eager["image"]))
         if compiling:
             # inductor says when it leaves CUDA graphs out of a graph (a CUDA graph mode then runs without them)
             row.update(recompiles=child.stderr.count("Recompiling function"),
@@ -623,6 +632,21 @@ class Run:
         if value is None or not self.eager:
             return ""
         return f"{value / self.eager['median_s']:.2f}"
+
+
+def image_difference(image: Path, eager: Path) -> dict:
+    """How far `image` is from bf16 eager's image of the same seed and prompt, in 8-bit levels: the
+    mean and the largest absolute difference of a channel. A compiled preset's should be a level or
+    two (kernels that sum in another order); a quantized one's says what the quantization costs (on
+    random weights, whose activations are not a trained model's)."""
+    import numpy as np
+    from PIL import Image
+
+    pixels = [np.asarray(Image.open(path).convert("RGB"), dtype=np.int16) for path in (image, eager)]
+    if pixels[0].shape != pixels[1].shape:
+        return {}
+    difference = np.abs(pixels[0] - pixels[1])
+    return {"mean": float(difference.mean()), "max": int(difference.max())}
 
 
 # A traceback's last line names the exception ("torch._dynamo.exc.TorchRuntimeError: ..."); torch's
@@ -688,7 +712,10 @@ def row_notes(row: dict) -> str:
         watts = "" if row["busy_watts"] is None else f", power {row['busy_watts']:.0f} W"
         clocks = (f"\n|  | while the card was busy ({row['busy_samples']} samples of nvidia-smi): SM clock "
                   f"{row['busy_sm_mhz']:.0f} MHz (lowest {row['busy_sm_mhz_min']:.0f}){watts} |")
-    return profile + clocks + after_image_note(row)
+    difference = row.get("image_vs_eager")
+    image = (f"\n|  | its first image against bf16 eager's (the same seed and prompt): mean difference "
+             f"{difference['mean']:.2f}, largest {difference['max']} of 255 |" if difference else "")
+    return profile + clocks + image + after_image_note(row)
 
 
 def after_image_note(row: dict) -> str:

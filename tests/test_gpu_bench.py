@@ -21,10 +21,10 @@ def gpu_bench():
     return module
 
 
-def test_steps_are_told_apart_by_whether_the_transformer_ran(gpu_bench, tiny_dir):
+def test_steps_are_told_apart_by_whether_the_transformer_ran(gpu_bench, tiny_dir, tmp_path):
     common = dict(model=str(tiny_dir), device="cpu", size=256, steps=3, runs=1, step_times=True,
                   started=time.time())
-    plain = gpu_bench.measure_one("--memory off", **common)
+    plain = gpu_bench.measure_one("--memory off", **common, image=str(tmp_path / "plain.png"))
     assert (plain["full_steps"], plain["skipped_steps"]) == (2, 0)  # steps 2..3: the first holds text encoding
     assert plain["full_step_s"] > 0 and plain["skipped_step_s"] is None
     assert plain["plan"] == "transformer unquantized, offload none" and plain["device"] == "cpu"
@@ -35,15 +35,21 @@ def test_steps_are_told_apart_by_whether_the_transformer_ran(gpu_bench, tiny_dir
     assert "an edit (2 steps)" in gpu_bench.after_image_note(plain)
     assert "a second image cancelled after step 2" in gpu_bench.after_image_note(plain)
     # An unreachable threshold: every step after the first reuses the cached residual.
-    cached = gpu_bench.measure_one("--memory off --cache fbcache:1000", **common)
+    cached = gpu_bench.measure_one("--memory off --cache fbcache:1000", **common, image=str(tmp_path / "cached.png"))
     assert (cached["full_steps"], cached["skipped_steps"]) == (0, 2)
     assert cached["cached_steps"] == 2
+    # Each first image kept, and told from bf16 eager's: the same image is 0 levels away; the one
+    # with two steps skipped is not.
+    assert gpu_bench.image_difference(tmp_path / "plain.png", tmp_path / "plain.png") == {"mean": 0.0, "max": 0}
+    skipped = gpu_bench.image_difference(tmp_path / "cached.png", tmp_path / "plain.png")
+    assert skipped["mean"] > 0 and skipped["max"] >= 1
+    assert "mean difference" in gpu_bench.row_notes({**cached, "per_step_s": 0.1, "image_vs_eager": skipped})
 
 
 @pytest.mark.e2e  # a child process
 def test_a_measurement_that_cannot_run_is_written_down_and_the_run_goes_on(gpu_bench, tmp_path):
-    args = argparse.Namespace(out=tmp_path, model="random-small", device="cpu", size=256, steps=2, runs=0,
-                              timeout=300, profile=False, only=None, deadline=None)
+    args = argparse.Namespace(out=tmp_path, scratch=tmp_path, model="random-small", device="cpu", size=256,
+                              steps=2, runs=0, timeout=300, profile=False, only=None, deadline=None)
     run = gpu_bench.Run(args)
     assert run.measure("offload", "model-offload", "--offload model") is None
     report = (tmp_path / "results.md").read_text()
@@ -59,8 +65,8 @@ def test_a_measurement_past_its_timeout_is_written_down_with_what_it_printed(gpu
         raise subprocess.TimeoutExpired(command, kwargs["timeout"], output=b"", stderr=b"building the pipeline\n")
 
     monkeypatch.setattr(gpu_bench.subprocess, "run", hangs)
-    args = argparse.Namespace(out=tmp_path, model="random", device=None, size=1024, steps=28, runs=3, timeout=240,
-                              profile=False, only=None, deadline=None)
+    args = argparse.Namespace(out=tmp_path, scratch=tmp_path, model="random", device=None, size=1024, steps=28,
+                              runs=3, timeout=240, profile=False, only=None, deadline=None)
     assert gpu_bench.Run(args).measure("compile", "fp8-compile", "--quantize fp8 --compile") is None
     assert "| fp8-compile | `--quantize fp8 --compile` | could not run: timed out after 240 s (--timeout) |" in (
         tmp_path / "results.md").read_text()
@@ -157,8 +163,8 @@ def test_a_compiling_measurement_counts_its_recompiles_and_graph_breaks(gpu_benc
         return subprocess.CompletedProcess(command, 0, json.dumps({"median_s": 1.0}) + "\n", stderr)
 
     monkeypatch.setattr(gpu_bench.subprocess, "run", child)
-    args = argparse.Namespace(out=tmp_path, model="random", device=None, size=1024, steps=28, runs=3, timeout=240,
-                              profile=["compile"], only=None, deadline=None)
+    args = argparse.Namespace(out=tmp_path, scratch=tmp_path, model="random", device=None, size=1024, steps=28,
+                              runs=3, timeout=240, profile=["compile"], only=None, deadline=None)
     run = gpu_bench.Run(args)
     row = run.measure("compile", "fp8-compile", "--quantize fp8 --compile")
     assert (row["recompiles"], row["graph_breaks"], row["cudagraph_skips"]) == (1, 1, 1)
@@ -240,8 +246,8 @@ def test_a_deadline_bounds_each_child_and_starts_none_it_cannot_finish(gpu_bench
         raise subprocess.TimeoutExpired(command, kwargs["timeout"], output=b"", stderr=b"compiling\n")
 
     monkeypatch.setattr(gpu_bench.subprocess, "run", hangs)
-    args = argparse.Namespace(out=tmp_path, model="random", device=None, size=1024, steps=28, runs=3, timeout=200,
-                              profile=None, only=None, deadline=300)
+    args = argparse.Namespace(out=tmp_path, scratch=tmp_path, model="random", device=None, size=1024, steps=28,
+                              runs=3, timeout=200, profile=None, only=None, deadline=300)
     clock = [1000.0]
     monkeypatch.setattr(gpu_bench.time, "monotonic", lambda: clock[0])
     run = gpu_bench.Run(args)
