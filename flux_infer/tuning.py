@@ -51,10 +51,8 @@ DEFAULT_COMPILE_SIZES = ((1024, 1024),)
 # and of the VAE decode. Published sizes, checked with bench/gpu.py on an H200 (bench/RESULTS.md,
 # 2026-11-27): 31.4 GiB of weights in bf16 (estimated 31.5), 16.0 with the transformer and T5 in fp8
 # (16.0), and the allocator's peak 2.5 GiB above the weights in both, the VAE decode's.
-TRANSFORMER_GIB = {"none": 22.2, "fp8-storage": 11.1, "int8": 11.1, "fp8": 11.1, "nf4": 6.3}
-T5_GIB = {"none": 8.9, "int8": 4.5, "fp8": 4.5, "nf4": 2.7}
-for _table in (TRANSFORMER_GIB, T5_GIB):
-    _table["fp8-row"] = _table["fp8"]  # a scale per row of a weight: the same bytes
+TRANSFORMER_GIB = {"none": 22.2, "fp8-storage": 11.1, "int8": 11.1, "fp8": 11.1, "fp8-row": 11.1, "nf4": 6.3}
+T5_GIB = {"none": 8.9, "int8": 4.5, "fp8": 4.5, "fp8-row": 4.5, "nf4": 2.7}
 OTHER_GIB = 0.4  # CLIP-L, VAE
 DENOISE_GIB = 1.5
 DECODE_GIB = 2.5
@@ -470,8 +468,8 @@ def group_offload(pipe, onload_device, *, use_stream: bool = True, t5_only: bool
 def prepare_weights(transformer, options: Options, plan: MemoryPlan, compute_dtype) -> bool:
     """The transformer's weights as `options` and `plan` want them, in this order: Q, K and V fused
     into one projection (--fuse-qkv; not for quantized weights, which cannot be concatenated), then
-    stored in float8 (fp8-storage), which the fused projection must already be. Start-up LoRAs are
-    fused before this. Loading calls it as soon as the transformer is read, so that RAM never holds
+    stored in float8 (fp8-storage), the fused projection with the rest. Start-up LoRAs are fused
+    before this. Loading calls it as soon as the transformer is read, so that RAM never holds
     both models' bf16 weights; Runtime.apply calls it again, which changes nothing the second time
     (diffusers' fusing and store_in_float8 each do their work once). Returns whether Q, K, V are fused."""
     quantized = plan_quantized(plan) or getattr(transformer, "hf_quantizer", None) is not None
