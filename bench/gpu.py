@@ -364,7 +364,7 @@ def measure_one(flags: str, *, model: str, device: str | None, size: int, steps:
     first_s, result = one(0)
     first_image_at = time.time() - started
     if image:
-        result.image.save(image)
+        result.image.save(image, compress_level=1)  # lossless, and quick to write
     steps_seen.clear()
     steady = [one(seed) for seed in range(1, runs + 1)]
     times = [seconds for seconds, _ in steady]
@@ -581,9 +581,9 @@ class Run:
             return None
         timeout, bound = limit
         runs = a.runs if runs is None else runs
-        profile = (self.out / "profiles" / f"{part}-{re.sub(r'[^a-z0-9]+', '-', name.lower())}.txt"
-                   if a.profile and part in a.profile and runs > 0 else None)
-        image = Path(a.scratch) / "images" / f"{part}-{re.sub(r'[^a-z0-9]+', '-', name.lower())}.png"
+        slug = f"{part}-{re.sub(r'[^a-z0-9]+', '-', name.lower())}"
+        profile = self.out / "profiles" / f"{slug}.txt" if a.profile and part in a.profile and runs > 0 else None
+        image = Path(a.scratch) / "images" / f"{slug}.png"  # beside the run's scratch files, not brought back
         image.parent.mkdir(parents=True, exist_ok=True)
         spec = dict(flags=flags, model=model or a.model, device=device or a.device, size=a.size, steps=a.steps,
                     runs=runs, step_times=step_times, started=time.time(), plain=plain,
@@ -1168,7 +1168,7 @@ def main() -> None:
               f"{args.size}x{args.size}, {args.steps} steps, median of {args.runs}")
     with open(run.out / "versions.json", "w") as f:
         json.dump(facts, f, indent=1)
-    # gradio_client's (the served parts') download folders
+    # The empty folders gradio_client (the served parts') leaves in the temporary folder go at the end.
     with bench_module("common").download_folders_removed():
         for part in parts:
             began = time.perf_counter()
