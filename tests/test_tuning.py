@@ -113,7 +113,8 @@ def test_cuda_only_options_fail_clearly_on_a_cpu(options, message):
 
 
 def test_option_values_are_checked():
-    with pytest.raises(OptionError, match="--quantize must be one of none, fp8-storage, int8, fp8, fp8-row, nf4, got 'q3'"):
+    with pytest.raises(OptionError,
+                       match="--quantize must be one of none, fp8-storage, int8, fp8, fp8-row, nf4, got 'q3'"):
         Options(quantize="q3")
     assert parse_cache("fbcache") == tuning.CacheSpec("fbcache", 0.05)
     assert parse_cache("magcache:0.1") == tuning.CacheSpec("magcache", 0.1)
