@@ -30,8 +30,8 @@ OFFLOAD_MODES = ("none", "t5", "model", "group", "sequential")
 # Plans whose transformer stays on the GPU: its weights keep their addresses (CUDA graphs) and no
 # offloading hook sits in its blocks.
 RESIDENT_TRANSFORMER = ("none", "t5")
-# fp8 and fp8-row: torchao's float8 weights and activations, with one scale per tensor or one per
-# row (finer, so closer to bf16's images; its speed against fp8's: bench/gpu.py's fp8-row presets).
+# fp8 and fp8-row: torchao's float8 weights and activations, with one scale per tensor or finer ones,
+# one per row (the two compared, in time and pixels: bench/gpu.py's fp8-row presets).
 QUANTIZE_MODES = ("none", "fp8-storage", "int8", "fp8", "fp8-row", "nf4")
 VAE_TILING_MODES = ("auto", "on", "off")
 # torch.compile's modes: max-autotune* try kernel variants while compiling (slower to start);
