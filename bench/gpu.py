@@ -611,7 +611,7 @@ class Run:
             return None
         row = {**json.loads(lines[-1]), "process_s": wall, "peak_smi_gib": smi.peak, **smi.busy_figures(),
                "image": str(image)}
-        if self.eager and name != "bf16":
+        if self.eager:  # bf16 eager's own row is measured before it is the baseline
             row["image_vs_eager"] = image_difference(image, Path(self.eager["image"]))
         if compiling:
             # inductor says when it leaves CUDA graphs out of a graph (a CUDA graph mode then runs without them)
@@ -1036,23 +1036,23 @@ def part_graphs(run: Run) -> None:
         run.write("| door | first image s | second image s | first/second | graphs recorded | recompilations | "
                   "card GiB after |\n|---|---:|---:|---:|---:|---:|---:|")
         used = []
-        for door, (call, _) in doors.items():
+        for name, door in doors.items():
             if run.child_timeout() is None:
-                run.write(f"| {door} | not measured: {run.deadline_reached()} |")
+                run.write(f"| {name} | not measured: {run.deadline_reached()} |")
                 break
             before = recorded()
             times = []
             for seed in range(2):
                 began = time.perf_counter()
-                call(seed)
+                door.call(seed)
                 times.append(time.perf_counter() - began)
             used.append(SmiPeak._used())
             after = recorded()
             row = {"times": times, "recorded": after[0] - before[0], "recompiles": after[2] - before[2],
                    "card_gib": used[-1]}
-            run.write(f"| {door} | {times[0]:.3f} | {times[1]:.3f} | {times[0] / times[1]:.2f} | {row['recorded']} | "
+            run.write(f"| {name} | {times[0]:.3f} | {times[1]:.3f} | {times[0] / times[1]:.2f} | {row['recorded']} | "
                       f"{row['recompiles']} | {_gib(used[-1])} |")
-            run.record("graphs", door, row)
+            run.record("graphs", name, row)
         growth = (f"{used[-1] - used[0]:+.2f} GiB" if len(used) > 1 and None not in (used[0], used[-1])
                   else "not read (no nvidia-smi)")
         after = recorded()
