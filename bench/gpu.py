@@ -590,7 +590,7 @@ class Run:
                     profile=profile and str(profile), taef1=taef1, image=str(image),
                     stacks_after=max(timeout - 15, 1))
         compiling = "--compile" in flags
-        env = {**os.environ, **({"TORCH_LOGS": "recompiles,graph_breaks,cudagraphs"} if compiling else {}),
+        env = {**os.environ, **({"TORCH_LOGS": "recompiles,graph_breaks"} if compiling else {}),
                **(env or {})}
         began = time.perf_counter()
         with SmiPeak() as smi:
@@ -614,10 +614,10 @@ class Run:
         if self.eager:  # bf16 eager's own row is measured before it is the baseline
             row["image_vs_eager"] = image_difference(image, Path(self.eager["image"]))
         if compiling:
-            # inductor says when it leaves CUDA graphs out of a graph (a CUDA graph mode then runs without them)
+            # A CUDA graph mode logs each graph it records: one a size, at the warm-up.
             row.update(recompiles=child.stderr.count("Recompiling function"),
                        graph_breaks=len(re.findall(r"^.*Graph break", child.stderr, re.M)),
-                       cudagraph_skips=child.stderr.count("skipping cudagraphs"))
+                       cuda_graphs=child.stderr.count(CUDA_GRAPH_RECORDED))
         self.record(part, name, row)
         self.rows[name] = row
         return row
@@ -647,6 +647,10 @@ def image_difference(image: Path, eager: Path) -> dict:
         return {}
     difference = np.abs(pixels[0] - pixels[1])
     return {"mean": float(difference.mean()), "max": int(difference.max())}
+
+
+# What flux_infer.cuda_graphs logs as it records a CUDA graph of the transformer.
+CUDA_GRAPH_RECORDED = "CUDA graph for inputs of"
 
 
 # A traceback's last line names the exception ("torch._dynamo.exc.TorchRuntimeError: ..."); torch's
@@ -681,11 +685,11 @@ def _gib(value) -> str:
 
 PRESET_HEADER = ("| preset | flags | plan | build s | warm-up s | first image s | steady s (median) | s/step | "
                  "vs bf16 eager | peak GiB (torch) | peak GiB (nvidia-smi) | peak RAM GiB | recompiles / graph breaks "
-                 "/ CUDA graphs skipped |\n|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+                 "/ CUDA graphs recorded |\n|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
 
 
 def preset_line(run: Run, name: str, row: dict) -> str:
-    compiled = (f"{row['recompiles']} / {row['graph_breaks']} / {row.get('cudagraph_skips', 0)}"
+    compiled = (f"{row['recompiles']} / {row['graph_breaks']} / {row.get('cuda_graphs', 0)}"
                 if "recompiles" in row else "")
     flags = " ".join([*(f"{key}={value}" for key, value in PRESET_ENV.get(name, {}).items()), row["flags"]])
     return (f"| {name} | `{flags}` | {row['plan']} | {row['build_s']:.1f} | {row['warm_s']:.1f} | "
@@ -999,10 +1003,9 @@ def part_served(run: Run) -> None:
 def part_graphs(run: Run) -> None:
     """CUDA graphs, served: one server with `--compile --compile-mode reduce-overhead`, asked through
     each door in turn (gradio_client, the page's event stream, the OpenAI route), two images each.
-    torch keeps CUDA graphs, and their memory pool, per thread; every generation runs on
-    FluxInference's one thread, so the graphs recorded at the start-up's warm-up serve every door:
-    none is recorded after it, no door's first image is slower than its second, and the card's
-    memory does not grow from door to door. The server logs each recording (TORCH_LOGS=+cudagraphs)."""
+    The graph recorded at the start-up's warm-up (one for its one size) must serve every door: none
+    is recorded after it, no door's first image is slower than its second, and the card's memory
+    does not grow from door to door. The server logs each graph it records."""
     import itertools
 
     a = run.args
@@ -1017,21 +1020,21 @@ def part_graphs(run: Run) -> None:
     began = time.perf_counter()
     try:
         server = bench_module("common").Server(a.model, Path(a.scratch) / "graphs", flags, name="graphs",
-                                               startup_s=limit[0], env={"TORCH_LOGS": "+cudagraphs,recompiles"})
+                                               startup_s=limit[0], env={"TORCH_LOGS": "recompiles"})
     except RuntimeError as err:
         run.write(f"`serve {' '.join(flags)}` could not start: {str(err).strip().splitlines()[-1][:300]}")
         return
     started_s = time.perf_counter() - began
 
-    def recorded() -> tuple[int, int, int]:  # CUDA graphs recorded and skipped (inductor logs each), recompilations
+    def recorded() -> tuple[int, int]:  # CUDA graphs recorded, recompilations
         log = server.log()
-        return log.count("Recording function="), log.count("skipping cudagraphs"), log.count("Recompiling function")
+        return log.count(CUDA_GRAPH_RECORDED), log.count("Recompiling function")
 
     try:
         doors = served_doors(server, size=a.size, steps=a.steps, takes=itertools.count(20_000), timeout=limit[0])
         at_start, used_at_start = recorded(), SmiPeak._used()
         run.write(f"`serve {' '.join(flags)}`: ready in {started_s:.0f} s (load and warm-up), {at_start[0]} CUDA "
-                  f"graphs recorded and {at_start[1]} left out by inductor, card memory "
+                  f"graphs recorded, card memory "
                   f"{f'{used_at_start:.1f} GiB' if used_at_start is not None else 'not read'}\n")
         run.write("| door | first image s | second image s | first/second | graphs recorded | recompilations | "
                   "card GiB after |\n|---|---:|---:|---:|---:|---:|---:|")
@@ -1048,7 +1051,7 @@ def part_graphs(run: Run) -> None:
                 times.append(time.perf_counter() - began)
             used.append(SmiPeak._used())
             after = recorded()
-            row = {"times": times, "recorded": after[0] - before[0], "recompiles": after[2] - before[2],
+            row = {"times": times, "recorded": after[0] - before[0], "recompiles": after[1] - before[1],
                    "card_gib": used[-1]}
             run.write(f"| {name} | {times[0]:.3f} | {times[1]:.3f} | {times[0] / times[1]:.2f} | {row['recorded']} | "
                       f"{row['recompiles']} | {_gib(used[-1])} |")
@@ -1056,7 +1059,7 @@ def part_graphs(run: Run) -> None:
         growth = (f"{used[-1] - used[0]:+.2f} GiB" if len(used) > 1 and None not in (used[0], used[-1])
                   else "not read (no nvidia-smi)")
         after = recorded()
-        run.write(f"\nAfter the start-up: {after[0] - at_start[0]} CUDA graphs recorded and {after[2] - at_start[2]} "
+        run.write(f"\nAfter the start-up: {after[0] - at_start[0]} CUDA graphs recorded and {after[1] - at_start[1]} "
                   f"recompilations (goal 0 and 0); card memory from the first door to the last: {growth}.")
     finally:
         server.stop()

@@ -87,9 +87,8 @@ def _add_runtime_flags(parser: argparse.ArgumentParser) -> None:
                        "warmed up at start-up (minutes on the first run; cached after)")
     group.add_argument("--compile-mode", choices=tuning.COMPILE_MODES, default=tuning.Options.compile_mode,
                        help="with --compile, torch.compile's mode: max-autotune-no-cudagraphs tries kernel variants "
-                       "while compiling; reduce-overhead and max-autotune also capture CUDA graphs, of the whole "
-                       "transformer (slower to compile; not with --cache, nor with offloading other than t5) "
-                       "(default: default)")
+                       "while compiling; reduce-overhead and max-autotune also replay the transformer from CUDA "
+                       "graphs, one per size (not with --cache, nor with offloading other than t5) (default: default)")
     group.add_argument("--compile-sizes", type=_checked(tuning.parse_sizes), default=tuning.DEFAULT_COMPILE_SIZES,
                        metavar="WxH[,WxH]", help="sizes to warm up with --compile (default: 1024x1024)")
     group.add_argument("--cache", type=_checked(tuning.parse_cache), default=None, metavar="KIND[:VALUE]",

@@ -235,10 +235,9 @@ class FluxInference:
     Every generation runs on one thread of its own, whichever thread asks (the start-up's warm-up,
     the page's and the API's worker threads, a script's threads), one at a time. The server's
     scheduler decides which request runs; this thread also keeps two callers in one process from
-    sharing the pipeline at once. One thread, because torch keeps some of its state per thread: with
-    `--compile-mode reduce-overhead` or `max-autotune`, the CUDA graphs recorded at the warm-up
-    (and their memory pool) belong to the thread that recorded them, and a request on another
-    thread would record its own set beside them, on every worker thread the server happens to use.
+    sharing the pipeline at once. One thread, because torch keeps some of its state per thread (the
+    current CUDA device, set once as the thread starts; grad mode), and so that every request runs
+    where the start-up's warm-up ran.
     """
 
     def __init__(self, pipeline, *, runtime=None, preview=None, preview_every: int = 1, progress_bar: bool = False,

@@ -479,9 +479,13 @@ def load_inference(spec: InferenceSpec):
     if start_up is not None:
         import torch._dynamo.exc
 
+        from flux_infer.cuda_graphs import GraphCaptureError
+
         try:
             inference.warm_up(*start_up)
         except torch._dynamo.exc.TorchDynamoException as err:  # no C++ compiler (CPU), no Triton (GPU), ...
             log.error("--compile: torch.compile failed", exc_info=True)
             raise tuning.compile_failure(err) from None
+        except GraphCaptureError as err:  # logged where it failed
+            raise tuning.OptionError(str(err)) from None
     return inference

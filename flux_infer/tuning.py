@@ -35,9 +35,13 @@ RESIDENT_TRANSFORMER = ("none", "t5")
 QUANTIZE_MODES = ("none", "fp8-storage", "int8", "fp8", "fp8-row", "nf4")
 VAE_TILING_MODES = ("auto", "on", "off")
 # torch.compile's modes: max-autotune* try kernel variants while compiling (slower to start);
-# reduce-overhead and max-autotune also capture CUDA graphs.
+# reduce-overhead and max-autotune also replay the transformer from CUDA graphs. Those graphs are
+# flux_infer.cuda_graphs' (over blocks compiled one by one), not inductor's: each CUDA graph mode
+# compiles as the mode it names without them (None: torch's default).
 COMPILE_MODES = ("default", "max-autotune-no-cudagraphs", "max-autotune", "reduce-overhead")
 CUDA_GRAPH_MODES = ("max-autotune", "reduce-overhead")
+INDUCTOR_MODE = {"default": None, "max-autotune-no-cudagraphs": "max-autotune-no-cudagraphs",
+                 "max-autotune": "max-autotune-no-cudagraphs", "reduce-overhead": None}
 # torch.compile's recompilations allowed per function with diffusers' hooks in the blocks (offloading
 # by group or layer, a step cache); torch's default is 8.
 HOOKS_RECOMPILE_LIMIT = 64
@@ -138,9 +142,9 @@ class Options:
         if self.compile_mode != "default" and not self.compile:
             raise OptionError(f"--compile-mode {self.compile_mode} says how to compile: add --compile")
         if self.compile_mode in CUDA_GRAPH_MODES and self.cache is not None:
-            raise OptionError(f"--compile-mode {self.compile_mode} captures the whole transformer as CUDA graphs, "
-                              "which --cache's per-step choices would split: with --cache, use --compile-mode "
-                              "default or max-autotune-no-cudagraphs")
+            raise OptionError(f"--compile-mode {self.compile_mode} replays the transformer from CUDA graphs, "
+                              "which would replay --cache's first choice at every step: with --cache, use "
+                              "--compile-mode default or max-autotune-no-cudagraphs")
         if self.compile and self.quantize == "fp8-storage":
             raise OptionError("--compile cannot trace fp8-storage's per-layer casts: use --quantize fp8 (float8 "
                               "weights and matmuls, which compile), or leave --compile out")
@@ -155,9 +159,9 @@ class Options:
         skipping, first image or not): two images at the default step count reach them all.
         """
         if self.cache is None:
-            # CUDA graphs: each compiled part runs eagerly the first time, is recorded the second;
-            # the VAE decoder runs once an image.
-            return 2, 2 if self.compile_mode in CUDA_GRAPH_MODES else 1
+            # The first step compiles the blocks (and records the transformer's CUDA graph), the
+            # second runs them compiled; the VAE decoder compiles in the image's decode.
+            return 2, 1
         return int(settings.NUM_INFERENCE_STEPS.default), 2
 
     @property
@@ -289,7 +293,7 @@ def check_plan(plan: MemoryPlan, placement, *, gguf: bool = False, switching_lor
     on_cuda = placement.device.startswith("cuda")
     if compile_mode in CUDA_GRAPH_MODES and plan.offload not in RESIDENT_TRANSFORMER:
         # A CUDA graph replays reads of fixed addresses; offloading gives the weights new ones at
-        # every trip to the GPU, and torch would record the graphs again, each with memory of its own.
+        # every trip to the GPU, where the replay would read whatever is left at the old ones.
         raise OptionError(f"--compile-mode {compile_mode} records CUDA graphs over weights that stay on the GPU, "
                           f"and this plan offloads them (offload {plan.offload}: {plan.reason}): use --compile-mode "
                           "default or max-autotune-no-cudagraphs, or a plan that keeps the transformer on the "
@@ -542,45 +546,47 @@ class Runtime:
         self._enable_cache(int(settings.NUM_INFERENCE_STEPS.default))
 
     def _compile(self) -> None:
-        """torch.compile of the transformer's blocks (one graph per kind of block; the whole
-        transformer with CUDA graphs) and of the VAE decoder."""
+        """torch.compile of the transformer's blocks (one graph per kind of block) and of the VAE
+        decoder; with a CUDA graph mode, on a GPU, the transformer's forward is then replayed from
+        CUDA graphs (flux_infer.cuda_graphs)."""
         import torch
 
         pipe, options, transformer = self.pipeline, self.options, self.pipeline.transformer
-        mode = None if options.compile_mode == "default" else options.compile_mode
-        if mode in CUDA_GRAPH_MODES:
-            # CUDA graphs: the whole transformer as one graph, one call a step. torch's CUDA graph
-            # trees start anew at every call of a compiled function and free the last call's outputs,
-            # so compiled blocks, each fed the one before's output, would fail on a freed input
-            # (pytorch/pytorch#152887). Slower to compile than the blocks.
-            transformer.compile(fullgraph=True, mode=mode)
+        mode = INDUCTOR_MODE[options.compile_mode]
+        # torch.compile runs a module's hooks outside its compiled forward, each hook as a graph
+        # of its own unless it is disabled there: this one makes no kernels to compile.
+        standard_strides = torch.compiler.disable(_standard_strides)
+        for block in transformer.single_transformer_blocks:
+            block.register_forward_hook(standard_strides)
+        # Offloading by group or by layer onloads each block's weights in a hook inside it, run
+        # outside the graph (torch.compiler.disable()d): the graph splits there.
+        onloading = self.plan.offload in ("group", "sequential")
+        if onloading or options.cache is not None:
+            # diffusers' hook functions (offloading's, a cache's) are shared by every hooked kind of
+            # module and compiled once per kind and again per new size: past torch's limit (8 a
+            # function) they would run uncompiled from then on.
+            torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit,
+                                                       HOOKS_RECOMPILE_LIMIT)
+        if options.cache is None:
+            transformer.compile_repeated_blocks(fullgraph=not onloading, mode=mode)
         else:
-            # torch.compile runs a module's hooks outside its compiled forward, each hook as a graph
-            # of its own unless it is disabled there: this one makes no kernels to compile.
-            standard_strides = torch.compiler.disable(_standard_strides)
-            for block in transformer.single_transformer_blocks:
-                block.register_forward_hook(standard_strides)
-            # Offloading by group or by layer onloads each block's weights in a hook inside it, run
-            # outside the graph (torch.compiler.disable()d): the graph splits there.
-            onloading = self.plan.offload in ("group", "sequential")
-            if onloading or options.cache is not None:
-                # diffusers' hook functions (offloading's, a cache's) are shared by every hooked kind of
-                # module and compiled once per kind and again per new size: past torch's limit (8 a
-                # function) they would run uncompiled from then on.
-                torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit,
-                                                           HOOKS_RECOMPILE_LIMIT)
-            if options.cache is None:
-                transformer.compile_repeated_blocks(fullgraph=not onloading, mode=mode)
-            else:
-                # The cache hooks are torch.compiler.disable()d, so the graph splits around them
-                # (fullgraph off). The last single block stays eager: the step counter's hook lives
-                # there, and compiled graphs do not call it.
-                last = transformer.single_transformer_blocks[-1]
-                for block in [*transformer.transformer_blocks, *transformer.single_transformer_blocks]:
-                    if block is not last:
-                        block.compile(fullgraph=False, mode=mode)
+            # The cache hooks are torch.compiler.disable()d, so the graph splits around them
+            # (fullgraph off). The last single block stays eager: the step counter's hook lives
+            # there, and compiled graphs do not call it.
+            last = transformer.single_transformer_blocks[-1]
+            for block in [*transformer.transformer_blocks, *transformer.single_transformer_blocks]:
+                if block is not last:
+                    block.compile(fullgraph=False, mode=mode)
         pipe.vae.to(memory_format=torch.channels_last)
         pipe.vae.decoder.compile(mode=mode)
+        if options.compile_mode in CUDA_GRAPH_MODES:
+            if self.device.startswith("cuda"):
+                from flux_infer.cuda_graphs import GraphedForward
+
+                transformer.forward = GraphedForward(transformer.forward)
+            else:
+                log.info("--compile-mode %s: CUDA graphs need a CUDA GPU; on %s the compiled transformer runs "
+                         "without them", options.compile_mode, self.device)
 
     def _place(self, placement) -> None:
         import torch

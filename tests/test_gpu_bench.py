@@ -89,8 +89,8 @@ def test_a_profiled_measurement_says_where_each_step_goes(gpu_bench, tiny_dir, t
     assert row["profiled_steps"] == 1 and "profile of 1 denoising steps" in line
     kernels, step = sum(per_step.values()), row["per_step_s"] * 1000
     assert f"kernels {kernels:.1f} of the {step:.1f} ms an image takes a step ({kernels / step:.0%} busy)" in line
-    # A compiled row also says its recompilations, graph breaks and CUDA graphs inductor left out.
-    compiled = {**row, "peak_smi_gib": None, "recompiles": 2, "graph_breaks": 0, "cudagraph_skips": 1}
+    # A compiled row also says its recompilations, graph breaks and CUDA graphs recorded.
+    compiled = {**row, "peak_smi_gib": None, "recompiles": 2, "graph_breaks": 0, "cuda_graphs": 1}
     assert "| 2 / 0 / 1 |" in gpu_bench.preset_line(gpu_bench.Run(argparse.Namespace(out=tmp_path)), "x", compiled)
 
 
@@ -147,10 +147,18 @@ def test_the_served_time_is_split_by_gradios_own_timings(gpu_bench, tiny_dir, tm
         server.stop()
 
 
-def test_a_compiling_measurement_counts_its_recompiles_and_graph_breaks(gpu_bench, tmp_path, monkeypatch):
+def test_a_compiling_measurement_counts_its_recompiles_graph_breaks_and_cuda_graphs(gpu_bench, tmp_path, monkeypatch,
+                                                                                     caplog):
     import json
+    import logging
     import subprocess
 
+    import torch
+
+    from conftest import ReplayedOnCPU
+
+    with caplog.at_level(logging.INFO, logger="flux_infer.cuda_graphs"):  # the line as it is logged
+        ReplayedOnCPU(lambda hidden_states: hidden_states * 2)(hidden_states=torch.ones(1, 4))
     seen = {}
 
     def child(command, **kwargs):  # a compiling child: its TORCH_LOGS lines on stderr, its row on stdout
@@ -159,7 +167,7 @@ def test_a_compiling_measurement_counts_its_recompiles_and_graph_breaks(gpu_benc
         seen.update(env=kwargs["env"], spec=json.loads(command[-1]))
         stderr = ("V1126 [__recompiles] Recompiling function forward in transformer_flux.py:383\n"
                   "V1126 [__graph_breaks] Graph break in user code at hooks.py:217\n"
-                  "W1126 [__cudagraphs] skipping cudagraphs due to mutated inputs (1 instances)\n")
+                  f"INFO flux_infer.cuda_graphs: {caplog.records[0].getMessage()}\n")
         return subprocess.CompletedProcess(command, 0, json.dumps({"median_s": 1.0}) + "\n", stderr)
 
     monkeypatch.setattr(gpu_bench.subprocess, "run", child)
@@ -167,8 +175,8 @@ def test_a_compiling_measurement_counts_its_recompiles_and_graph_breaks(gpu_benc
                               runs=3, timeout=240, profile=["compile"], only=None, deadline=None)
     run = gpu_bench.Run(args)
     row = run.measure("compile", "fp8-compile", "--quantize fp8 --compile")
-    assert (row["recompiles"], row["graph_breaks"], row["cudagraph_skips"]) == (1, 1, 1)
-    assert seen["env"]["TORCH_LOGS"] == "recompiles,graph_breaks,cudagraphs"
+    assert (row["recompiles"], row["graph_breaks"], row["cuda_graphs"]) == (1, 1, 1)
+    assert seen["env"]["TORCH_LOGS"] == "recompiles,graph_breaks"
     assert seen["spec"]["stacks_after"] == 225  # stacks written 15 s before --timeout
     assert seen["spec"]["profile"] == str(tmp_path / "profiles" / "compile-fp8-compile.txt")
     run.measure("memory", "8 GiB", "--gpu-memory 8")  # --profile compile: the caps are not profiled

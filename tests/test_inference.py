@@ -92,8 +92,8 @@ def test_out_of_memory_is_a_clear_error_and_the_next_request_runs(monkeypatch):
 
 
 def test_every_generation_runs_on_one_thread_whoever_asks(caplog):
-    # torch keeps CUDA graphs (--compile-mode reduce-overhead) per thread: the warm-up's thread must
-    # be every request's. A fake pipeline is enough: what is tested is where it is called.
+    # torch keeps some state per thread (the current CUDA device): the warm-up's thread must be every
+    # request's. A fake pipeline is enough: what is tested is where it is called.
     import logging
     import threading
     from concurrent.futures import ThreadPoolExecutor

@@ -181,11 +181,20 @@ def test_compiled_switching_never_recompiles(tiny_dir, lora_dir):
         str(tiny_dir), device="cpu", options=options, lora_folder=LoraFolder(str(lora_dir), rank=8))
     inference = FluxInference(pipeline, runtime=runtime, adapters=adapters)
     base, _ = pixels(inference)  # compiles, with every slot empty
+
+    def state():  # every weight's address, and the LoRA layers' scalings, which a CUDA graph replays as they were
+        transformer = pipeline.transformer
+        return ({name: tensor.data_ptr() for name, tensor in transformer.state_dict(keep_vars=True).items()},
+                [repr(module.scaling) for module in transformer.modules() if hasattr(module, "scaling")])
+
+    before = state()
     with torch._dynamo.config.patch(error_on_recompile=True):
         film, _ = pixels(inference, [LoraChoice("film", 0.8)])
         pixels(inference, [LoraChoice("pixel", 1.5), LoraChoice("ink", 0.3)])
         pixels(inference, [LoraChoice("film", -1.0)])
         again, _ = pixels(inference)
+    # Switched in place: --compile-mode reduce-overhead's CUDA graphs read the new LoRAs.
+    assert state() == before and before[1]
     assert np.abs(film - fused(tiny_dir, lora_dir, ("film", 0.8))).max() <= 2
     assert np.abs(film - base).mean() > 1
     np.testing.assert_array_equal(again, base)
