@@ -110,6 +110,7 @@ PRESETS = {
     "fp8-compile": "--quantize fp8 --compile",
     "fp8-compile-autotune": "--quantize fp8 --compile --compile-mode max-autotune-no-cudagraphs",
     # fp8 halves a step's GPU time, so the CPU's kernel launches weigh more: CUDA graphs replay them
+    # (the transformer's forward recorded once, over its blocks compiled one by one)
     "fp8-compile-cudagraphs": "--quantize fp8 --compile --compile-mode reduce-overhead",
     # or launches them from C++ rather than Python (inductor's cpp_wrapper; PRESET_ENV), with the
     # blocks still compiled one by one
@@ -118,6 +119,9 @@ PRESETS = {
     # a scale per tensor first needs the whole tensor's largest value (a reduction of its own)
     "fp8-row-compile": "--quantize fp8-row --compile",
     "fp8-row-compile-cudagraphs": "--quantize fp8-row --compile --compile-mode reduce-overhead",
+    # flux-fast's recipe but for its attention (FA3 in float8, not installable here): per-row fp8,
+    # kernels autotuned while compiling, CUDA graphs
+    "fp8-row-compile-max-autotune": "--quantize fp8-row --compile --compile-mode max-autotune",
     "compile-cudnn": "--memory off --compile --attention _native_cudnn",
     "fp8-compile-cudnn": "--quantize fp8 --compile --attention _native_cudnn",
     "int8": "--quantize int8",
@@ -133,12 +137,12 @@ PRESET_ENV = {"fp8-compile-cpp-wrapper": {"TORCHINDUCTOR_CPP_WRAPPER": "1"}}
 # The presets each goal is met by: bf16 with any compile mode; any preset whose only loss is fp8.
 COMPILE_PRESETS = ("compile", "compile-fused", "compile-cudagraphs", "compile-autotune", "compile-cudnn")
 FP8_PRESETS = ("fp8", "fp8-compile", "fp8-compile-autotune", "fp8-compile-cudagraphs", "fp8-compile-cpp-wrapper",
-               "fp8-compile-cudnn", "fp8-row-compile", "fp8-row-compile-cudagraphs")
+               "fp8-compile-cudnn", "fp8-row-compile", "fp8-row-compile-cudagraphs", "fp8-row-compile-max-autotune")
 PARTS = {
     "presets": ["bf16", "fused-qkv", "fp8", "int8", "cudnn-attention", "flash3-attention", "flash-attention"],
     "compile": ["bf16", "compile", "fp8-compile", "compile-cudagraphs", "compile-autotune", "fp8-compile-autotune",
                 "fp8-compile-cudagraphs", "fp8-compile-cpp-wrapper", "compile-fused", "compile-cudnn",
-                "fp8-compile-cudnn", "fp8-row-compile", "fp8-row-compile-cudagraphs"],
+                "fp8-compile-cudnn", "fp8-row-compile", "fp8-row-compile-cudagraphs", "fp8-row-compile-max-autotune"],
     "offload": ["bf16", "t5-offload", "model-offload", "group-offload"],
     "steps": ["bf16"],
     "served": [],
