@@ -341,11 +341,18 @@ def measure_one(flags: str, *, model: str, device: str | None, size: int, steps:
     sync()
     build_s = time.perf_counter() - began
     inference = FluxInference(pipeline, runtime=runtime)
+    from torch._dynamo.utils import counters
+
+    inductor = dict(counters["inductor"])
     began = time.perf_counter()
     if options.compile:
         inference.warm_up(((size, size),), *options.warm_up_runs())
     sync()
     warm_s = time.perf_counter() - began
+    # Graphs inductor compiled afresh, and those it took from its cache on disk (what an earlier
+    # child of the run compiled the same way): a warm-up's seconds mean a cold compile only without these.
+    graphs = {kind: counters["inductor"][f"fxgraph_cache_{key}"] - inductor.get(f"fxgraph_cache_{key}", 0)
+              for kind, key in (("compiled", "miss"), ("cached", "hit"))}
     steps_seen = []  # (seconds, full transformer pass?) per step after the first
     previous = {}  # the last step's end and the transformer passes counted by then
 
@@ -376,7 +383,8 @@ def measure_one(flags: str, *, model: str, device: str | None, size: int, steps:
     # Each image's allocator peak, as the server logs it (flux_infer.tuning.Runtime): the steady images'
     peaks = [r.gpu_peak_bytes for _, r in steady or [(first_s, result)] if r.gpu_peak_bytes is not None]
     row = dict(flags=flags, plan=runtime.plan.describe(), plan_reason=runtime.plan.reason, import_s=import_s,
-               build_s=build_s, warm_s=warm_s, first_s=first_s, median_s=median, times=times,
+               build_s=build_s, warm_s=warm_s, warm_up_graphs=graphs if options.compile else None,
+               first_s=first_s, median_s=median, times=times,
                per_step_s=median / steps,
                cached_steps=result.cached_steps, first_image_after_start_s=first_image_at,
                peak_alloc_gib=max(peaks) / 1024**3 if peaks else None,
@@ -720,10 +728,13 @@ def row_notes(row: dict) -> str:
         watts = "" if row["busy_watts"] is None else f", power {row['busy_watts']:.0f} W"
         clocks = (f"\n|  | while the card was busy ({row['busy_samples']} samples of nvidia-smi): SM clock "
                   f"{row['busy_sm_mhz']:.0f} MHz (lowest {row['busy_sm_mhz_min']:.0f}){watts} |")
+    graphs = row.get("warm_up_graphs")
+    warm_up = (f"\n|  | its warm-up compiled {graphs['compiled']} graphs and took {graphs['cached']} from inductor's "
+               f"cache (compiled by an earlier preset of the run) |" if graphs and graphs["cached"] else "")
     difference = row.get("image_vs_eager")
     image = (f"\n|  | its first image against bf16 eager's (the same seed and prompt): mean difference "
              f"{difference['mean']:.2f}, largest {difference['max']} of 255 |" if difference else "")
-    return profile + clocks + image + after_image_note(row)
+    return warm_up + profile + clocks + image + after_image_note(row)
 
 
 def after_image_note(row: dict) -> str:

@@ -311,3 +311,23 @@ def test_the_cards_clock_and_power_are_read_while_it_is_busy(gpu_bench, monkeypa
     idle = gpu_bench.SmiPeak.__new__(gpu_bench.SmiPeak)  # no busy sample: no line
     idle.busy = []
     assert idle.busy_figures() == {} and gpu_bench.row_notes({}) == ""
+
+
+@pytest.mark.e2e  # compiles the tiny transformer (or takes it from inductor's cache, as the second time does)
+def test_a_compiled_measurement_says_which_graphs_came_from_inductors_cache(gpu_bench, tiny_dir):
+    # On the GPU machine every child of a run shares inductor's cache on disk: a preset compiled as an
+    # earlier one was (fp8-row with and without CUDA graphs) warms up from it, and its row says so.
+    import torch
+
+    common = dict(model=str(tiny_dir), device="cpu", size=256, steps=2, runs=0, step_times=False, started=time.time())
+    torch._dynamo.reset()
+    first = gpu_bench.measure_one("--memory off --compile", **common)
+    torch._dynamo.reset()
+    second = gpu_bench.measure_one("--memory off --compile --compile-mode reduce-overhead", **common)
+    # The double block, the single block and the decoder: compiled then (or cached by an earlier test), cached now.
+    assert sum(first["warm_up_graphs"].values()) == 3
+    assert second["warm_up_graphs"] == {"compiled": 0, "cached": 3}
+    assert ("its warm-up compiled 0 graphs and took 3 from inductor's cache"
+            in gpu_bench.row_notes({**second, "per_step_s": 0.1}))
+    assert "inductor's cache" not in gpu_bench.row_notes({**second, "warm_up_graphs": {"compiled": 3, "cached": 0}})
+    assert gpu_bench.measure_one("--memory off", **common)["warm_up_graphs"] is None
