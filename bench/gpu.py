@@ -996,9 +996,9 @@ def part_served(run: Run) -> None:
                     times.append(time.perf_counter() - began)
                 median = statistics.median(times)
                 split = common.gradio_split(times, server) if door.gradio else {}
+                columns = " | ".join(f"{split[key]:{form}}" for key, _, form in SPLIT_COLUMNS) + " |" if split else ""
                 run.write(f"| {consumer} | {preview} | {median:.3f} | {median / direct['median_s']:.3f} | "
-                          f"{' '.join(f'{t:.2f}' for t in times)} | " +
-                          (" | ".join(f"{split[key]:{form}}" for key, _, form in SPLIT_COLUMNS) + " |" if split else ""))
+                          f"{' '.join(f'{t:.2f}' for t in times)} | " + columns)
                 run.record("served", f"{consumer}, {preview}", {"times": times, "median_s": median,
                                                                 "ratio": median / direct["median_s"], **split})
         finally:

@@ -407,7 +407,8 @@ def test_vae_tiling_auto_follows_free_memory(tiny_dir, reference, monkeypatch, c
     inference, untiled = generate(tiny_dir)
     assert not inference.pipeline.vae.use_tiling
     np.testing.assert_array_equal(pixels(untiled), pixels(reference))
-    monkeypatch.setattr(tuning, "free_bytes", lambda device, gpu_memory=None: 1024**2)  # 1 MiB free: the decode cannot fit
+    # 1 MiB free: the decode cannot fit
+    monkeypatch.setattr(tuning, "free_bytes", lambda device, gpu_memory=None: 1024**2)
     with caplog.at_level(logging.INFO, logger="flux_infer.tuning"):
         tiled = inference.infer("a lighthouse at dusk", seed=7, randomize_seed=False, **SMALL)
     assert inference.pipeline.vae.use_tiling
@@ -600,7 +601,8 @@ def test_cli_reports_option_errors(tiny_dir, capsys):
     assert main(["generate", "x", "--model", str(tiny_dir), "--device", "cpu", "--offload", "model"]) == 2
     assert "flux-infer: error: --offload model moves weights between a GPU and the CPU" in capsys.readouterr().err
     assert main(["generate", "x", "--model", str(tiny_dir), "--compile-mode", "max-autotune"]) == 2
-    assert "flux-infer: error: --compile-mode max-autotune says how to compile: add --compile" in capsys.readouterr().err
+    assert ("flux-infer: error: --compile-mode max-autotune says how to compile: add --compile"
+            in capsys.readouterr().err)
     with pytest.raises(SystemExit) as exit_info:
         main(["generate", "x", "--cache", "teacache"])
     assert exit_info.value.code == 2
