@@ -51,8 +51,8 @@ Check the whole script on a CPU first (random-small, 256x256, 4 steps, 1 run):
     python bench/gpu.py --allow-cpu --out /tmp/gpu-check \
         --parts presets,compile,offload,steps,served,graphs,memory,lean,cold,lora
 
-`--only NAMES` narrows the preset parts to some presets (bf16 eager is always measured, for the
-ratios); `--profile [PARTS]` adds a torch.profiler account of one more image per preset, cap or lean
+`--only NAMES` narrows the preset parts to some presets, measured in that order (bf16 eager is always
+measured first, for the ratios); `--profile [PARTS]` adds a torch.profiler account of one more image per preset, cap or lean
 plan (in PARTS only, when given):
 the kernels by GPU time in OUT/profiles/ (4 denoising steps from an image's middle), and ms per step
 in matmuls, attention and the rest (and the kernels' share of a step: the rest is launch waits), to see
@@ -751,9 +751,9 @@ def after_image_note(row: dict) -> str:
 def part_presets(run: Run, part: str, names: list[str]) -> None:
     run.write(f"\n## {part.capitalize()}\n\n{PRESET_HEADER}")
     only = run.args.only
+    if only:  # bf16 eager first (the baseline), then in the order asked: what matters most first
+        names = [name for name in dict.fromkeys(["bf16", *only]) if name in names]
     for name in names:
-        if only and name != "bf16" and name not in only:
-            continue
         missing = MODULES.get(name)
         if missing and importlib.util.find_spec(missing) is None:
             run.write(f"| {name} | `{PRESETS[name]}` | not measured: the {missing} package is not installed |")
@@ -1139,8 +1139,8 @@ def main() -> None:
                         "before an outer `timeout` would kill it")
     parser.add_argument("--scratch", default=tempfile.gettempdir(), help="disk for the cold-start folder and caches")
     parser.add_argument("--only", type=lambda text: [n for n in text.split(",") if n], default=None,
-                        help=f"measure only these presets in the preset parts (from {', '.join(PRESETS)}); "
-                        "bf16 eager is always measured")
+                        help=f"measure only these presets in the preset parts (from {', '.join(PRESETS)}), in this "
+                        "order, after bf16 eager, which is always measured")
     parser.add_argument("--profile", nargs="?", const=list(PROFILED_PARTS), default=None,
                         type=lambda text: [p for p in text.split(",") if p], metavar="PARTS",
                         help="profile one more image per preset, cap or lean plan with torch.profiler: kernels by "

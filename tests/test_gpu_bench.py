@@ -187,7 +187,10 @@ def test_each_goal_names_the_fastest_preset_that_meets_it(gpu_bench, tmp_path, m
     seconds = {"bf16": 5.3, "compile": 4.0, "compile-autotune": 3.8, "fp8-compile": 2.6,
                "fp8-compile-autotune": 2.3, "compile-fused": None}  # None: could not run
 
+    order = []
+
     def measure(self, part, name, flags, **_):
+        order.append(name)
         if seconds[name] is None:
             return None
         self.rows[name] = {"median_s": seconds[name]}
@@ -195,8 +198,9 @@ def test_each_goal_names_the_fastest_preset_that_meets_it(gpu_bench, tmp_path, m
 
     monkeypatch.setattr(gpu_bench.Run, "measure", measure)
     monkeypatch.setattr(gpu_bench, "preset_line", lambda run, name, row: f"| {name} |")
-    args = argparse.Namespace(out=tmp_path, only=list(seconds))
+    args = argparse.Namespace(out=tmp_path, only=list(reversed(seconds)))
     gpu_bench.part_presets(gpu_bench.Run(args), "compile", gpu_bench.PARTS["compile"])
+    assert order == ["bf16", *reversed(list(seconds)[1:])]  # the baseline first, then in --only's order
     report = (tmp_path / "results.md").read_text()
     assert "fastest --compile, bf16: 3.800 s, compile-autotune (goal on an H100: <= 3.9 s)" in report
     assert "fastest fp8: 2.300 s, fp8-compile-autotune (goal on an H100: <= 2.4 s)" in report
