@@ -730,7 +730,8 @@ def row_notes(row: dict) -> str:
                   f"{row['busy_sm_mhz']:.0f} MHz (lowest {row['busy_sm_mhz_min']:.0f}){watts} |")
     graphs = row.get("warm_up_graphs")
     warm_up = (f"\n|  | its warm-up compiled {graphs['compiled']} graphs and took {graphs['cached']} from inductor's "
-               f"cache (compiled by an earlier preset of the run) |" if graphs and graphs["cached"] else "")
+               f"cache on disk (compiled before, by an earlier preset or run): not a cold compile's seconds |"
+               if graphs and graphs["cached"] else "")
     difference = row.get("image_vs_eager")
     image = (f"\n|  | its first image against bf16 eager's (the same seed and prompt): mean difference "
              f"{difference['mean']:.2f}, largest {difference['max']} of 255 |" if difference else "")
