@@ -52,11 +52,11 @@ Check the whole script on a CPU first (random-small, 256x256, 4 steps, 1 run):
         --parts presets,compile,offload,steps,served,graphs,memory,lean,cold,lora
 
 `--only NAMES` narrows the preset parts to some presets, measured in that order (bf16 eager is always
-measured first, for the ratios); `--profile [PARTS]` adds a torch.profiler account of one more image per preset, cap or lean
-plan (in PARTS only, when given):
-the kernels by GPU time in OUT/profiles/ (4 denoising steps from an image's middle), and ms per step
-in matmuls, attention and the rest (and the kernels' share of a step: the rest is launch waits), to see
-where a preset stands against the arithmetic floor. Compiling children log their recompilations
+measured first, for the ratios); `--profile [PARTS]` adds a torch.profiler account of one more image
+per preset, cap or lean plan (in PARTS only, when given): the kernels by GPU time in OUT/profiles/
+(4 denoising steps from an image's middle), and ms per step in matmuls, attention and the rest (and
+the kernels' share of a step: the rest is launch waits), to see where a preset stands against the
+arithmetic floor. Compiling children log their recompilations
 and graph breaks (counted in the table); a child near its time limit writes its stacks to
 children.log. `--deadline SECONDS` bounds the measurements: each measurement child (and
 bench/lora.py's) gets at most what is left, and none starts that could not finish, so a GPU window's
@@ -388,6 +388,9 @@ def measure_one(flags: str, *, model: str, device: str | None, size: int, steps:
                per_step_s=median / steps,
                cached_steps=result.cached_steps, first_image_after_start_s=first_image_at,
                peak_alloc_gib=max(peaks) / 1024**3 if peaks else None,
+               # The last image's (its peak is reset at each request): with CUDA graphs, their pool's
+               # memory is reserved for the replays but not allocated between them.
+               peak_reserved_gib=torch.cuda.max_memory_reserved() / 1024**3 if cuda else None,
                peak_ram_gib=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024**2,  # KiB on Linux
                device=placement.device, dtype=placement.dtype_name)
     row.update(after_image_check(inference, result, size=size, steps=steps, cuda=cuda))
@@ -728,6 +731,9 @@ def row_notes(row: dict) -> str:
         watts = "" if row["busy_watts"] is None else f", power {row['busy_watts']:.0f} W"
         clocks = (f"\n|  | while the card was busy ({row['busy_samples']} samples of nvidia-smi): SM clock "
                   f"{row['busy_sm_mhz']:.0f} MHz (lowest {row['busy_sm_mhz_min']:.0f}){watts} |")
+    reserved = (f"\n|  | the allocator's reserved peak {row['peak_reserved_gib']:.1f} GiB (with the CUDA graphs' pool, "
+                f"which the allocated peak does not count) |" if row.get("cuda_graphs") and row.get("peak_reserved_gib")
+                else "")
     graphs = row.get("warm_up_graphs")
     warm_up = (f"\n|  | its warm-up compiled {graphs['compiled']} graphs and took {graphs['cached']} from inductor's "
                f"cache on disk (compiled before, by an earlier preset or run): not a cold compile's seconds |"
@@ -735,7 +741,7 @@ def row_notes(row: dict) -> str:
     difference = row.get("image_vs_eager")
     image = (f"\n|  | its first image against bf16 eager's (the same seed and prompt): mean difference "
              f"{difference['mean']:.2f}, largest {difference['max']} of 255 |" if difference else "")
-    return warm_up + profile + clocks + image + after_image_note(row)
+    return warm_up + reserved + profile + clocks + image + after_image_note(row)
 
 
 def after_image_note(row: dict) -> str:

@@ -185,17 +185,21 @@ class MemoryPlan:
 
 
 def estimate_gib(offload: str, quantize: str, quantize_text_encoder: bool, *,
-                 transformer_gib: float | None = None) -> float:
-    """Estimated peak GPU memory of a combination at 1024x1024 (see the module's constants)."""
+                 transformer_gib: float | None = None, graphs: bool = False) -> float:
+    """Estimated peak GPU memory of a combination at 1024x1024 (see the module's constants).
+
+    `graphs`: the transformer replays from CUDA graphs, whose pool keeps the denoising's transient
+    memory for the next replay, through the text encoding and the VAE decode too."""
     if offload in OFFLOAD_PEAK_GIB:
         return OFFLOAD_PEAK_GIB[offload]
     transformer = transformer_gib if transformer_gib is not None else TRANSFORMER_GIB[quantize]
     t5 = T5_GIB[quantize if quantize_text_encoder else "none"]
+    kept = DENOISE_GIB if graphs else 0.0
     if offload == "model":  # one component on the GPU at a time
         return max(transformer + DENOISE_GIB, t5, OTHER_GIB + DECODE_GIB)
     if offload == "t5":  # the transformer stays; T5 passes through a block at a time
-        return transformer + OTHER_GIB + max(T5_STREAMED_GIB, DENOISE_GIB, DECODE_GIB)
-    return transformer + t5 + OTHER_GIB + max(DENOISE_GIB, DECODE_GIB)
+        return transformer + OTHER_GIB + kept + max(T5_STREAMED_GIB, DENOISE_GIB - kept, DECODE_GIB)
+    return transformer + t5 + OTHER_GIB + kept + max(DENOISE_GIB - kept, DECODE_GIB)
 
 
 def candidates(*, fp8: bool, nf4: bool, gguf: bool, storage: bool = True):
@@ -227,7 +231,7 @@ def candidates(*, fp8: bool, nf4: bool, gguf: bool, storage: bool = True):
 
 
 def plan_memory(free_gib: float, *, fp8: bool = True, nf4: bool = True, gguf_gib: float | None = None,
-                storage: bool = True, where: str = "the GPU") -> MemoryPlan:
+                storage: bool = True, graphs: bool = False, where: str = "the GPU") -> MemoryPlan:
     """`--memory auto`: the first of `candidates()` whose estimate plus HEADROOM_GIB fits `free_gib`.
 
     `fp8`: 8 bits means float8 (torchao's float8 weights and activations), else torchao's int8
@@ -235,11 +239,12 @@ def plan_memory(free_gib: float, *, fp8: bool = True, nf4: bool = True, gguf_gib
     under `--compile` only: eager, int8 weight-only was the faster of the two (7.20 s an image
     against 8.33 s on an H100, bench/RESULTS.md), and it leaves the activations in bf16.
     `nf4`: bitsandbytes is installed. `gguf_gib`: the transformer is a GGUF file of that size.
-    `storage`: fp8-storage can be chosen (see `candidates()`).
+    `storage`: fp8-storage can be chosen (see `candidates()`). `graphs`: CUDA graphs will keep the
+    denoising's memory (see `estimate_gib`).
     """
     tried = []
     for offload, quantize, text in candidates(fp8=fp8, nf4=nf4, gguf=gguf_gib is not None, storage=storage):
-        needs = estimate_gib(offload, quantize, text, transformer_gib=gguf_gib)
+        needs = estimate_gib(offload, quantize, text, transformer_gib=gguf_gib, graphs=graphs)
         plan = MemoryPlan(offload, quantize, text)
         if needs + HEADROOM_GIB <= free_gib:
             skipped = f"; faster choices need {', '.join(tried)}" if tried else ""
@@ -281,7 +286,8 @@ def resolve_plan(options: Options, placement, *, gguf_bytes: int | None = None,
                            fp8=capability >= FP8_COMPUTE_CAPABILITY and options.compile,
                            nf4=_bitsandbytes_installed(),
                            gguf_gib=gguf_bytes / 1024**3 if gguf_bytes else None,
-                           storage=not options.compile and not switching_loras, where=where)
+                           storage=not options.compile and not switching_loras,
+                           graphs=options.compile and options.compile_mode in CUDA_GRAPH_MODES, where=where)
     check_plan(plan, placement, gguf=gguf_bytes is not None, switching_loras=switching_loras,
                fuse_qkv=options.fuse_qkv, compile_mode=options.compile_mode if options.compile else None)
     return plan

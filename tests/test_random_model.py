@@ -192,6 +192,19 @@ def test_gpu_memory_cap_plans_within_the_cap_and_sets_the_allocator_fraction(fak
         assert tuning.free_bytes("cuda", cap) == cap * GIB
 
 
+def test_cuda_graphs_keep_the_denoisings_memory_so_a_cap_plans_for_it(fake_h100):
+    # The graphs' pool holds the denoising's transient memory through the VAE decode: at 16 GiB the
+    # float8 transformer fits without CUDA graphs and not with them.
+    for plan in (("none", "none", False), ("t5", "fp8", False)):
+        assert tuning.estimate_gib(*plan, graphs=True) == pytest.approx(tuning.estimate_gib(*plan) + tuning.DENOISE_GIB)
+    tuning.limit_gpu_memory(16, CUDA.device)
+    plans = {mode: tuning.resolve_plan(tuning.Options(gpu_memory=16, compile=True, compile_mode=mode), CUDA)
+             for mode in ("default", "reduce-overhead")}
+    assert (plans["default"].offload, plans["default"].quantize) == ("t5", "fp8")
+    assert (plans["reduce-overhead"].offload, plans["reduce-overhead"].quantize) == ("t5", "nf4")
+    assert plans["reduce-overhead"].reason.endswith("transformer fp8, offload t5 ~15.5 GiB")
+
+
 def test_a_cap_with_loras_per_request_streams_the_blocks_in_bf16(fake_h100):
     # LoRAs loaded later would be stored in float8 too (check_plan refuses that): not fp8-storage
     tuning.limit_gpu_memory(8, CUDA.device)
