@@ -8,6 +8,7 @@ import threading
 
 import numpy as np
 import pytest
+from conftest import ReplayedOnCPU
 
 from flux_infer import tuning
 from flux_infer.inference import FluxInference, GenerationCancelled, build_request
@@ -244,7 +245,6 @@ def test_a_cuda_graph_mode_replays_the_compiled_blocks_from_one_graph_per_size(t
     import torch
     from torch._dynamo.utils import counters
 
-    from conftest import ReplayedOnCPU
 
     torch._dynamo.reset()
     before = counters["stats"]["unique_graphs"]
