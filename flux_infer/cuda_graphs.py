@@ -28,13 +28,11 @@ class GraphCaptureError(RuntimeError):
     from the CPU); the message says what to run instead."""
 
 
-def _shape_key(args: tuple, kwargs: dict) -> tuple:
-    """What decides a graph: the arguments' structure, each tensor's shape, dtype and device, and
-    every other argument's value (a replay cannot change them)."""
+def _shape_key(leaves: list, spec) -> tuple:
+    """What decides a graph, from the call's flattened arguments: their structure, each tensor's shape,
+    dtype and device, and every other argument's value (a replay cannot change them)."""
     import torch
-    from torch.utils._pytree import tree_flatten
 
-    leaves, spec = tree_flatten((args, kwargs))
     return spec, tuple((tuple(leaf.shape), leaf.dtype, leaf.device) if isinstance(leaf, torch.Tensor) else leaf
                        for leaf in leaves)
 
@@ -49,7 +47,9 @@ class GraphedForward:
     def __init__(self, forward, *, name: str = "the transformer"):
         self._forward = forward
         self._name = name
-        self._graphs: dict[tuple, tuple] = {}  # shape key -> (static inputs, static outputs, replay)
+        # shape key -> (the recorded input tensors, in the order of the call's flattened arguments,
+        # None for the others; the recorded outputs; the replay)
+        self._graphs: dict[tuple, tuple] = {}
         self._pool = None
 
     @property
@@ -58,26 +58,27 @@ class GraphedForward:
 
     def __call__(self, *args, **kwargs):
         import torch
-        from torch.utils._pytree import tree_leaves, tree_map_only
+        from torch.utils._pytree import tree_flatten, tree_map_only
 
-        key = _shape_key(args, kwargs)
+        leaves, spec = tree_flatten((args, kwargs))  # once a step: the key and the copies both read it
+        key = _shape_key(leaves, spec)
         if key not in self._graphs:
-            self._graphs[key] = self._record(args, kwargs)
+            self._graphs[key] = self._record(args, kwargs, leaves)
         inputs, outputs, replay = self._graphs[key]
-        for static, given in zip(tree_leaves(inputs), tree_leaves((args, kwargs))):
-            if isinstance(static, torch.Tensor):
+        for static, given in zip(inputs, leaves):
+            if static is not None:
                 static.copy_(given)
         replay()
         return tree_map_only(torch.Tensor, torch.clone, outputs)
 
-    def _record(self, args: tuple, kwargs: dict) -> tuple:
+    def _record(self, args: tuple, kwargs: dict, leaves: list) -> tuple:
         import torch
         from torch.utils._pytree import tree_leaves, tree_map_only
 
         started = time.perf_counter()
-        inputs = tree_map_only(torch.Tensor, torch.clone, (args, kwargs))
+        args, kwargs = tree_map_only(torch.Tensor, torch.clone, (args, kwargs))
         try:
-            outputs, replay = self._capture(lambda: self._forward(*inputs[0], **inputs[1]))
+            outputs, replay = self._capture(lambda: self._forward(*args, **kwargs))
         except torch.OutOfMemoryError:
             raise
         except RuntimeError as err:
@@ -85,11 +86,12 @@ class GraphedForward:
             reason = next((line for line in str(err).splitlines() if line.strip()), type(err).__name__)
             raise GraphCaptureError(f"could not record {self._name} as a CUDA graph: {reason} (the log has torch's "
                                     "account); use --compile-mode default or max-autotune-no-cudagraphs") from None
-        tensors = [leaf for leaf in tree_leaves((args, kwargs)) if isinstance(leaf, torch.Tensor)]
+        tensors = [leaf for leaf in leaves if isinstance(leaf, torch.Tensor)]
         sample = kwargs.get("hidden_states", tensors[0] if tensors else None)
         log.info("recorded %s's CUDA graph for inputs of %s in %.1f s (%d recorded)", self._name,
                  "x".join(map(str, sample.shape)) if sample is not None else "no tensor",
                  time.perf_counter() - started, len(self._graphs) + 1)
+        inputs = [leaf if isinstance(leaf, torch.Tensor) else None for leaf in tree_leaves((args, kwargs))]
         return inputs, outputs, replay
 
     def _capture(self, run) -> tuple:
