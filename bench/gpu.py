@@ -320,7 +320,7 @@ def measure_one(flags: str, *, model: str, device: str | None, size: int, steps:
     from flux_infer import cli
     from flux_infer.inference import FluxInference, build_request
     from flux_infer.loading import load_pipeline, resolve_placement
-    from flux_infer.tuning import MemoryPlan, Runtime
+    from flux_infer.tuning import DENOISE_GIB, MemoryPlan, Runtime
 
     options = cli._options(cli._parser().parse_args(["generate", "x", *shlex.split(flags)]))
     cuda = torch.cuda.is_available() and device != "cpu"
@@ -391,6 +391,8 @@ def measure_one(flags: str, *, model: str, device: str | None, size: int, steps:
                # The last image's (its peak is reset at each request): with CUDA graphs, their pool's
                # memory is reserved for the replays but not allocated between them.
                peak_reserved_gib=torch.cuda.max_memory_reserved() / 1024**3 if cuda else None,
+               graphs_pool_gib=runtime.graphs.pool_bytes / 1024**3 if runtime.graphs is not None else None,
+               graphs_pool_planned_gib=DENOISE_GIB,
                peak_ram_gib=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024**2,  # KiB on Linux
                device=placement.device, dtype=placement.dtype_name)
     row.update(after_image_check(inference, result, size=size, steps=steps, cuda=cuda))
@@ -731,8 +733,10 @@ def row_notes(row: dict) -> str:
         watts = "" if row["busy_watts"] is None else f", power {row['busy_watts']:.0f} W"
         clocks = (f"\n|  | while the card was busy ({row['busy_samples']} samples of nvidia-smi): SM clock "
                   f"{row['busy_sm_mhz']:.0f} MHz (lowest {row['busy_sm_mhz_min']:.0f}){watts} |")
+    pool = row.get("graphs_pool_gib")
     reserved = (f"\n|  | the allocator's reserved peak {row['peak_reserved_gib']:.1f} GiB (with the CUDA graphs' pool, "
-                f"which the allocated peak does not count) |" if row.get("cuda_graphs") and row.get("peak_reserved_gib")
+                f"which the allocated peak does not count); the pool {pool:.2f} GiB (--memory auto plans for "
+                f"{row['graphs_pool_planned_gib']} at 1024x1024) |" if pool is not None and row.get("peak_reserved_gib")
                 else "")
     graphs = row.get("warm_up_graphs")
     warm_up = (f"\n|  | its warm-up compiled {graphs['compiled']} graphs and took {graphs['cached']} from inductor's "

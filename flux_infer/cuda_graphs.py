@@ -51,6 +51,7 @@ class GraphedForward:
         # None for the others; the recorded outputs; the replay)
         self._graphs: dict[tuple, tuple] = {}
         self._pool = None
+        self.pool_bytes = 0  # what the graphs' pool holds: reserved, and usable by nothing else
 
     @property
     def recorded(self) -> int:
@@ -109,6 +110,10 @@ class GraphedForward:
         # thread_local, as inductor's own CUDA graphs capture: another thread's CUDA calls do not
         # invalidate this thread's capture.
         with torch.cuda.graph(graph, pool=self._pool, capture_error_mode="thread_local"):
+            # Measured inside: entering empties the allocator's cache. What a capture allocates comes
+            # from the pool, which grows by what earlier graphs' memory could not hold.
+            reserved = torch.cuda.memory_reserved()
             outputs = run()
+        self.pool_bytes += torch.cuda.memory_reserved() - reserved
         self._pool = graph.pool()
         return outputs, graph.replay

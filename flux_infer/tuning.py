@@ -421,15 +421,17 @@ def limit_gpu_memory(gpu_memory: float | None, device: str) -> None:
     log.info("GPU memory capped at %g GiB of %.1f", gpu_memory, total / 1024**3)
 
 
-def free_bytes(device: str, gpu_memory: float | None = None) -> int:
-    """Free memory on `device`: the GPU's (within a --gpu-memory cap), or the machine's available RAM."""
+def free_bytes(device: str, gpu_memory: float | None = None, kept: int = 0) -> int:
+    """Free memory on `device`: the GPU's (within a --gpu-memory cap), or the machine's available RAM.
+    `kept`: memory torch's allocator holds, unallocated, for one use only (CUDA graphs' pool); the
+    driver's figure already leaves it out, the cap's (the cap less what is allocated) would not."""
     import torch
 
     if device.startswith("cuda"):
         index = torch.device(device).index or 0
         free = torch.cuda.mem_get_info(index)[0]
         if gpu_memory is not None:
-            free = min(free, int(gpu_memory * 1024**3) - torch.cuda.memory_allocated(index))
+            free = min(free, int(gpu_memory * 1024**3) - torch.cuda.memory_allocated(index) - kept)
         return free
     try:
         with open("/proc/meminfo") as meminfo:
@@ -519,6 +521,7 @@ class Runtime:
     device: str
     _cache_steps: int | None = field(default=None, repr=False)
     _calls: int = 0  # full transformer passes in the current image, counted when a cache is on
+    graphs: object = field(default=None, repr=False)  # the transformer's cuda_graphs.GraphedForward, if any
 
     # -- start-up --------------------------------------------------------------------------------
     def apply(self, placement) -> Runtime:
@@ -589,7 +592,7 @@ class Runtime:
             if self.device.startswith("cuda"):
                 from flux_infer.cuda_graphs import GraphedForward
 
-                transformer.forward = GraphedForward(transformer.forward)
+                transformer.forward = self.graphs = GraphedForward(transformer.forward)
             else:
                 log.info("--compile-mode %s: CUDA graphs need a CUDA GPU; on %s the compiled transformer runs "
                          "without them", options.compile_mode, self.device)
@@ -698,7 +701,8 @@ class Runtime:
             return mode == "on"
         scale = 2 if self.pipeline.vae.dtype.itemsize >= 4 else 1
         needs = width * height * DECODE_BYTES_PER_PIXEL * scale
-        if needs <= free_bytes(self.device, self.options.gpu_memory):
+        kept = self.graphs.pool_bytes if self.graphs is not None else 0
+        if needs <= free_bytes(self.device, self.options.gpu_memory, kept):
             return False
         log.info("VAE tiling on for %dx%d: decoding needs ~%.1f GiB, more than is free", width, height, needs / 1024**3)
         return True

@@ -76,8 +76,10 @@ def test_graphs_are_only_recorded_on_a_cuda_gpu_and_for_a_graph_mode(tiny_dir, m
     # On a CUDA device (named only: nothing runs here) the forward is wrapped, and only in a graph mode.
     Runtime(pipe, Options(compile=True, compile_mode="max-autotune-no-cudagraphs"), MemoryPlan(), "cuda")._compile()
     assert pipe.transformer.forward == forward
-    Runtime(pipe, Options(compile=True, compile_mode="reduce-overhead"), MemoryPlan(), "cuda")._compile()
+    runtime = Runtime(pipe, Options(compile=True, compile_mode="reduce-overhead"), MemoryPlan(), "cuda")
+    runtime._compile()
     assert isinstance(pipe.transformer.forward, GraphedForward) and pipe.transformer.forward.recorded == 0
+    assert runtime.graphs is pipe.transformer.forward and runtime.graphs.pool_bytes == 0  # its pool, for tiling
     del pipe.transformer.forward
     with caplog.at_level(logging.INFO, logger="flux_infer.tuning"):
         Runtime(pipe, Options(compile=True, compile_mode="max-autotune"), MemoryPlan(), "cpu")._compile()

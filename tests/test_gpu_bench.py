@@ -93,10 +93,14 @@ def test_a_profiled_measurement_says_where_each_step_goes(gpu_bench, tiny_dir, t
     # A compiled row also says its recompilations, graph breaks and CUDA graphs recorded.
     compiled = {**row, "peak_smi_gib": None, "recompiles": 2, "graph_breaks": 0, "cuda_graphs": 1}
     assert "| 2 / 0 / 1 |" in gpu_bench.preset_line(gpu_bench.Run(argparse.Namespace(out=tmp_path)), "x", compiled)
-    # With CUDA graphs, what the allocator reserved (their pool) beside what it allocated.
+    # With CUDA graphs, what the allocator reserved (their pool) beside what it allocated, and the
+    # pool itself beside what --memory auto plans for it. Without graphs (as on this CPU) neither.
+    assert row["graphs_pool_gib"] is None
     note = "the allocator's reserved peak 24.3 GiB (with the CUDA graphs' pool"
-    assert note in gpu_bench.row_notes({**compiled, "peak_reserved_gib": 24.3})
-    assert note not in gpu_bench.row_notes({**compiled, "cuda_graphs": 0, "peak_reserved_gib": 24.3})
+    assert note not in gpu_bench.row_notes({**compiled, "peak_reserved_gib": 24.3})
+    graphed = gpu_bench.row_notes({**compiled, "peak_reserved_gib": 24.3, "graphs_pool_gib": 1.624})
+    assert note in graphed
+    assert f"the pool 1.62 GiB (--memory auto plans for {row['graphs_pool_planned_gib']} at 1024x1024)" in graphed
 
 
 def test_plain_diffusers_load_is_measured_beside_ours(gpu_bench, tiny_dir):

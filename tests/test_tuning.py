@@ -408,7 +408,7 @@ def test_vae_tiling_auto_follows_free_memory(tiny_dir, reference, monkeypatch, c
     assert not inference.pipeline.vae.use_tiling
     np.testing.assert_array_equal(pixels(untiled), pixels(reference))
     # 1 MiB free: the decode cannot fit
-    monkeypatch.setattr(tuning, "free_bytes", lambda device, gpu_memory=None: 1024**2)
+    monkeypatch.setattr(tuning, "free_bytes", lambda device, gpu_memory=None, kept=0: 1024**2)
     with caplog.at_level(logging.INFO, logger="flux_infer.tuning"):
         tiled = inference.infer("a lighthouse at dusk", seed=7, randomize_seed=False, **SMALL)
     assert inference.pipeline.vae.use_tiling
