@@ -141,7 +141,7 @@ class Options:
                 raise OptionError(f"--{name} must be one of {', '.join(allowed)}, got {value!r}")
         if self.compile_mode != "default" and not self.compile:
             raise OptionError(f"--compile-mode {self.compile_mode} says how to compile: add --compile")
-        if self.compile_mode in CUDA_GRAPH_MODES and self.cache is not None:
+        if self.cuda_graphs and self.cache is not None:
             raise OptionError(f"--compile-mode {self.compile_mode} replays the transformer from CUDA graphs, "
                               "which would replay --cache's first choice at every step: with --cache, use "
                               "--compile-mode default or max-autotune-no-cudagraphs")
@@ -163,6 +163,11 @@ class Options:
             # second runs them compiled; the VAE decoder compiles in the image's decode.
             return 2, 1
         return int(settings.NUM_INFERENCE_STEPS.default), 2
+
+    @property
+    def cuda_graphs(self) -> bool:
+        """The transformer replays from CUDA graphs: a CUDA graph mode, which only --compile takes."""
+        return self.compile_mode in CUDA_GRAPH_MODES
 
     @property
     def explicit_memory(self) -> bool:
@@ -287,7 +292,7 @@ def resolve_plan(options: Options, placement, *, gguf_bytes: int | None = None,
                            nf4=_bitsandbytes_installed(),
                            gguf_gib=gguf_bytes / 1024**3 if gguf_bytes else None,
                            storage=not options.compile and not switching_loras,
-                           graphs=options.compile and options.compile_mode in CUDA_GRAPH_MODES, where=where)
+                           graphs=options.cuda_graphs, where=where)
     check_plan(plan, placement, gguf=gguf_bytes is not None, switching_loras=switching_loras,
                fuse_qkv=options.fuse_qkv, compile_mode=options.compile_mode if options.compile else None)
     return plan
@@ -588,7 +593,7 @@ class Runtime:
                     block.compile(fullgraph=False, mode=mode)
         pipe.vae.to(memory_format=torch.channels_last)
         pipe.vae.decoder.compile(mode=mode)
-        if options.compile_mode in CUDA_GRAPH_MODES:
+        if options.cuda_graphs:
             if self.device.startswith("cuda"):
                 from flux_infer.cuda_graphs import GraphedForward
 

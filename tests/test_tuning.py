@@ -245,7 +245,6 @@ def test_a_cuda_graph_mode_replays_the_compiled_blocks_from_one_graph_per_size(t
     import torch
     from torch._dynamo.utils import counters
 
-
     torch._dynamo.reset()
     before = counters["stats"]["unique_graphs"]
     pipeline, _, _, runtime, _ = load_pipeline(str(tiny_dir), device="cpu", options=Options(
