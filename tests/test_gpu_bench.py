@@ -164,7 +164,6 @@ def test_a_compiling_measurement_counts_its_recompiles_graph_breaks_and_cuda_gra
 
     import torch
 
-
     with caplog.at_level(logging.INFO, logger="flux_infer.cuda_graphs"):  # the line as it is logged
         ReplayedOnCPU(lambda hidden_states: hidden_states * 2)(hidden_states=torch.ones(1, 4))
     seen = {}
