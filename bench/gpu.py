@@ -12,11 +12,12 @@ clock and power while it is busy (a row's note: a busier card may clock lower). 
 bf16 eager measured in the same run.
 
 Parts (`--parts`, comma-separated; each sized for about 5 minutes on an H100 at 1024x1024, 28 steps):
-- presets: bf16 eager, fused QKV, fp8, int8, attention backends (cuDNN, FA3, FA2; those not
-  installed say so): build/load s, warm-up s, first image, median of --runs, s/step, peak memory;
+- presets: bf16 eager, fused QKV, fp8, int8, attention backends (cuDNN, FA3, FA2, cuDNN's float8
+  attention; those not installed say so): build/load s, warm-up s, first image, median of --runs,
+  s/step, peak memory;
 - compile: --compile in bf16, with fp8, with CUDA graphs (bf16 and fp8), autotuned (bf16 and fp8),
-  with fused QKV, and with cuDNN attention (bf16 and fp8), the same figures (compiling takes
-  minutes; `--only` picks some);
+  with fused QKV, with cuDNN attention (bf16 and fp8) and with fp8 and float8 attention (with and
+  without CUDA graphs), the same figures (compiling takes minutes; `--only` picks some);
 - offload: the transformer in int8 with T5 streamed in (`--offload t5`, each image a new prompt, so
   T5's trip is in every image), model offload and group offload, the same figures;
 - steps: the cost of a full step and of a step a cache skipped (fbcache, taylorseer, magcache;
@@ -46,6 +47,9 @@ Parts (`--parts`, comma-separated; each sized for about 5 minutes on an H100 at 
 
 On the GPU machine (torch present, our other dependencies not):
     ../shared/gpu/fetch-wheels nf4 .whl        # here, before the call; `server` for the served part
+    # the float8 attention presets (--attention cudnn-fp8) also need the module cudnn, 4.6 MiB:
+    pip download -q --no-deps --only-binary=:all: --python-version 3.12 --platform manylinux_2_28_x86_64 \
+        -d .whl nvidia-cudnn-frontend==1.27.0
     python3 bench/gpu.py --wheels .whl --out "$OUT" --parts presets
 Check the whole script on a CPU first (random-small, 256x256, 4 steps, 1 run):
     python bench/gpu.py --allow-cpu --out /tmp/gpu-check \
@@ -122,12 +126,19 @@ PRESETS = {
     # flux-fast's recipe but for its attention (FA3 in float8, not installable here): per-row fp8,
     # kernels autotuned while compiling, CUDA graphs
     "fp8-row-compile-max-autotune": "--quantize fp8-row --compile --compile-mode max-autotune",
+    # float8 attention too (cuDNN's, through nvidia-cudnn-frontend): the part of an fp8 step still in bf16
+    "fp8-compile-fp8-attention": "--quantize fp8 --compile --attention cudnn-fp8",
+    "fp8-compile-cudagraphs-fp8-attention": "--quantize fp8 --compile --compile-mode reduce-overhead "
+                                            "--attention cudnn-fp8",
+    "fp8-row-compile-cudagraphs-fp8-attention": "--quantize fp8-row --compile --compile-mode reduce-overhead "
+                                                "--attention cudnn-fp8",
     "compile-cudnn": "--memory off --compile --attention _native_cudnn",
     "fp8-compile-cudnn": "--quantize fp8 --compile --attention _native_cudnn",
     "int8": "--quantize int8",
     "cudnn-attention": "--memory off --attention _native_cudnn",
     "flash3-attention": "--memory off --attention _flash_3",
     "flash-attention": "--memory off --attention flash",
+    "fp8-attention": "--memory off --attention cudnn-fp8",
     "t5-offload": "--quantize int8 --offload t5",
     "model-offload": "--offload model",
     "group-offload": "--offload group",
@@ -137,12 +148,17 @@ PRESET_ENV = {"fp8-compile-cpp-wrapper": {"TORCHINDUCTOR_CPP_WRAPPER": "1"}}
 # The presets each goal is met by: bf16 with any compile mode; any preset whose only loss is fp8.
 COMPILE_PRESETS = ("compile", "compile-fused", "compile-cudagraphs", "compile-autotune", "compile-cudnn")
 FP8_PRESETS = ("fp8", "fp8-compile", "fp8-compile-autotune", "fp8-compile-cudagraphs", "fp8-compile-cpp-wrapper",
-               "fp8-compile-cudnn", "fp8-row-compile", "fp8-row-compile-cudagraphs", "fp8-row-compile-max-autotune")
+               "fp8-compile-cudnn", "fp8-row-compile", "fp8-row-compile-cudagraphs", "fp8-row-compile-max-autotune",
+               "fp8-compile-fp8-attention", "fp8-compile-cudagraphs-fp8-attention",
+               "fp8-row-compile-cudagraphs-fp8-attention")
 PARTS = {
-    "presets": ["bf16", "fused-qkv", "fp8", "int8", "cudnn-attention", "flash3-attention", "flash-attention"],
+    "presets": ["bf16", "fused-qkv", "fp8", "int8", "cudnn-attention", "flash3-attention", "flash-attention",
+                "fp8-attention"],
     "compile": ["bf16", "compile", "fp8-compile", "compile-cudagraphs", "compile-autotune", "fp8-compile-autotune",
                 "fp8-compile-cudagraphs", "fp8-compile-cpp-wrapper", "compile-fused", "compile-cudnn",
-                "fp8-compile-cudnn", "fp8-row-compile", "fp8-row-compile-cudagraphs", "fp8-row-compile-max-autotune"],
+                "fp8-compile-cudnn", "fp8-row-compile", "fp8-row-compile-cudagraphs", "fp8-row-compile-max-autotune",
+                "fp8-compile-fp8-attention", "fp8-compile-cudagraphs-fp8-attention",
+                "fp8-row-compile-cudagraphs-fp8-attention"],
     "offload": ["bf16", "t5-offload", "model-offload", "group-offload"],
     "steps": ["bf16"],
     "served": [],
@@ -157,7 +173,8 @@ PARTS = {
 PROFILED_STEPS = 4  # denoising steps a profile records
 PROFILED_PARTS = ("presets", "compile", "offload", "memory", "lean")
 # Backends that need a package torch does not bring; without it the preset is not measured.
-MODULES = {"flash3-attention": "flash_attn_interface", "flash-attention": "flash_attn"}
+MODULES = {"flash3-attention": "flash_attn_interface", "flash-attention": "flash_attn",
+           **{name: "cudnn" for name, flags in PRESETS.items() if "cudnn-fp8" in flags}}
 CACHES = {"fbcache": "--cache fbcache:1000", "taylorseer": "--cache taylorseer:4", "magcache": "--cache magcache:1000"}
 CAPS_GIB = (24, 16, 12, 8)
 # --deadline: a child gets what is left less this margin (for writing the report), and none starts

@@ -97,8 +97,9 @@ def _add_runtime_flags(parser: argparse.ArgumentParser) -> None:
                        f"{tuning.CACHE_DEFAULTS['taylorseer']}), magcache[:threshold] (default "
                        f"{tuning.CACHE_DEFAULTS['magcache']}); changes pixels (default: none)")
     group.add_argument("--attention", default=None, metavar="BACKEND",
-                       help="diffusers attention backend, e.g. flash, _flash_3, sage, xformers, _native_cudnn "
-                       "(default: torch's SDPA)")
+                       help="diffusers attention backend, e.g. flash, _flash_3, sage, xformers, _native_cudnn, or "
+                       f"{tuning.FLOAT8_ATTENTION} (cuDNN's float8 attention: Hopper or newer, bf16 models, "
+                       "changes pixels a little) (default: torch's SDPA)")
     group.add_argument("--fuse-qkv", action=argparse.BooleanOptionalAction, default=tuning.Options.fuse_qkv,
                        help="fuse the Q, K, V projections into one matmul: the same maths, but diffusers keeps the "
                        "separate weights too (+4 GiB for FLUX.1-dev), and on an H100 it was not faster (default: off)")

@@ -5,7 +5,8 @@ Everything here is the field's own machinery, switched on with the right argumen
   of T5 alone, sequential), its quantization configs at load time (torchao int8/fp8, bitsandbytes
   nf4, GGUF single files) and layerwise casting (`fp8-storage`); VAE tiling and slicing;
 - speed: `torch.compile` of the transformer's repeated blocks and the VAE decoder, fused QKV
-  projections, diffusers' cache hooks (First Block Cache, TaylorSeer, MagCache), attention backends.
+  projections, diffusers' cache hooks (First Block Cache, TaylorSeer, MagCache), attention backends
+  and cuDNN's float8 attention (flux_infer.fp8_attention).
 
 `plan_memory()` is `--memory auto`: the fastest combination whose estimated peak fits the GPU's
 free memory. `Runtime` applies the options to a loaded pipeline and does the per-request parts
@@ -68,6 +69,8 @@ HEADROOM_GIB = 1.0
 # VAE decode: bytes per output pixel (bf16; twice that in float32), to decide tiling.
 DECODE_BYTES_PER_PIXEL = 3 * 1024**3 / (1024 * 1024)
 FP8_COMPUTE_CAPABILITY = (8, 9)
+# --attention's own choice beside diffusers' backends: cuDNN's float8 flash attention (flux_infer.fp8_attention).
+FLOAT8_ATTENTION = "cudnn-fp8"
 
 
 class OptionError(ValueError):
@@ -624,12 +627,15 @@ class Runtime:
         from diffusers.models.attention_dispatch import AttentionBackendName, dispatch_attention_fn
 
         names = [b.value for b in AttentionBackendName]
-        if backend not in names:
-            raise OptionError(f"--attention must be one of {', '.join(n for n in names if not n.startswith('_'))}, "
-                              f"got {backend!r}")
+        if backend not in (*names, FLOAT8_ATTENTION):
+            raise OptionError(f"--attention must be one of {', '.join(n for n in names if not n.startswith('_'))} "
+                              f"or {FLOAT8_ATTENTION}, got {backend!r}")
         transformer = self.pipeline.transformer
         where = f"{placement.device} in {str(placement.dtype).removeprefix('torch.')}"
         heads, width = transformer.config.num_attention_heads, transformer.config.attention_head_dim
+        if backend == FLOAT8_ATTENTION:
+            self._set_float8_attention(placement, where, heads, width)
+            return
         try:
             # diffusers' context manager checks the backend's package and puts the process-wide
             # active backend back afterwards (set_attention_backend sets it for good).
@@ -640,6 +646,28 @@ class Runtime:
         except (RuntimeError, ImportError, ValueError) as err:
             raise OptionError(f"attention backend {backend} cannot run on {where}: {str(err).splitlines()[0]} "
                               "(leave --attention out for torch's own SDPA)") from None
+
+    def _set_float8_attention(self, placement, where: str, heads: int, width: int) -> None:
+        """cuDNN's float8 attention in every attention layer, once it has run here and come within
+        fp8_attention.TOLERANCE of torch's SDPA on a test."""
+        from flux_infer import fp8_attention
+
+        leave = "(leave --attention out for torch's own SDPA)"
+        try:
+            fp8_attention.check_supported(placement.device, placement.dtype)
+            error = fp8_attention.relative_error(placement.device, placement.dtype, heads, width)
+        except fp8_attention.Float8AttentionUnavailable as err:
+            raise OptionError(f"--attention {FLOAT8_ATTENTION} cannot run on {where}: {err} {leave}") from None
+        except Exception as err:  # cuDNN's own (cudnnGraphNotSupportedError is no RuntimeError): no engine for
+            # this GPU, shape or library version
+            log.error("cuDNN's float8 attention failed on a test", exc_info=True)
+            raise OptionError(f"--attention {FLOAT8_ATTENTION} cannot run on {where}: cuDNN said "
+                              f"{str(err).splitlines()[0] if str(err) else type(err).__name__} {leave}") from None
+        if not error <= fp8_attention.TOLERANCE:
+            raise OptionError(f"--attention {FLOAT8_ATTENTION} came out {error:.0%} away from torch's SDPA on a test "
+                              f"(float8's rounding is a few percent) on {where}: not used {leave}")
+        self.pipeline.transformer.set_attn_processor(fp8_attention.processor())
+        log.info("attention in float8 (cuDNN): %.1f%% from torch's SDPA on a test", 100 * error)
 
     def _enable_cache(self, steps: int) -> None:
         from diffusers import FirstBlockCacheConfig, MagCacheConfig, TaylorSeerCacheConfig

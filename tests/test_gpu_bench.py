@@ -220,12 +220,12 @@ def test_every_measured_flag_set_is_one_the_cli_accepts(gpu_bench):
 
     from diffusers.models.attention_dispatch import AttentionBackendName
 
-    from flux_infer import cli
+    from flux_infer import cli, tuning
 
     flag_sets = [*gpu_bench.PRESETS.values(), *(f"--memory off {flags}" for flags in gpu_bench.CACHES.values()),
                  *(f"--gpu-memory {gpu_bench.LEAN_CAP_GIB} {flags}" for flags in gpu_bench.LEAN_PLANS.values()),
                  *(f"--gpu-memory {cap}" for cap in gpu_bench.CAPS_GIB)]
-    backends = {name.value for name in AttentionBackendName}
+    backends = {name.value for name in AttentionBackendName} | {tuning.FLOAT8_ATTENTION}
     for flags in flag_sets:
         options = cli._options(cli._parser().parse_args(["generate", "x", *shlex.split(flags)]))
         assert options.attention is None or options.attention in backends, flags
