@@ -10,6 +10,8 @@ cuDNN's graph API comes from NVIDIA's `nvidia-cudnn-frontend` package (Python bi
 cuDNN library is torch's own). The kernel runs as the custom op `flux_infer::cudnn_fp8_attention`,
 which torch.compile leaves whole (the scaling around it compiles with the block) and a CUDA graph
 records: its cuDNN graph is built at a shape's first call, on the call's stream, before any capture.
+A shape cuDNN has no graph for is served by torch's SDPA (said once in the log); start-up's test
+refuses the option if cuDNN cannot run at all.
 
 `Float8AttnProcessor` is diffusers' `FluxAttnProcessor` with this attention in place of
 `dispatch_attention_fn`: diffusers' attention backends are a closed set.
@@ -90,6 +92,8 @@ def relative_error(device: str, dtype, heads: int, head_dim: int, tokens: int = 
     generator = torch.Generator(device=device).manual_seed(0)
     q, k, v = (torch.randn(1, tokens, heads, head_dim, device=device, dtype=dtype, generator=generator)
                for _ in range(3))
+    if q.is_cuda:  # cuDNN's own error if it has no graph here, rather than torch's SDPA standing in
+        _graph(tuple(q.shape), *(q.stride(),) * 4, q.device, strict=True)
     with torch.no_grad():
         got = attention(q, k, v).float()
         want = torch.nn.functional.scaled_dot_product_attention(
@@ -104,24 +108,39 @@ def register():
     """Register the custom op `flux_infer::cudnn_fp8_attention` (once); returns it as torch.ops has it."""
     import torch
 
-    @torch.library.custom_op("flux_infer::cudnn_fp8_attention", mutates_args=(), device_types="cuda",
-                             schema="(Tensor q, Tensor k, Tensor v, Tensor descale_q, Tensor descale_k, "
-                                    "Tensor descale_v, Tensor scale_o) -> Tensor")
-    def cudnn_fp8_attention(q, k, v, descale_q, descale_k, descale_v, scale_o):
-        if not q.shape == k.shape == v.shape:
-            raise ValueError(f"float8 attention takes Q, K and V of one shape, got {q.shape}, {k.shape}, {v.shape}")
-        # cuDNN reads any strides but the head dimension's, which must be 1.
-        q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
-        out = torch.empty_like(q)
-        graph = _graph(tuple(q.shape), q.stride(), k.stride(), v.stride(), out.stride(), q.device)
-        graph.run(q, k, v, descale_q, descale_k, descale_v, scale_o, out)
-        return out
-
-    @cudnn_fp8_attention.register_fake
-    def _(q, k, v, descale_q, descale_k, descale_v, scale_o):
-        return torch.empty_like(q)
-
+    op = torch.library.custom_op("flux_infer::cudnn_fp8_attention", run, mutates_args=(), device_types="cuda",
+                                 schema="(Tensor q, Tensor k, Tensor v, Tensor descale_q, Tensor descale_k, "
+                                        "Tensor descale_v, Tensor scale_o) -> Tensor")
+    op.register_fake(lambda q, k, v, descale_q, descale_k, descale_v, scale_o: torch.empty_like(q))
     return torch.ops.flux_infer.cudnn_fp8_attention.default
+
+
+def run(q, k, v, descale_q, descale_k, descale_v, scale_o):
+    """The op's CUDA kernel: cuDNN's graph for this shape and layout; where cuDNN has none, torch's SDPA
+    on the float8 inputs (so a new image size is served, in bf16's time). The output is in float8,
+    scaled by `scale_o`, either way."""
+    import torch
+
+    if not q.shape == k.shape == v.shape:
+        raise ValueError(f"float8 attention takes Q, K and V of one shape, got {q.shape}, {k.shape}, {v.shape}")
+    # cuDNN reads any strides but the head dimension's, which must be 1.
+    q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
+    out = torch.empty_like(q)
+    graph = _graph(tuple(q.shape), q.stride(), k.stride(), v.stride(), out.stride(), q.device)
+    if graph is None:
+        return _with_sdpa(q, k, v, descale_q, descale_k, descale_v, scale_o, out)
+    graph.run(q, k, v, descale_q, descale_k, descale_v, scale_o, out)
+    return out
+
+
+def _with_sdpa(q, k, v, descale_q, descale_k, descale_v, scale_o, out):
+    """What the cuDNN graph computes, by torch's SDPA in bf16 (the probabilities are not rounded to float8)."""
+    import torch
+
+    q, k, v = ((t.float() * descale).to(torch.bfloat16).transpose(1, 2)
+               for t, descale in ((q, descale_q), (k, descale_k), (v, descale_v)))
+    result = torch.nn.functional.scaled_dot_product_attention(q, k, v).transpose(1, 2).float() * scale_o
+    return out.copy_(result.clamp(-FLOAT8_MAX, FLOAT8_MAX))
 
 
 def _cudnn_layout(shape: tuple, stride: tuple) -> tuple[list, list]:
@@ -193,14 +212,26 @@ class _Graph:
                             self.amax[1]: self.amax_values[1]}, self.workspace, handle=self.handle)
 
 
-_GRAPHS: dict[tuple, _Graph] = {}
+# (shape, strides, device) -> its graph, or None where cuDNN has none (said once in the log)
+_GRAPHS: dict[tuple, _Graph | None] = {}
 
 
-def _graph(shape: tuple, q_stride: tuple, k_stride: tuple, v_stride: tuple, out_stride: tuple, device) -> _Graph:
+def _graph(shape: tuple, q_stride: tuple, k_stride: tuple, v_stride: tuple, out_stride: tuple, device, *,
+           strict: bool = False) -> _Graph | None:
+    """The cuDNN graph for this shape and layout, built at its first call. `strict`: raise cuDNN's
+    error rather than keep None for it (start-up's test: cuDNN works here at all)."""
     key = (shape, q_stride, k_stride, v_stride, out_stride, device)
-    if key not in _GRAPHS:
+    if key not in _GRAPHS or (strict and _GRAPHS[key] is None):
         log.info("building cuDNN's float8 attention for %s", "x".join(map(str, shape)))
-        _GRAPHS[key] = _Graph(shape, dict(q=q_stride, k=k_stride, v=v_stride, out=out_stride), device)
+        try:
+            _GRAPHS[key] = _Graph(shape, dict(q=q_stride, k=k_stride, v=v_stride, out=out_stride), device)
+        except Exception as err:  # cuDNN's errors are no RuntimeError: cudnnGraphNotSupportedError and others
+            if strict:
+                raise
+            reason = next((line for line in str(err).splitlines() if line.strip()), type(err).__name__)
+            log.warning("cuDNN has no float8 attention for %s (%s): attention at this size runs in bf16",
+                        "x".join(map(str, shape)), reason)
+            _GRAPHS[key] = None
     return _GRAPHS[key]
 
 

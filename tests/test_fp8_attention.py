@@ -114,6 +114,34 @@ def test_a_scale_taken_the_wrong_way_round_fails_the_start_up_test(emulated_kern
     assert fp8_attention.relative_error("cpu", torch.float32, heads=2, head_dim=64) > fp8_attention.TOLERANCE
 
 
+def test_a_shape_cudnn_has_no_graph_for_is_served_by_sdpa_and_said_once(monkeypatch, caplog):
+    """A size whose attention cuDNN cannot build is served in bf16 (torch's SDPA on the float8 inputs,
+    same contract: float8 out, scaled by scale_o), with one warning; start-up's strict build raises."""
+    import logging
+
+    import torch
+
+    class NoEngine:
+        def __init__(self, *args):
+            raise RuntimeError("cudnnGraphNotSupportedError: no engine for this graph\nmore detail")
+
+    monkeypatch.setattr(fp8_attention, "_Graph", NoEngine)
+    monkeypatch.setattr(fp8_attention, "_GRAPHS", {})
+    generator = torch.Generator().manual_seed(3)
+    query, key, value = (torch.randn(1, 200, 2, 64, generator=generator, dtype=torch.bfloat16) for _ in range(3))
+    (q, _, descale_q), (k, _, descale_k), (v, scale_v, descale_v) = map(fp8_attention.to_float8, (query, key, value))
+    with caplog.at_level(logging.WARNING, logger="flux_infer.fp8_attention"):
+        for _ in range(2):
+            out = fp8_attention.run(q, k, v, descale_q, descale_k, descale_v, scale_v)
+            assert out.dtype == torch.float8_e4m3fn and out.shape == q.shape
+            assert relative(out.float() * descale_v, sdpa(query, key, value)) < fp8_attention.TOLERANCE / 2
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert warnings == ["cuDNN has no float8 attention for 1x200x2x64 (cudnnGraphNotSupportedError: no engine for "
+                        "this graph): attention at this size runs in bf16"]
+    with pytest.raises(RuntimeError, match="no engine"):
+        fp8_attention._graph(tuple(q.shape), *(q.stride(),) * 4, q.device, strict=True)
+
+
 def test_the_tiny_pipeline_generates_with_float8_attention(tiny_dir, emulated_kernel):
     pipeline, _, _, runtime, _ = load_pipeline(str(tiny_dir), device="cpu", options=Options())
     inference = FluxInference(pipeline, runtime=runtime)
