@@ -92,13 +92,28 @@ def relative_error(device: str, dtype, heads: int, head_dim: int, tokens: int = 
     generator = torch.Generator(device=device).manual_seed(0)
     q, k, v = (torch.randn(1, tokens, heads, head_dim, device=device, dtype=dtype, generator=generator)
                for _ in range(3))
-    if q.is_cuda:  # cuDNN's own error if it has no graph here, rather than torch's SDPA standing in
-        _graph(tuple(q.shape), *(q.stride(),) * 4, q.device, strict=True)
-    with torch.no_grad():
-        got = attention(q, k, v).float()
-        want = torch.nn.functional.scaled_dot_product_attention(
-            *(t.transpose(1, 2) for t in (q, k, v))).transpose(1, 2).float()
+    try:
+        if q.is_cuda:  # cuDNN's own error if it has no graph here, rather than torch's SDPA standing in
+            _graph(tuple(q.shape), *(q.stride(),) * 4, q.device, strict=True)
+        with torch.no_grad():
+            got = attention(q, k, v).float()
+    except Exception as err:  # cuDNN's own errors are no RuntimeError (cudnnGraphNotSupportedError)
+        log.error("cuDNN's float8 attention failed on a test", exc_info=True)
+        raise Float8AttentionUnavailable(f"cuDNN said {_first_line(err)}") from None
+    want = _sdpa(q, k, v).float()
     return float((got - want).norm() / want.norm())
+
+
+def _sdpa(query, key, value):
+    """torch's SDPA on (batch, sequence, heads, head_dim) tensors."""
+    import torch
+
+    out = torch.nn.functional.scaled_dot_product_attention(*(t.transpose(1, 2) for t in (query, key, value)))
+    return out.transpose(1, 2)
+
+
+def _first_line(err: Exception) -> str:
+    return next((line for line in str(err).splitlines() if line.strip()), type(err).__name__)
 
 
 # -- the cuDNN graph, as a custom op ---------------------------------------------------------------
@@ -137,10 +152,9 @@ def _with_sdpa(q, k, v, descale_q, descale_k, descale_v, scale_o, out):
     """What the cuDNN graph computes, by torch's SDPA in bf16 (the probabilities are not rounded to float8)."""
     import torch
 
-    q, k, v = ((t.float() * descale).to(torch.bfloat16).transpose(1, 2)
+    q, k, v = ((t.float() * descale).to(torch.bfloat16)
                for t, descale in ((q, descale_q), (k, descale_k), (v, descale_v)))
-    result = torch.nn.functional.scaled_dot_product_attention(q, k, v).transpose(1, 2).float() * scale_o
-    return out.copy_(result.clamp(-FLOAT8_MAX, FLOAT8_MAX))
+    return out.copy_((_sdpa(q, k, v).float() * scale_o).clamp(-FLOAT8_MAX, FLOAT8_MAX))
 
 
 def _cudnn_layout(shape: tuple, stride: tuple) -> tuple[list, list]:
@@ -228,9 +242,8 @@ def _graph(shape: tuple, q_stride: tuple, k_stride: tuple, v_stride: tuple, out_
         except Exception as err:  # cuDNN's errors are no RuntimeError: cudnnGraphNotSupportedError and others
             if strict:
                 raise
-            reason = next((line for line in str(err).splitlines() if line.strip()), type(err).__name__)
             log.warning("cuDNN has no float8 attention for %s (%s): attention at this size runs in bf16",
-                        "x".join(map(str, shape)), reason)
+                        "x".join(map(str, shape)), _first_line(err))
             _GRAPHS[key] = None
     return _GRAPHS[key]
 

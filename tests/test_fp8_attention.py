@@ -114,6 +114,17 @@ def test_a_scale_taken_the_wrong_way_round_fails_the_start_up_test(emulated_kern
     assert fp8_attention.relative_error("cpu", torch.float32, heads=2, head_dim=64) > fp8_attention.TOLERANCE
 
 
+def test_cudnns_own_error_in_the_start_up_test_is_said_in_one_line(monkeypatch):
+    import torch
+
+    def fails(*_):
+        raise RuntimeError("\nCUDNN_STATUS_EXECUTION_FAILED\ncudnn_frontend detail")
+
+    monkeypatch.setattr(fp8_attention, "attention", fails)
+    with pytest.raises(fp8_attention.Float8AttentionUnavailable, match="^cuDNN said CUDNN_STATUS_EXECUTION_FAILED$"):
+        fp8_attention.relative_error("cpu", torch.bfloat16, heads=2, head_dim=64)
+
+
 def test_a_shape_cudnn_has_no_graph_for_is_served_by_sdpa_and_said_once(monkeypatch, caplog):
     """A size whose attention cuDNN cannot build is served in bf16 (torch's SDPA on the float8 inputs,
     same contract: float8 out, scaled by scale_o), with one warning; start-up's strict build raises."""
