@@ -17,6 +17,7 @@ import time
 from dataclasses import asdict, dataclass
 
 from flux_infer import settings
+from flux_infer.errors import first_line
 from flux_infer.inference import GenerationCancelled, GenerationFailed, GenerationRequest, GenerationResult
 
 log = logging.getLogger(__name__)
@@ -216,7 +217,7 @@ class RemoteInference:
             cause = type(getattr(err, "cause", None) or err).__name__
             if "Cancelled" in cause or "TaskCancelled" in type(err).__name__:
                 raise GenerationCancelled("cancelled") from None
-            log.error("replica failed: %s", str(err).splitlines()[0][:300])
+            log.error("replica failed: %s", first_line(err))
             raise GenerationFailed("the replica serving this request stopped before it finished "
                                    f"({type(err).__name__}); try again: Ray Serve replaces it") from None
         raise GenerationFailed("the replica ended the stream without an image; try again")

@@ -20,6 +20,8 @@ from __future__ import annotations
 import logging
 import time
 
+from flux_infer.errors import first_line
+
 log = logging.getLogger(__name__)
 
 
@@ -84,9 +86,9 @@ class GraphedForward:
             raise
         except RuntimeError as err:
             log.error("recording %s's CUDA graph failed", self._name, exc_info=True)
-            reason = next((line for line in str(err).splitlines() if line.strip()), type(err).__name__)
-            raise GraphCaptureError(f"could not record {self._name} as a CUDA graph: {reason} (the log has torch's "
-                                    "account); use --compile-mode default or max-autotune-no-cudagraphs") from None
+            raise GraphCaptureError(f"could not record {self._name} as a CUDA graph: {first_line(err)} (the log "
+                                    "has torch's account); use --compile-mode default or "
+                                    "max-autotune-no-cudagraphs") from None
         tensors = [leaf for leaf in leaves if isinstance(leaf, torch.Tensor)]
         sample = kwargs.get("hidden_states", tensors[0] if tensors else None)
         log.info("recorded %s's CUDA graph for inputs of %s in %.1f s (%d recorded)", self._name,

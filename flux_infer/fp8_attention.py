@@ -22,6 +22,8 @@ from __future__ import annotations
 import functools
 import logging
 
+from flux_infer.errors import first_line
+
 log = logging.getLogger(__name__)
 
 PACKAGE = "nvidia-cudnn-frontend"
@@ -99,7 +101,7 @@ def relative_error(device: str, dtype, heads: int, head_dim: int, tokens: int = 
             got = attention(q, k, v).float()
     except Exception as err:  # cuDNN's own errors are no RuntimeError (cudnnGraphNotSupportedError)
         log.error("cuDNN's float8 attention failed on a test", exc_info=True)
-        raise Float8AttentionUnavailable(f"cuDNN said {_first_line(err)}") from None
+        raise Float8AttentionUnavailable(f"cuDNN said {first_line(err)}") from None
     want = _sdpa(q, k, v).float()
     return float((got - want).norm() / want.norm())
 
@@ -110,10 +112,6 @@ def _sdpa(query, key, value):
 
     out = torch.nn.functional.scaled_dot_product_attention(*(t.transpose(1, 2) for t in (query, key, value)))
     return out.transpose(1, 2)
-
-
-def _first_line(err: Exception) -> str:
-    return next((line for line in str(err).splitlines() if line.strip()), type(err).__name__)
 
 
 # -- the cuDNN graph, as a custom op ---------------------------------------------------------------
@@ -243,7 +241,7 @@ def _graph(shape: tuple, q_stride: tuple, k_stride: tuple, v_stride: tuple, out_
             if strict:
                 raise
             log.warning("cuDNN has no float8 attention for %s (%s): attention at this size runs in bf16",
-                        "x".join(map(str, shape)), _first_line(err))
+                        "x".join(map(str, shape)), first_line(err))
             _GRAPHS[key] = None
     return _GRAPHS[key]
 

@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Literal, NamedTuple
 
 from flux_infer import settings
+from flux_infer.errors import first_line
 
 log = logging.getLogger(__name__)
 
@@ -229,7 +230,7 @@ def _download(repo_id: str, *, transformer_weights: bool) -> str:
     except (OfflineModeIsEnabled, FileNotFoundError):
         reason = f"{repo_id} is not in the local Hugging Face cache and downloading is off (HF_HUB_OFFLINE)"
     except OSError as err:  # connection refused, DNS, TLS, HTTP errors: huggingface_hub's are OSErrors
-        reason = f"could not download {repo_id} ({type(err).__name__}: {str(err).splitlines()[0][:200]})"
+        reason = f"could not download {repo_id} ({type(err).__name__}: {first_line(err)})"
     raise ModelLoadError(f"{reason}. {settings.DOWNLOAD_HINT}")
 
 
@@ -268,7 +269,7 @@ def apply_loras(pipeline, loras) -> None:
             with stacking_adapters():
                 pipeline.load_lora_weights(path, adapter_name=name)
         except (OSError, ValueError, KeyError, RuntimeError) as err:
-            raise ModelLoadError(f"could not load {path} as a FLUX LoRA: {str(err).splitlines()[0][:300]}") from None
+            raise ModelLoadError(f"could not load {path} as a FLUX LoRA: {first_line(err)}") from None
         names.append(name)
         scales.append(scale)
         log.info("LoRA %s at scale %g", path, scale)

@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from flux_infer import settings
+from flux_infer.errors import first_line
 from flux_infer.inference import NO_LORA_FOLDER, InvalidRequest, LoraChoice
 
 log = logging.getLogger(__name__)
@@ -87,7 +88,7 @@ def read_header(path: str | Path, name: str) -> LoraInfo:
             shapes = {key: handle.get_slice(key).get_shape() for key in handle.keys()}
     except Exception as err:  # safetensors raises its own SafetensorError for a bad header
         raise LoraFileError(f"LoRA {name!r} ({path.name}) is not a readable safetensors file: "
-                            f"{str(err).splitlines()[0][:200]}") from None
+                            f"{first_line(err)}") from None
     layers = sorted({_PARTS.sub("", key) for key in shapes if _PARTS.search(key)})
     ranks = {shape[0] for key, shape in shapes.items() if _DOWN.search(key) and shape}
     if not layers or not ranks:
@@ -324,7 +325,7 @@ class LoraAdapters:
             self._load(info.path, adapter)
         except (OSError, ValueError, KeyError, RuntimeError) as err:
             raise InvalidRequest(f"LoRA {name!r} could not be loaded as a FLUX LoRA: "
-                                 f"{str(err).splitlines()[0][:300]}") from None
+                                 f"{first_line(err)}") from None
         self._loaded[version] = adapter
         log.info("LoRA %s loaded (rank %d, %d layers)", name, info.rank, len(info.layers))
         return adapter

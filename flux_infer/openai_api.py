@@ -41,6 +41,7 @@ from pydantic import (BaseModel, ConfigDict, StrictBool, StrictInt, StrictStr, V
 from starlette.requests import Request
 
 from flux_infer import settings
+from flux_infer.errors import first_line
 from flux_infer.images import MIME_TYPES, encode
 from flux_infer.inference import (GenerationCancelled, GenerationFailed, InvalidRequest, build_request,
                                   check_strength, draw_seed)
@@ -457,9 +458,10 @@ class ImagesApi:
 
         try:
             form = await request.form(max_files=2, max_fields=64)
-        except Exception as err:  # starlette's MultiPartException, a body that is not a form
+        except Exception as err:  # starlette's HTTPException(400) for a body that is not a form
+            reason = getattr(err, "detail", None) or first_line(err)  # its str() starts with the status
             raise ApiError(400, f"the body must be multipart/form-data with an `image` file and a `prompt` "
-                           f"({str(err)[:200] or type(err).__name__})") from None
+                           f"({reason})") from None
         try:
             uploads = {key: value for key, value in form.multi_items() if isinstance(value, UploadFile)}
             fields = {key: value for key, value in form.multi_items() if not isinstance(value, UploadFile)}

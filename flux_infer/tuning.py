@@ -21,6 +21,7 @@ import os
 from dataclasses import dataclass, field, replace
 
 from flux_infer import settings
+from flux_infer.errors import first_line
 
 log = logging.getLogger(__name__)
 
@@ -644,7 +645,7 @@ class Runtime:
                 dispatch_attention_fn(probe, probe, probe)
             transformer.set_attention_backend(backend)
         except (RuntimeError, ImportError, ValueError) as err:
-            raise OptionError(f"attention backend {backend} cannot run on {where}: {str(err).splitlines()[0]} "
+            raise OptionError(f"attention backend {backend} cannot run on {where}: {first_line(err)} "
                               "(leave --attention out for torch's own SDPA)") from None
 
     def _set_float8_attention(self, placement, where: str, heads: int, width: int) -> None:

@@ -224,6 +224,9 @@ def test_openai_edit_end_to_end_and_bad_uploads(server, inference):
         assert answer.status_code == 400, (message, answer.text)
         error = answer.json()["error"]
         assert error["param"] == param and message in error["message"], (message, error)
+    broken = server.http.post(url, content=b"not a form", headers={"content-type": "multipart/form-data"}, timeout=60)
+    assert broken.status_code == 400 and broken.json()["error"]["message"] == (
+        "the body must be multipart/form-data with an `image` file and a `prompt` (Missing boundary in multipart.)")
     huge = server.http.post(url, files={"image": ("x.png", bytes(60 * 2**20), "image/png")}, data={"prompt": "a fox"},
                       timeout=60)
     assert huge.status_code == 413, huge.text

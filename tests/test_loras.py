@@ -126,6 +126,25 @@ def test_loras_switch_per_request_on_quantized_weights(tiny_dir, lora_dir, quant
     np.testing.assert_array_equal(pixels(inference)[0], base)
 
 
+def test_a_lora_the_library_cannot_load_is_refused_with_its_reason_and_the_next_request_is_served(
+        tiny_dir, lora_dir, monkeypatch):
+    pipeline, _, _, runtime, adapters = load_pipeline(str(tiny_dir), device="cpu",
+                                                      lora_folder=LoraFolder(str(lora_dir)))
+    inference = FluxInference(pipeline, runtime=runtime, adapters=adapters)
+    load = type(pipeline).load_lora_weights
+    for error, reason in [(RuntimeError(), "RuntimeError"), (OSError("\n\n  disk read failed  \nat offset 7"),
+                                                                  "disk read failed")]:
+        def failing(*args, error=error, **kwargs):
+            raise error
+
+        monkeypatch.setattr(pipeline, "load_lora_weights", failing)
+        with pytest.raises(InvalidRequest, match=f"^LoRA 'film' could not be loaded as a FLUX LoRA: {reason}$"):
+            pixels(inference, [LoraChoice("film", 0.8)])
+    monkeypatch.setattr(pipeline, "load_lora_weights", load.__get__(pipeline))
+    film, result = pixels(inference, [LoraChoice("film", 0.8)])
+    assert "Lora: film:0.8" in result.image.info["parameters"]
+
+
 def test_fused_qkv_refuses_switching_loras_and_applies_a_start_up_one_in_full(tiny_dir, lora_dir):
     from flux_infer.tuning import OptionError
 
