@@ -15,11 +15,9 @@ import logging
 
 from flux_infer import settings
 from flux_infer.images import encode
-from flux_infer.inference import InvalidRequest
+from flux_infer.inference import GenerationFailed, InvalidRequest
 from flux_infer.previews import Step
-from flux_infer.service import Busy, new_request_id
-
-log = logging.getLogger(__name__)
+from flux_infer.service import Busy, new_request_id, unexpected_failure
 
 MOUNT_PATH = "/gradio_api/mcp"
 DESCRIPTION = (
@@ -62,9 +60,10 @@ def build_mcp(service, *, host: str):
                     await ctx.report_progress(item.index, item.total, f"denoising step {item.index} of {item.total}")
                 else:
                     result = item
-        except Exception as err:  # the log has the details, the client one line
-            log.warning("mcp generation failed: %s: %s", type(err).__name__, err)
-            raise ToolError(f"generation failed: {err}") from None
+        except (InvalidRequest, GenerationFailed) as err:  # a LoRA that cannot load, the GPU's memory
+            raise ToolError(str(err)) from None
+        except Exception as err:  # the log has the traceback, the caller one line
+            raise ToolError(unexpected_failure("mcp", err)) from None
         finally:
             await steps.aclose()
         png = await run_in_threadpool(encode, result.image, "png")

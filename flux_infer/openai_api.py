@@ -45,7 +45,7 @@ from flux_infer.errors import first_line
 from flux_infer.images import MIME_TYPES, encode
 from flux_infer.inference import (GenerationCancelled, GenerationFailed, InvalidRequest, build_request,
                                   check_strength, draw_seed)
-from flux_infer.service import REQUEST_ID, Busy, Service, new_request_id
+from flux_infer.service import REQUEST_ID, Busy, Service, new_request_id, unexpected_failure
 from flux_infer.uploads import edit_size
 
 log = logging.getLogger(__name__)
@@ -526,9 +526,7 @@ class ImagesApi:
         except ApiError:
             raise
         except Exception as err:  # the log has the traceback, the caller one line
-            log.error("openai generation failed", exc_info=err)
-            raise ApiError(500, f"generation failed ({type(err).__name__}); the server log has the details",
-                           kind="server_error") from None
+            raise ApiError(500, unexpected_failure("openai", err), kind="server_error") from None
         finally:
             watcher.cancel()
             service.done(ticket)

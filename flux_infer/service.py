@@ -28,7 +28,15 @@ from flux_infer.scheduler import Busy, Scheduler, Ticket
 log = logging.getLogger(__name__)
 
 REQUEST_ID = contextvars.ContextVar("request_id", default="-")
-__all__ = ["Busy", "Service", "REQUEST_ID", "RequestIdFilter", "new_request_id"]
+__all__ = ["Busy", "Service", "REQUEST_ID", "RequestIdFilter", "new_request_id", "unexpected_failure"]
+
+
+def unexpected_failure(route: str, err: Exception) -> str:
+    """A generation that failed with an exception no message was written for (a library's own, a bug):
+    the one line every door tells its caller, which names the exception's type but not its text (a
+    library's internals: shapes, paths), and the traceback in the server's log."""
+    log.error("%s generation failed", route, exc_info=err)
+    return f"generation failed ({type(err).__name__}); the server log has the details"
 
 
 class RequestIdFilter(logging.Filter):

@@ -13,7 +13,6 @@ step line under the previews, an "Edit" tab (image to image, inpainting), a LoRA
 # by their evaluated annotations, and `gr` is imported inside the functions that define them.
 
 import asyncio
-import logging
 import os
 import secrets
 import time
@@ -23,9 +22,7 @@ from flux_infer import gradio_internals, settings
 from flux_infer.images import encode, quick_to_encode
 from flux_infer.inference import GenerationFailed, InvalidRequest
 from flux_infer.previews import Step
-from flux_infer.service import Busy, Service, new_request_id
-
-log = logging.getLogger(__name__)
+from flux_infer.service import Busy, Service, new_request_id, unexpected_failure
 
 
 def _slider(label: str, limits: settings.Range):
@@ -47,9 +44,7 @@ def _gradio_error(err: Exception):
         return gr.Error(str(err), title="Generation failed", print_exception=False)
     if isinstance(err, Busy):
         return gr.Error(str(err), title="Busy", print_exception=False)
-    log.error("generation failed", exc_info=err)
-    return gr.Error(f"generation failed ({type(err).__name__}); the server log has the details",
-                    title="Generation failed")
+    return gr.Error(unexpected_failure("gradio", err), title="Generation failed", print_exception=False)
 
 
 class PerSession:

@@ -29,18 +29,24 @@ class FailsOnExplode(FakePipeline):
 
 
 @pytest.fixture(scope="module")
-def failing_server():
-    from gradio_client import Client
-
+def failing_app():
+    """The server's app, with MCP, over a pipeline that fails on demand."""
     from flux_infer.inference import FluxInference
     from flux_infer.server import ServerConfig, build_app
     from flux_infer.service import Service
     from flux_infer.web import build_demo
 
     service = Service(FluxInference(FailsOnExplode()))
-    server = InProcessServer(build_app(service, build_demo(service), ServerConfig()))
-    yield Client(server.url, verbose=False)
+    server = InProcessServer(build_app(service, build_demo(service), ServerConfig(mcp=True)))
+    yield server
     server.stop()
+
+
+@pytest.fixture(scope="module")
+def failing_server(failing_app):
+    from gradio_client import Client
+
+    return Client(failing_app.url, verbose=False)
 
 
 def test_a_pipeline_error_is_one_line_and_the_server_goes_on(failing_server, caplog):
@@ -67,6 +73,43 @@ def test_out_of_memory_mid_generation_gives_advice_and_the_next_request_works(fa
     assert released == [True]
     path, seed = failing_server.predict("fine", 3, False, 256, 256, 3.5, 2, api_name="/infer")
     assert seed == 3
+
+
+def test_every_door_tells_a_pipeline_error_in_one_line_and_the_log_has_its_traceback(failing_app, caplog):
+    """The OpenAI route and MCP tell an unexpected failure as /infer does: its type, not a library's
+    text, with the traceback in the log; and a failure with advice (out of memory) as its advice."""
+    import asyncio
+
+    import openai
+    from mcp import ClientSession
+    from mcp.client.streamable_http import streamable_http_client
+
+    def tracebacks():
+        return sum("tensor shapes" in str(r.exc_info[1]) for r in caplog.records if r.exc_info)
+
+    client = openai.OpenAI(base_url=failing_app.url + "v1", api_key="not-needed", max_retries=0)
+    with pytest.raises(openai.InternalServerError) as caught:
+        client.images.generate(prompt="explode", size="256x256")
+    error = caught.value.body
+    assert error["message"] == "generation failed (RuntimeError); the server log has the details", error
+    assert tracebacks() == 1
+
+    async def mcp_calls(*prompts):
+        async with streamable_http_client(failing_app.url + "gradio_api/mcp/") as (read, write, _):
+            async with ClientSession(read, write) as mcp:
+                await mcp.initialize()
+                return [await mcp.call_tool("infer", {"prompt": prompt, "seed": 4, "randomize_seed": False,
+                                                      "width": 256, "height": 256, "num_inference_steps": 2})
+                        for prompt in prompts]
+
+    exploded, too_big, fine = asyncio.run(mcp_calls("explode", "too big", "fine"))
+    told = exploded.content[0].text  # (after the SDK's "Error executing tool infer: ")
+    assert exploded.isError and told.endswith(": generation failed (RuntimeError); the server log has the details")
+    assert "tensor shapes" not in told
+    assert tracebacks() == 2
+    assert too_big.isError and "out of GPU memory at 256x256: try a smaller size" in too_big.content[0].text
+    assert "Tried to allocate" not in too_big.content[0].text
+    assert not fine.isError and fine.content[1].text == "seed 4, 256x256, 2 steps, guidance 3.5"
 
 
 def test_no_log_prompts_keeps_prompts_out_of_the_log(caplog):
