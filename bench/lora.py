@@ -81,7 +81,7 @@ def main() -> None:
 
         gc.collect()
         torch.cuda.empty_cache()
-    options = Options(compile=args.compile, compile_sizes=((args.size, args.size),))
+    options = Options(compile=True, compile_sizes=((args.size, args.size),)) if args.compile else Options()
     loaded = load_pipeline(args.model, options=options, lora_folder=LoraFolder(str(folder), rank=args.rank))
     inference = FluxInference(loaded.pipeline, runtime=loaded.runtime, adapters=loaded.adapters)
     cuda = torch.cuda.is_available() and loaded.placement.device.startswith("cuda")

@@ -115,8 +115,23 @@ def parse_sizes(text: str) -> tuple[tuple[int, int], ...]:
         width, _, height = item.strip().lower().partition("x")
         if not (width.isdigit() and height.isdigit()):
             raise OptionError(f"--compile-sizes takes WIDTHxHEIGHT[,WIDTHxHEIGHT...], got {item.strip()!r}")
+        for side, value, bounds in (("width", int(width), settings.WIDTH), ("height", int(height), settings.HEIGHT)):
+            if not bounds.minimum <= value <= bounds.maximum:
+                raise OptionError(f"--compile-sizes {item.strip()}: a {side} between {bounds.minimum:g} and "
+                                  f"{bounds.maximum:g}, as requests may ask for, got {value}")
         sizes.append((int(width), int(height)))
     return tuple(sizes)
+
+
+def check_attention(backend: str) -> None:
+    """--attention names one of diffusers' attention backends or FLOAT8_ATTENTION: said before the
+    weights load (whether it runs on this device is Runtime's question, once they have)."""
+    from diffusers.models.attention_dispatch import AttentionBackendName
+
+    names = [b.value for b in AttentionBackendName]
+    if backend not in (*names, FLOAT8_ATTENTION):
+        raise OptionError(f"--attention must be one of {', '.join(n for n in names if not n.startswith('_'))} "
+                          f"or {FLOAT8_ATTENTION}, got {backend!r}")
 
 
 @dataclass(frozen=True)
@@ -145,6 +160,10 @@ class Options:
                 raise OptionError(f"--{name} must be one of {', '.join(allowed)}, got {value!r}")
         if self.compile_mode != "default" and not self.compile:
             raise OptionError(f"--compile-mode {self.compile_mode} says how to compile: add --compile")
+        if self.compile_sizes != DEFAULT_COMPILE_SIZES and not self.compile:
+            raise OptionError("--compile-sizes says which sizes --compile warms up: add --compile")
+        if self.attention is not None:
+            check_attention(self.attention)
         if self.cuda_graphs and self.cache is not None:
             raise OptionError(f"--compile-mode {self.compile_mode} replays the transformer from CUDA graphs, "
                               "which would replay --cache's first choice at every step: with --cache, use "
@@ -625,12 +644,8 @@ class Runtime:
         fails now, with what to do, rather than at every request."""
         import torch
         from diffusers import attention_backend
-        from diffusers.models.attention_dispatch import AttentionBackendName, dispatch_attention_fn
+        from diffusers.models.attention_dispatch import dispatch_attention_fn
 
-        names = [b.value for b in AttentionBackendName]
-        if backend not in (*names, FLOAT8_ATTENTION):
-            raise OptionError(f"--attention must be one of {', '.join(n for n in names if not n.startswith('_'))} "
-                              f"or {FLOAT8_ATTENTION}, got {backend!r}")
         transformer = self.pipeline.transformer
         where = f"{placement.device} in {str(placement.dtype).removeprefix('torch.')}"
         heads, width = transformer.config.num_attention_heads, transformer.config.attention_head_dim

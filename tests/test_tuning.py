@@ -13,7 +13,7 @@ from conftest import ReplayedOnCPU
 from flux_infer import tuning
 from flux_infer.inference import FluxInference, GenerationCancelled, build_request
 from flux_infer.loading import load_pipeline
-from flux_infer.tuning import MemoryPlan, OptionError, Options, parse_cache, plan_memory
+from flux_infer.tuning import MemoryPlan, OptionError, Options, parse_cache, parse_sizes, plan_memory
 
 SMALL = dict(width=256, height=256, num_inference_steps=6)
 CUDA_CONTEXT_GIB = 0.6  # what a CUDA context takes before anything is loaded
@@ -127,6 +127,16 @@ def test_option_values_are_checked():
         Options(compile=True, compile_mode="fastest")
     with pytest.raises(OptionError, match="--compile-mode reduce-overhead says how to compile: add --compile"):
         Options(compile_mode="reduce-overhead")
+    assert parse_sizes("1024x1024, 768X1344") == ((1024, 1024), (768, 1344))
+    with pytest.raises(OptionError, match="--compile-sizes takes WIDTHxHEIGHT.*got '1024'"):
+        parse_sizes("1024x1024,1024")
+    # A size no request may ask for would fail the warm-up after the weights load, in build_request's words.
+    with pytest.raises(OptionError, match="--compile-sizes 3x3: a width between 256 and 2048, as requests may ask for"):
+        parse_sizes("3x3")
+    with pytest.raises(OptionError, match="--compile-sizes 1024x4096: a height between 256 and 2048"):
+        parse_sizes("1024x1024,1024x4096")
+    with pytest.raises(OptionError, match="--compile-sizes says which sizes --compile warms up: add --compile"):
+        Options(compile_sizes=((768, 768),))
     # Combinations that broke on the first image (found on the tiny model) are refused at start-up.
     with pytest.raises(OptionError, match="--compile cannot trace fp8-storage's per-layer casts: use --quantize fp8"):
         Options(compile=True, quantize="fp8-storage")
@@ -315,8 +325,8 @@ def test_attention_backend_choice(tiny_dir, reference):
     # ...and the refusal leaves the process's attention as it was (diffusers keeps a process-wide one).
     _, result = generate(tiny_dir, Options(fuse_qkv=False))
     np.testing.assert_array_equal(pixels(result), pixels(reference))
-    with pytest.raises(OptionError, match="--attention must be one of .*native.*got 'fastest'"):
-        generate(tiny_dir, Options(attention="fastest"))
+    with pytest.raises(OptionError, match="--attention must be one of .*native.*or cudnn-fp8, got 'fastest'"):
+        Options(attention="fastest")
 
 
 # -- memory: quantization, GGUF, VAE tiling --------------------------------------------------------
@@ -602,6 +612,15 @@ def test_cli_reports_option_errors(tiny_dir, capsys):
     assert main(["generate", "x", "--model", str(tiny_dir), "--compile-mode", "max-autotune"]) == 2
     assert ("flux-infer: error: --compile-mode max-autotune says how to compile: add --compile"
             in capsys.readouterr().err)
+    # A misspelt backend or an unusable size is said before the weights load (a model that is not
+    # there would otherwise be the error), not after a minute of loading FLUX.1-dev.
+    missing = str(tiny_dir / "not-a-model")
+    assert main(["generate", "x", "--model", missing, "--attention", "flash3"]) == 2
+    assert "flux-infer: error: --attention must be one of flash, " in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exit_info:
+        main(["serve", "--model", missing, "--compile", "--compile-sizes", "1024x100"])
+    assert exit_info.value.code == 2
+    assert "--compile-sizes 1024x100: a height between 256 and 2048" in capsys.readouterr().err
     with pytest.raises(SystemExit) as exit_info:
         main(["generate", "x", "--cache", "teacache"])
     assert exit_info.value.code == 2
