@@ -253,6 +253,15 @@ def parse_lora(text: str) -> tuple[str, float]:
     return text, 1.0
 
 
+def check_lora_files(loras) -> None:
+    """ModelLoadError for a start-up LoRA (--lora) that is not a safetensors file there: said before
+    the model loads (a minute for FLUX.1-dev), not after."""
+    for path, _ in loras:
+        refuse_pickle(path)
+        if not Path(path).is_file():
+            raise ModelLoadError(f"LoRA file {path} does not exist (--lora PATH[:SCALE])")
+
+
 def apply_loras(pipeline, loras) -> None:
     """Load LoRA safetensors through diffusers, fuse them at their scales, and drop the adapters."""
     if not loras:
@@ -261,9 +270,6 @@ def apply_loras(pipeline, loras) -> None:
 
     names, scales = [], []
     for index, (path, scale) in enumerate(loras):
-        refuse_pickle(path)
-        if not Path(path).is_file():
-            raise ModelLoadError(f"LoRA file {path} does not exist (--lora PATH[:SCALE])")
         name = f"lora{index}"
         try:
             with stacking_adapters():
@@ -309,6 +315,7 @@ def load_pipeline(
     options = options or tuning.Options()
     placement = resolve_placement(device, dtype)
     source = resolve_source(model, base_model=base_model)
+    check_lora_files(loras)
     log.info("device %s, dtype %s: %s", placement.device, placement.dtype_name, placement.reason)
     tuning.use_device(placement.device)
     tuning.limit_gpu_memory(options.gpu_memory, placement.device)

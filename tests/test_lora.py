@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import warnings
+from unittest.mock import Mock
 
 import numpy as np
 import pytest
@@ -48,12 +49,19 @@ def test_two_loras_stack(tmp_path, tiny_dir):
     assert not [w for w in caught if "peft_config" in str(w.message)]
 
 
-def test_lora_errors_and_parsing(tmp_path, tiny_dir):
+def test_lora_errors_and_parsing(tmp_path, tiny_dir, monkeypatch):
+    from flux_infer import loading
+
     assert parse_lora("style.safetensors") == ("style.safetensors", 1.0)
     assert parse_lora("style.safetensors:0.7") == ("style.safetensors", 0.7)
     assert parse_lora("C:/loras/style.safetensors") == ("C:/loras/style.safetensors", 1.0)
-    with pytest.raises(ModelLoadError, match="LoRA file .*missing.safetensors does not exist"):
-        load_pipeline(str(tiny_dir), device="cpu", loras=((str(tmp_path / "missing.safetensors"), 1.0),))
+    # A LoRA that is not there, or a pickle, is said before the model is read.
+    with monkeypatch.context() as patched:
+        patched.setattr(loading, "_read_pipeline", Mock(side_effect=AssertionError("the model was read")))
+        with pytest.raises(ModelLoadError, match="LoRA file .*missing.safetensors does not exist"):
+            load_pipeline(str(tiny_dir), device="cpu", loras=((str(tmp_path / "missing.safetensors"), 1.0),))
+        with pytest.raises(ModelLoadError, match="style.ckpt is a pickle-based checkpoint"):
+            load_pipeline(str(tiny_dir), device="cpu", loras=((str(tmp_path / "style.ckpt"), 1.0),))
     from safetensors.torch import save_file
 
     save_file({"unrelated.weight": torch.zeros(2, 2)}, tmp_path / "other.safetensors")
