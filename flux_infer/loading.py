@@ -471,16 +471,20 @@ class InferenceSpec:
 
 
 def load_inference(spec: InferenceSpec):
-    """Load the pipeline and preview decoder for `spec`, warm up (Runtime.start_up_images); a FluxInference."""
+    """Load the preview decoder and the pipeline for `spec`, warm up (Runtime.start_up_images); a FluxInference.
+
+    The preview decoder (a few MB) comes first: one that cannot load is said before the model's minute.
+    """
     from flux_infer import tuning
     from flux_infer.inference import FluxInference
     from flux_infer.previews import load_preview_decoder
 
     options = spec.options or tuning.Options()
+    placement = resolve_placement(spec.device, spec.dtype)
+    decoder = load_preview_decoder(spec.preview, taef1=spec.taef1, device=placement.device, dtype=placement.dtype)
     pipeline, _, placement, runtime, adapters = load_pipeline(
         spec.model, base_model=spec.base_model, device=spec.device, dtype=spec.dtype, options=options,
         loras=spec.loras, lora_folder=spec.lora_folder)
-    decoder = load_preview_decoder(spec.preview, taef1=spec.taef1, device=placement.device, dtype=placement.dtype)
     inference = FluxInference(pipeline, runtime=runtime, preview=decoder, preview_every=spec.preview_every,
                               progress_bar=spec.progress_bar, adapters=adapters)
     start_up = runtime.start_up_images(serving=spec.serving)

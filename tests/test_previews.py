@@ -7,6 +7,7 @@ import os
 import re
 import time
 import uuid
+from unittest.mock import Mock
 
 import httpx
 import numpy as np
@@ -195,7 +196,8 @@ def test_latent_preview_maps_channels_to_colour():
     np.testing.assert_allclose(image[1, 1], np.round((np.array(FLUX_LATENT_RGB_BIAS) + 1) * 127.5), atol=1)
 
 
-def test_decoder_choice(tmp_path):
+def test_decoder_choice(tmp_path, monkeypatch):
+    from flux_infer import loading
     from flux_infer.previews import LatentPreview, Taef1Preview, load_preview_decoder
     from flux_infer.tiny import make_tiny_taef1
 
@@ -205,6 +207,11 @@ def test_decoder_choice(tmp_path):
     assert isinstance(load_preview_decoder("auto", taef1=missing, device="cpu", dtype=torch.float32), LatentPreview)
     with pytest.raises(ValueError, match="could not load TAEF1 from .*no-taef1.*hf download madebyollin/taef1"):
         load_preview_decoder("taef1", taef1=missing, device="cpu", dtype=torch.float32)
+    # A server loads the decoder first: one that cannot load is said before the model's minute of loading.
+    with monkeypatch.context() as patched:
+        patched.setattr(loading, "load_pipeline", Mock(side_effect=AssertionError("the model was read")))
+        with pytest.raises(ValueError, match="could not load TAEF1 from .*no-taef1"):
+            loading.load_inference(loading.InferenceSpec(model="tiny", device="cpu", preview="taef1", taef1=missing))
     found = make_tiny_taef1(tmp_path / "taef1")
     taef1 = load_preview_decoder("auto", taef1=str(found), device="cpu", dtype=torch.float32)
     assert isinstance(taef1, Taef1Preview)
