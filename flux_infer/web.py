@@ -305,7 +305,7 @@ def _edit_tab(image_format: str):
     run button, result, step line)."""
     import gradio as gr
 
-    editor = gr.ImageEditor(label="Image: paint over what to repaint (nothing painted: rework it all)",
+    editor = gr.ImageEditor(label="Paint what to repaint, or nothing to rework it all",
                             type="filepath", sources=("upload", "clipboard"), layers=False, elem_id="editor",
                             brush=gr.Brush(colors=["#ff00ff"], color_mode="fixed"), transforms=())
     with gr.Row():

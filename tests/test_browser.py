@@ -199,6 +199,10 @@ def test_the_edit_tab_repaints_what_was_brushed(page, ui_server, tmp_path):
     prompt.wait_for(state="visible")
     canvas = page.locator("#editor canvas").first
     canvas.wait_for(state="attached")
+    # The label says what painting does: all of it readable, left of the editor's toolbar, not under it.
+    label, toolbar = page.locator("#editor [data-testid=block-label]"), page.locator("#editor .icon-button-wrapper")
+    assert label.bounding_box()["x"] + label.bounding_box()["width"] <= toolbar.first.bounding_box()["x"], \
+        f"the toolbar covers the end of the label {label.inner_text()!r}"
     for attempt in range(3):
         page.locator("#editor input[type=file]").set_input_files(str(tmp_path / "in.png"))
         try:
