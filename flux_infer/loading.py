@@ -316,6 +316,8 @@ def load_pipeline(
     placement = resolve_placement(device, dtype)
     source = resolve_source(model, base_model=base_model)
     check_lora_files(loras)
+    if lora_folder is not None:
+        lora_folder.check(compiled=options.compile)
     log.info("device %s, dtype %s: %s", placement.device, placement.dtype_name, placement.reason)
     tuning.use_device(placement.device)
     tuning.limit_gpu_memory(options.gpu_memory, placement.device)

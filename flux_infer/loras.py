@@ -146,6 +146,21 @@ class LoraLibrary:
             self._headers[key] = read_header(path, name)
         return self._headers[key]
 
+    def slot_layers(self) -> list[str]:
+        """Every layer the folder's LoRAs touch: what --compile's hot-swap slots must cover. A file
+        that is not a usable LoRA is left out with a warning (GET /v1/loras lists it with its error);
+        LoraFileError when no LoRA is left."""
+        layers = set()
+        for name in self.names():
+            try:
+                layers.update(self.info(name).layers)
+            except (LoraFileError, InvalidRequest) as err:
+                log.warning("LoRA hot-swap slots leave %s out: %s", name, err)
+        if not layers:
+            raise LoraFileError(f"--compile with --lora-dir needs the LoRAs in {self.folder} at start-up "
+                                "(the compiled slots cover the layers they touch)")
+        return sorted(layers)
+
     def describe(self) -> list[dict[str, Any]]:
         """Every usable LoRA's summary (for GET /v1/loras); a file that is not a LoRA is listed with
         its error instead."""
@@ -219,6 +234,11 @@ class LoraFolder:
     def library(self) -> LoraLibrary:
         return LoraLibrary(self.path)
 
+    def check(self, *, compiled: bool) -> None:
+        """With --compile, that the folder has LoRAs for the hot-swap slots: said before the model loads."""
+        if compiled:
+            self.library().slot_layers()
+
     def adapters(self, pipeline, *, compiled: bool) -> LoraAdapters:
         """The pipeline's switcher; with `compiled`, its hot-swap slots are made now (before compiling)."""
         adapters = LoraAdapters(pipeline, self.library(), cache_size=self.cache,
@@ -250,11 +270,7 @@ class LoraAdapters:
     def prepare_slots(self) -> None:
         """Give the transformer MAX_LORAS adapter slots covering every layer the folder's LoRAs touch,
         at `hotswap_rank`, all zero: call once, before torch.compile."""
-        infos = [self.library.info(name) for name in self.library.names()]
-        layers = sorted({layer for info in infos for layer in info.layers})
-        if not layers:
-            raise LoraFileError(f"--compile with --lora-dir needs the LoRAs in {self.library.folder} at start-up "
-                                "(the compiled slots cover the layers they touch)")
+        layers = self.library.slot_layers()
         self.pipeline.enable_lora_hotswap(target_rank=self.hotswap_rank)
         # Each slot gets tensors of its own: PEFT may keep a loaded state dict's tensors as the
         # adapter's weights, and a hot swap copies into them.

@@ -58,6 +58,33 @@ def test_the_folder_is_listed_from_headers_and_relisted_when_it_changes(lora_dir
         library.info("clay")
 
 
+def test_compiled_slots_cover_the_folders_loras_and_leave_out_a_file_that_is_not_one(
+        tiny_dir, lora_dir, tmp_path, monkeypatch, caplog):
+    from flux_infer import loading
+    from flux_infer.loras import LoraFileError
+
+    folder = tmp_path / "loras"
+    folder.mkdir()
+    compiled = Options(compile=True, compile_sizes=((256, 256),))
+    # An empty folder is said before the model is read (with --compile the slots need the LoRAs' layers).
+    with monkeypatch.context() as patched:
+        patched.setattr(loading, "_read_pipeline", Mock(side_effect=AssertionError("the model was read")))
+        with pytest.raises(LoraFileError, match="--compile with --lora-dir needs the LoRAs in .*loras at start-up"):
+            load_pipeline(str(tiny_dir), device="cpu", options=compiled, lora_folder=LoraFolder(str(folder)))
+    LoraFolder(str(folder)).check(compiled=False)  # without --compile, LoRAs may come later
+    # A file that is not a LoRA is left out of the slots with a warning, not a start-up that fails.
+    (folder / "broken.safetensors").write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not json")
+    shutil.copy(lora_dir / "film.safetensors", folder / "film.safetensors")
+    pipeline, *_ = load_pipeline(str(tiny_dir), device="cpu")
+    from flux_infer.loras import LoraAdapters
+
+    adapters = LoraAdapters(pipeline, LoraLibrary(folder), cache_size=settings.DEFAULT_LORA_CACHE, hotswap_rank=8)
+    adapters.prepare_slots()
+    assert LoraLibrary(folder).slot_layers() == list(LoraLibrary(lora_dir).info("film").layers)
+    assert "LoRA hot-swap slots leave broken out: LoRA 'broken' (broken.safetensors) is not a readable" in caplog.text
+    assert len(pipeline.get_list_adapters()["transformer"]) == settings.MAX_LORAS
+
+
 def test_a_requests_loras_are_validated_with_messages_that_say_what_to_fix(lora_dir):
     library = LoraLibrary(lora_dir)
     assert parse_loras([{"name": "film", "scale": 0.8}, "ink:0.5", {"name": "neon"}], library) == (
