@@ -259,6 +259,9 @@ def check_lora_files(loras) -> None:
     for path, _ in loras:
         refuse_pickle(path)
         if not Path(path).is_file():
+            file, colon, scale = str(path).rpartition(":")
+            if colon and Path(file).is_file():  # parse_lora kept a scale that is not a number in the path
+                raise ModelLoadError(f"--lora {path}: the scale after the colon must be a number, got {scale!r}")
             raise ModelLoadError(f"LoRA file {path} does not exist (--lora PATH[:SCALE])")
 
 

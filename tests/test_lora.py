@@ -62,6 +62,10 @@ def test_lora_errors_and_parsing(tmp_path, tiny_dir, monkeypatch):
             load_pipeline(str(tiny_dir), device="cpu", loras=((str(tmp_path / "missing.safetensors"), 1.0),))
         with pytest.raises(ModelLoadError, match="style.ckpt is a pickle-based checkpoint"):
             load_pipeline(str(tiny_dir), device="cpu", loras=((str(tmp_path / "style.ckpt"), 1.0),))
+        (tmp_path / "style.safetensors").write_bytes(b"")
+        with pytest.raises(ModelLoadError, match="style.safetensors:loud: the scale after the colon must be a number, "
+                                                 "got 'loud'"):
+            load_pipeline(str(tiny_dir), device="cpu", loras=(parse_lora(f"{tmp_path / 'style.safetensors'}:loud"),))
     from safetensors.torch import save_file
 
     save_file({"unrelated.weight": torch.zeros(2, 2)}, tmp_path / "other.safetensors")
