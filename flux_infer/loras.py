@@ -146,20 +146,20 @@ class LoraLibrary:
             self._headers[key] = read_header(path, name)
         return self._headers[key]
 
-    def slot_layers(self) -> list[str]:
-        """Every layer the folder's LoRAs touch: what --compile's hot-swap slots must cover. A file
-        that is not a usable LoRA is left out with a warning (GET /v1/loras lists it with its error);
+    def slot_layers(self) -> tuple[list[str], dict[str, str]]:
+        """Every layer the folder's LoRAs touch (what --compile's hot-swap slots must cover), and the
+        files left out, each with why it is not a usable LoRA (GET /v1/loras lists them so too).
         LoraFileError when no LoRA is left."""
-        layers = set()
+        layers, left_out = set(), {}
         for name in self.names():
             try:
                 layers.update(self.info(name).layers)
             except (LoraFileError, InvalidRequest) as err:
-                log.warning("LoRA hot-swap slots leave %s out: %s", name, err)
+                left_out[name] = str(err)
         if not layers:
             raise LoraFileError(f"--compile with --lora-dir needs the LoRAs in {self.folder} at start-up "
                                 "(the compiled slots cover the layers they touch)")
-        return sorted(layers)
+        return sorted(layers), left_out
 
     def describe(self) -> list[dict[str, Any]]:
         """Every usable LoRA's summary (for GET /v1/loras); a file that is not a LoRA is listed with
@@ -235,9 +235,12 @@ class LoraFolder:
         return LoraLibrary(self.path)
 
     def check(self, *, compiled: bool) -> None:
-        """With --compile, that the folder has LoRAs for the hot-swap slots: said before the model loads."""
+        """With --compile, that the folder has LoRAs for the hot-swap slots, and which files the slots
+        leave out: said once, before the model loads."""
         if compiled:
-            self.library().slot_layers()
+            _, left_out = self.library().slot_layers()
+            for name, why in left_out.items():
+                log.warning("LoRA hot-swap slots leave %s out: %s", name, why)
 
     def adapters(self, pipeline, *, compiled: bool) -> LoraAdapters:
         """The pipeline's switcher; with `compiled`, its hot-swap slots are made now (before compiling)."""
@@ -270,7 +273,7 @@ class LoraAdapters:
     def prepare_slots(self) -> None:
         """Give the transformer MAX_LORAS adapter slots covering every layer the folder's LoRAs touch,
         at `hotswap_rank`, all zero: call once, before torch.compile."""
-        layers = self.library.slot_layers()
+        layers, _ = self.library.slot_layers()  # what it leaves out was said by LoraFolder.check
         self.pipeline.enable_lora_hotswap(target_rank=self.hotswap_rank)
         # Each slot gets tensors of its own: PEFT may keep a loaded state dict's tensors as the
         # adapter's weights, and a hot swap copies into them.
