@@ -115,11 +115,12 @@ def parse_sizes(text: str) -> tuple[tuple[int, int], ...]:
         width, _, height = item.strip().lower().partition("x")
         if not (width.isdigit() and height.isdigit()):
             raise OptionError(f"--compile-sizes takes WIDTHxHEIGHT[,WIDTHxHEIGHT...], got {item.strip()!r}")
-        for side, value, bounds in (("width", int(width), settings.WIDTH), ("height", int(height), settings.HEIGHT)):
+        size = (int(width), int(height))
+        for side, value, bounds in zip(("width", "height"), size, (settings.WIDTH, settings.HEIGHT)):
             if not bounds.minimum <= value <= bounds.maximum:
                 raise OptionError(f"--compile-sizes {item.strip()}: a {side} between {bounds.minimum:g} and "
                                   f"{bounds.maximum:g}, as requests may ask for, got {value}")
-        sizes.append((int(width), int(height)))
+        sizes.append(size)
     return tuple(sizes)
 
 
